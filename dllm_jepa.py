@@ -1,0 +1,380 @@
+"""
+DLLM-JEPA: a JEPA objective for fine-tuning masked-diffusion language models.
+
+This file is the method, top to bottom; everything else (data, the command line, sharding)
+lives elsewhere. It holds:
+1. the forward masking process of LLaDA (Nie et al., 2025, "Large Language Diffusion Models"),
+2. the masked-diffusion SFT loss (LLaDA's form, and a token-normalised variant),
+3. the two-rate view construction: one sequence, a lightly masked *context* view and a
+   heavily masked *target* view, nested by default,
+4. the predictor: a small residual MLP from context embeddings to target embeddings,
+5. the JEPA distance: cosine (default) or smooth-L1 on layer-normalised targets,
+6. the target encoder: an EMA copy of the backbone (I-JEPA, Assran et al., 2023) or the
+   online model itself under no_grad,
+7. the single-pass update: ONE gradient-carrying forward of the context view gives both the
+   diffusion loss and the context embedding; ONE no-grad forward of the target encoder on
+   the target view gives the target. Loss = diffusion + lambda * JEPA,
+8. four methods from one config field, so every comparison shares every other line:
+   `diffusion` (the baseline), `dllm-jepa` (the method), `two-pass` (LLM-JEPA's design,
+   Huang et al., 2025: the target view carries gradient through the online model, no EMA),
+   and `l2-anchor` (diffusion + mu * ||theta - theta_base||^2).
+
+Paper: "DLLM-JEPA: Joint Embedding Predictive Architectures for Masked Diffusion Language
+Models", arXiv 2606.00091. Its full text is not public to us: choices it does not pin down
+(view rates, nesting, predictor, pooling, distance) are ours, marked "our choice" below and
+argued in tutorial.md.
+
+Cost, with F the FLOPs of one forward pass (backward = 2F):
+  diffusion 3F | dllm-jepa 3F + 1F = 4F | two-pass 2 x 3F = 6F  ->  4/6 = 0.67, the paper's 33%.
+"""
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+# What each method runs. target_pass: encode a target view; target_grad: that pass carries
+# gradient through the online model; anchor: add the L2-to-base penalty.
+METHODS = {
+    "diffusion": dict(target_pass=False, target_grad=False, anchor=False),
+    "dllm-jepa": dict(target_pass=True, target_grad=False, anchor=False),
+    "two-pass": dict(target_pass=True, target_grad=True, anchor=False),
+    "l2-anchor": dict(target_pass=False, target_grad=False, anchor=True),
+}
+
+# Ranges (low, high) of the diffusion time t of each view; t ~ U[low, high] per sequence.
+# Our choice of values:
+# - narrow: the fixed rates a public reproduction reads from the paper (context 0.2,
+#   target 0.7). The diffusion loss is then trained at t = 0.2 only.
+# - wide ("Wide-t"): the context t spans (almost) LLaDA's whole U(0, 1], so the diffusion
+#   loss is exactly the baseline's and the denoiser still learns to start from full masks;
+#   the target is drawn from [max(0.5, t_context), 1]: never lighter than the context and
+#   always hiding at least half the answer, so predicting it needs content, not copying.
+VIEW_PRESETS = {
+    "narrow": dict(context_t=(0.2, 0.2), target_t=(0.7, 0.7)),
+    "wide": dict(context_t=(0.01, 1.0), target_t=(0.5, 1.0)),
+}
+
+
+@dataclass
+class JEPAConfig:
+    """Every hyperparameter of the objective. Presets fill context_t/target_t when unset."""
+    method: str = "dllm-jepa"           # one of METHODS
+    # masked diffusion (LLaDA)
+    eps: float = 1e-3                   # mask probability p = (1 - eps) * t + eps
+    pad_is_answer: bool = True          # LLaDA SFT: EOS padding is masked and scored as answer
+    loss_norm: str = "answer"           # "answer": / answer length per row (LLaDA SFT); "token": / all scored tokens
+    # views
+    views: str = "wide"                 # a VIEW_PRESETS name
+    context_t: tuple | None = None      # (low, high) of the context view's t; None = preset
+    target_t: tuple | None = None       # (low, high) of the target view's t; None = preset
+    nested: bool = True                 # target mask is a superset of the context mask
+    # embedding and predictor
+    embed_layer: int = -1               # index into hidden_states (0 = embeddings, -1 = last)
+    pooling: str = "answer"             # "answer": mean over answer tokens; "visible": over unmasked
+                                        # non-padding tokens; "token": no pooling, per-token targets
+    predictor_depth: int = 2            # residual MLP blocks
+    predictor_mult: int = 2             # hidden width = mult * backbone width
+    # JEPA loss
+    jepa_lambda: float = 1.0            # total = diffusion + jepa_lambda * jepa
+    distance: str = "cosine"            # "cosine" | "smooth_l1"
+    # target encoder (dllm-jepa only)
+    target: str | None = None           # "ema" (default) | "online" (no copy, under no_grad)
+    ema_momentum: tuple = (0.996, 1.0)  # linear from start to end over training (I-JEPA)
+    # l2-anchor only
+    anchor_mu: float = 1e-2
+    method_spec: dict = field(init=False, repr=False)
+
+    def __post_init__(self):
+        check(self.method in METHODS, f"method={self.method!r}: choose one of {list(METHODS)}")
+        check(self.views in VIEW_PRESETS, f"views={self.views!r}: choose one of {list(VIEW_PRESETS)}")
+        self.method_spec = METHODS[self.method]
+        preset = VIEW_PRESETS[self.views]
+        self.context_t = tuple(self.context_t or preset["context_t"])
+        self.target_t = tuple(self.target_t or preset["target_t"])
+        for name in ("context_t", "target_t"):
+            lo, hi = getattr(self, name)
+            check(0 < lo <= 1 and 0 < hi <= 1, f"{name}=({lo}, {hi}): t must lie in (0, 1]")
+            check(lo <= hi, f"{name}=({lo}, {hi}): low must not exceed high")
+        check(self.target_t[1] >= self.context_t[1],
+              f"target_t={self.target_t} ends below context_t={self.context_t}: the target view "
+              "is the heavier one, so its high end must be >= the context's")
+        check(0 <= self.eps < 1, f"eps={self.eps}: must lie in [0, 1)")
+        check(self.loss_norm in ("answer", "token"), f"loss_norm={self.loss_norm!r}: 'answer' or 'token'")
+        check(self.pooling in ("answer", "visible", "token"),
+              f"pooling={self.pooling!r}: 'answer', 'visible' or 'token'")
+        check(self.distance in ("cosine", "smooth_l1"), f"distance={self.distance!r}: 'cosine' or 'smooth_l1'")
+        check(self.jepa_lambda >= 0, f"jepa_lambda={self.jepa_lambda}: must be >= 0")
+        check(self.anchor_mu >= 0, f"anchor_mu={self.anchor_mu}: must be >= 0")
+        check(self.predictor_depth >= 1 and self.predictor_mult >= 1,
+              "predictor_depth and predictor_mult must be >= 1")
+        m0, m1 = self.ema_momentum
+        check(0 <= m0 <= m1 <= 1, f"ema_momentum={self.ema_momentum}: need 0 <= start <= end <= 1")
+        if self.method == "dllm-jepa":
+            self.target = self.target or "ema"
+            check(self.target in ("ema", "online"), f"target={self.target!r}: 'ema' or 'online'")
+        else:
+            check(self.target is None, f"target={self.target!r} applies only to method='dllm-jepa' "
+                  f"({self.method} has no separate target encoder): leave it unset")
+
+
+def check(condition: bool, message: str):
+    if not condition:
+        raise ValueError(message)
+
+# -----------------------------------------------------------------------------
+# 1. Forward masking process and 2. the masked-diffusion loss (LLaDA)
+
+
+def mask_probability(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaDA: p = (1 - eps) t + eps, so even t = 0 masks with probability eps > 0."""
+    return (1 - eps) * t + eps
+
+
+def answer_regions(prompt_lengths, answer_lengths, seq_len, pad_is_answer):
+    """Boolean (B, T) masks: `answer` = the real answer tokens; `scored` = what may be masked
+    and scored (the answer, plus the EOS padding after it when pad_is_answer). The prompt is
+    in neither: it is never masked and never scored."""
+    pos = torch.arange(seq_len, device=prompt_lengths.device)[None, :]  # (1, T)
+    start = prompt_lengths[:, None]                                      # (B, 1)
+    answer = (pos >= start) & (pos < start + answer_lengths[:, None])
+    scored = (pos >= start) if pad_is_answer else answer
+    return answer, scored
+
+
+def diffusion_loss(logits, input_ids, masked, p, scored, loss_norm="answer"):
+    """Masked-diffusion loss: cross-entropy on masked tokens, each divided by its row's p.
+
+    loss_norm="answer" (LLaDA SFT): per row, divide by the number of scored tokens, then
+    average over rows. loss_norm="token": divide the batch sum by all scored tokens.
+    Only masked positions are gathered before the float cast: (B, T, V) is never upcast.
+    """
+    ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (M,)
+    weighted = torch.zeros(masked.shape, device=ce.device, dtype=ce.dtype)
+    weighted[masked] = ce / p[:, None].expand_as(masked)[masked]                         # (B, T)
+    if loss_norm == "answer":
+        return (weighted.sum(1) / scored.sum(1).clamp(min=1)).mean()
+    return weighted.sum() / scored.sum().clamp(min=1)
+
+# -----------------------------------------------------------------------------
+# 3. Two-rate views
+
+
+@dataclass
+class View:
+    ids: torch.Tensor     # (B, T) input with masked positions replaced by the mask id
+    masked: torch.Tensor  # (B, T) bool
+    t: torch.Tensor       # (B,) diffusion time of each row
+    p: torch.Tensor       # (B,) mask probability of each row
+
+
+def sample_times(batch_size, context_t, target_t, device, generator=None):
+    """t_context ~ U[context_t]; t_target ~ U[max(target_low, t_context), target_high], so the
+    target view is never lighter than the context view of the same row."""
+    u = torch.rand(2, batch_size, device=device, generator=generator)
+    t_context = context_t[0] + (context_t[1] - context_t[0]) * u[0]
+    low = torch.clamp(t_context, min=target_t[0])
+    return t_context, low + (target_t[1] - low) * u[1]
+
+
+def make_views(input_ids, scored, t_context, t_target, mask_token_id, eps, nested=True,
+               generator=None):
+    """Mask the same sequence twice. Each scored token is masked independently with its
+    view's p. Nested (our default): both views threshold ONE uniform draw per token, so
+    every token hidden from the context is hidden from the target too (p_target >= p_context)
+    and each view is still exactly Bernoulli(p) per token. Not nested: independent draws."""
+    u_context = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
+    u_target = u_context if nested else torch.rand(input_ids.shape, device=input_ids.device,
+                                                   generator=generator)
+    views = []
+    for t, u in ((t_context, u_context), (t_target, u_target)):
+        p = mask_probability(t, eps)
+        masked = (u < p[:, None]) & scored
+        views.append(View(torch.where(masked, mask_token_id, input_ids), masked, t, p))
+    return views
+
+# -----------------------------------------------------------------------------
+# 4. Embeddings and the predictor
+
+
+def embed(hidden, region, pooling):
+    """Read the JEPA embedding from one layer's hidden states (B, T, C).
+
+    Pooled: the mean over `region` (B, T), then a LayerNorm without parameters, as a public
+    reproduction reads the paper -> (B, C). pooling="token": per-token LayerNorm -> (B, T, C).
+    Rows with an empty region pool to zeros; jepa_loss gives them no weight.
+    """
+    if pooling == "token":
+        return F.layer_norm(hidden, hidden.shape[-1:])
+    weights = region.to(hidden.dtype)[..., None]                       # (B, T, 1)
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)   # (B, C)
+    return F.layer_norm(pooled, pooled.shape[-1:])
+
+
+class Predictor(nn.Module):
+    """Residual MLP z -> z + W2 gelu(W1 LN(z)), `depth` times, at the backbone's width.
+
+    On one pooled vector, a transformer layer (the reproduction's "k transformer layers")
+    reduces to exactly this, since attention over a single token is a linear map. Our choice:
+    each W2 starts at zero, so the predictor starts as the identity and the first JEPA
+    gradients already teach the backbone rather than a random map.
+    """
+
+    def __init__(self, width: int, depth: int = 2, mult: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, mult * width), nn.GELU(),
+                          nn.Linear(mult * width, width))
+            for _ in range(depth))
+        for block in self.blocks:
+            nn.init.zeros_(block[-1].weight)
+            nn.init.zeros_(block[-1].bias)
+
+    def forward(self, z):  # (..., C) -> (..., C)
+        for block in self.blocks:
+            z = z + block(z)
+        return z
+
+# -----------------------------------------------------------------------------
+# 5. The JEPA distance
+
+
+def jepa_loss(prediction, target, weights, distance):
+    """Weighted mean distance between predicted and target embeddings.
+
+    prediction, target: (B, C) pooled or (B, T, C) per token; weights: (B,) or (B, T), 0 for
+    rows/tokens with nothing to compare. cosine: 1 - cos(pred, target); smooth_l1: on the
+    layer-normalised target, as I-JEPA regresses its normalised targets.
+    """
+    if distance == "cosine":
+        d = 1 - F.cosine_similarity(prediction.float(), target.float(), dim=-1)
+    else:
+        d = F.smooth_l1_loss(prediction.float(), target.float(), reduction="none").mean(-1)
+    weights = weights.to(d.dtype)
+    return (d * weights).sum() / weights.sum().clamp(min=1)
+
+# -----------------------------------------------------------------------------
+# 6. Target encoder: EMA schedule
+
+
+def ema_momentum(step: int, total_steps: int, start: float, end: float) -> float:
+    """Linear momentum schedule, a pure function of the step (resume needs no replay)."""
+    return start + (end - start) * min(step / max(total_steps, 1), 1.0)
+
+# -----------------------------------------------------------------------------
+# 7. The single-pass update, and 8. the four methods
+
+
+@dataclass
+class JEPAOutput:
+    loss: torch.Tensor            # what to backpropagate
+    diffusion: torch.Tensor       # masked-diffusion loss of the context view
+    jepa: torch.Tensor            # JEPA distance (0 for methods without a target pass)
+    anchor: torch.Tensor          # mu * ||theta - theta_base||^2 (0 unless l2-anchor)
+
+
+class DLLMJEPA(nn.Module):
+    """A backbone plus what the objective needs: predictor, target encoder, anchor.
+
+    backbone: any module called as backbone(input_ids=..., output_hidden_states=True) that
+    returns `.logits` (B, T, V) and `.hidden_states` (a tuple of (B, T, C)); the tiny model,
+    LLaDA and Dream all do. mask_token_id defaults to backbone.config.mask_token_id.
+    shift_logits: the backbone's output at position i predicts token i + 1 (Dream), so
+    logits are moved right by one before scoring (position 0, always prompt, is never scored).
+    """
+
+    def __init__(self, backbone: nn.Module, config: JEPAConfig, mask_token_id: int | None = None,
+                 shift_logits: bool = False):
+        super().__init__()
+        self.backbone, self.config, self.shift_logits = backbone, config, shift_logits
+        self.mask_token_id = (mask_token_id if mask_token_id is not None
+                              else backbone.config.mask_token_id)
+        spec = config.method_spec
+        width = backbone.get_input_embeddings().embedding_dim  # the hidden size, in every family
+        self.predictor = (Predictor(width, config.predictor_depth, config.predictor_mult)
+                          if spec["target_pass"] else None)
+        # Frozen copies, registered as submodules so they are saved, moved and sharded with
+        # the backbone. The EMA target and the anchor are never in the optimizer.
+        self.target_encoder = (frozen_copy(backbone)
+                               if config.method == "dllm-jepa" and config.target == "ema" else None)
+        self.anchor = frozen_copy(backbone) if spec["anchor"] else None
+
+    def encode(self, model, ids):
+        """One forward pass -> (logits aligned with ids, hidden states of the embedding layer)."""
+        out = model(input_ids=ids, output_hidden_states=True)
+        logits = out.logits
+        if self.shift_logits:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits, out.hidden_states[self.config.embed_layer]
+
+    def pool_region(self, view, answer, scored):
+        """Positions an embedding averages over: the answer tokens (default, and per token), or
+        with pooling="visible" every unmasked token of the view, prompt included, padding not."""
+        if self.config.pooling == "visible":
+            return ~view.masked & ~(scored & ~answer)
+        return answer
+
+    def forward(self, input_ids, prompt_lengths, answer_lengths=None, generator=None) -> JEPAOutput:
+        """input_ids (B, T): prompt, answer, EOS padding. prompt_lengths (B,). answer_lengths
+        (B,): real answer tokens (EOS included); None = everything after the prompt."""
+        cfg, spec = self.config, self.config.method_spec
+        B, T = input_ids.shape
+        if answer_lengths is None:
+            answer_lengths = T - prompt_lengths
+        answer, scored = answer_regions(prompt_lengths, answer_lengths, T, cfg.pad_is_answer)
+        t_context, t_target = sample_times(B, cfg.context_t, cfg.target_t, input_ids.device, generator)
+        context, target = make_views(input_ids, scored, t_context, t_target, self.mask_token_id,
+                                     cfg.eps, cfg.nested, generator)
+        zero = input_ids.new_zeros((), dtype=torch.float32)
+        jepa = anchor = zero
+
+        # 1. Target forward: no grad through the EMA copy (dllm-jepa), or with grad through
+        #    the online model (two-pass, LLM-JEPA's 6F design).
+        if spec["target_pass"]:
+            encoder = self.target_encoder if self.target_encoder is not None else self.backbone
+            with torch.set_grad_enabled(spec["target_grad"] and torch.is_grad_enabled()):
+                _, hidden = self.encode(encoder, target.ids)
+                target_region = self.pool_region(target, answer, scored)
+                z_target = embed(hidden, target_region, cfg.pooling)
+
+        # 2. Context forward: the one gradient-carrying pass yields both losses.
+        logits, hidden = self.encode(self.backbone, context.ids)
+        diffusion = diffusion_loss(logits, input_ids, context.masked, context.p, scored, cfg.loss_norm)
+        if spec["target_pass"]:
+            context_region = self.pool_region(context, answer, scored)
+            prediction = self.predictor(embed(hidden, context_region, cfg.pooling))
+            weights = (answer if cfg.pooling == "token"  # rows (or tokens) with both sides defined
+                       else context_region.any(1) & target_region.any(1))
+            jepa = jepa_loss(prediction, z_target, weights, cfg.distance)
+        if spec["anchor"]:
+            anchor = cfg.anchor_mu * l2_distance(self.backbone, self.anchor)
+        return JEPAOutput(diffusion + cfg.jepa_lambda * jepa + anchor, diffusion, jepa, anchor)
+
+    @torch.no_grad()
+    def update_target(self, step: int, total_steps: int):
+        """After the optimizer step: target <- m * target + (1 - m) * online (a no-op without EMA)."""
+        if self.target_encoder is None:
+            return
+        m = ema_momentum(step, total_steps, *self.config.ema_momentum)
+        target = list(self.target_encoder.parameters())
+        online = [p.detach() for p in self.backbone.parameters()]
+        torch._foreach_lerp_(target, online, 1.0 - m)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).requires_grad_(False).eval()
+
+
+def l2_distance(model: nn.Module, base: nn.Module) -> torch.Tensor:
+    """||theta - theta_base||^2 summed over every parameter (L2-SP, Li et al., 2018)."""
+    return sum((p.float() - b.float()).pow(2).sum()
+               for p, b in zip(model.parameters(), base.parameters()))

@@ -1,0 +1,178 @@
+"""
+A tiny bidirectional transformer and byte-level tokenizer that train on a laptop CPU.
+
+It has the shape of the masked-diffusion LMs DLLM-JEPA fine-tunes (LLaDA-8B, Dream-7B)
+at a thousandth of their width, so every line of `dllm_jepa.py` and `train.py` runs on it
+unchanged:
+- full (non-causal) attention through F.scaled_dot_product_attention: a diffusion LM sees
+  the whole canvas, masked positions included,
+- RMSNorm, rotary position embeddings and SwiGLU MLPs, as in LLaDA (Nie et al., 2025),
+- the blocks sit in `model.layers` (the FSDP and activation-checkpointing loops walk it),
+- forward returns logits and every hidden state (embeddings, then one per block, the last
+  one after the final norm), the seam `dllm_jepa.DLLMJEPA` reads.
+
+It is a transformers `PreTrainedModel`, so save_pretrained / from_pretrained / AutoModel
+work offline, and `make_tokenizer()` builds a real `PreTrainedTokenizerFast` (256 byte
+tokens plus specials, a chat template), so prompts go through `apply_chat_template` exactly
+as they do for LLaDA and Dream.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerFast)
+from transformers.modeling_outputs import MaskedLMOutput
+
+SPECIAL_TOKENS = ["<|eos|>", "<|mask|>", "<|user|>", "<|assistant|>", "<|system|>"]
+# Roles become special tokens, so a chat prompt can never be confused with its content.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: one token per UTF-8 byte (ids 0-255), then the specials.
+
+    No merges, so it needs no training data and any text round-trips exactly.
+    EOS doubles as padding, as in LLaDA's SFT recipe.
+    """
+    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    backend = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>",
+                                  pad_token="<|eos|>", mask_token="<|mask|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+class TinyDLMConfig(PretrainedConfig):
+    model_type = "tiny-dlm"
+
+    def __init__(self, vocab_size=261, hidden_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, intermediate_size=352, max_position_embeddings=512,
+                 rope_theta=10000.0, rms_norm_eps=1e-6, initializer_range=0.02,
+                 mask_token_id=257, eos_token_id=256, pad_token_id=256,
+                 tie_word_embeddings=False, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.mask_token_id = mask_token_id
+        super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+def rotary_tables(seq_len, head_dim, theta, device):
+    """cos/sin tables of rotary embeddings (Su et al., 2021), each (T, head_dim/2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each (even, odd) half-pair of x (B, H, T, D) by its position's angle."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.type_as(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + swiglu(norm(x))."""
+
+    def __init__(self, cfg: TinyDLMConfig):
+        super().__init__()
+        self.n_head = cfg.num_attention_heads
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.attn_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.mlp_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
+        self.gate_up = nn.Linear(d, 2 * f, bias=False)
+        self.down = nn.Linear(f, d, bias=False)
+
+    def forward(self, x, cos, sin, attention_mask=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).split(C, dim=-1)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, D)
+        # is_causal=False: every position attends to every other, masked ones included.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=False)
+        x = x + self.attn_out(y.transpose(1, 2).reshape(B, T, C))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class TinyDLM(PreTrainedModel):
+    config_class = TinyDLMConfig
+    base_model_prefix = "tiny_dlm"
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def __init__(self, config: TinyDLMConfig):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, Block):
+            # GPT-2's scaling: residual projections shrink with depth so the stream stays O(1).
+            for proj in (module.attn_out, module.down):
+                nn.init.normal_(proj.weight, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+        if isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def set_input_embeddings(self, value):
+        self.embed = value
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kwargs):
+        B, T = input_ids.shape
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        if attention_mask is not None:  # (B, T) of 1 = attend; broadcast to (B, 1, 1, T)
+            attention_mask = attention_mask[:, None, None, :].bool()
+        cos, sin = rotary_tables(T, self.config.hidden_size // self.config.num_attention_heads,
+                                 self.config.rope_theta, input_ids.device)
+        x = self.embed(input_ids)  # (B, T, C)
+        hidden_states = [x]
+        for block in self.layers:
+            x = block(x, cos, sin, attention_mask)
+            hidden_states.append(x)
+        x = self.norm(x)
+        hidden_states[-1] = x  # HF convention (and LLaDA's): the last state is after the final norm
+        logits = self.lm_head(x)  # (B, T, V)
+        return MaskedLMOutput(logits=logits,
+                              hidden_states=tuple(hidden_states) if output_hidden_states else None)
+
+
+AutoConfig.register(TinyDLMConfig.model_type, TinyDLMConfig)
+AutoModel.register(TinyDLMConfig, TinyDLM)
+
+
+def make_tiny_model(tokenizer: PreTrainedTokenizerFast, **overrides) -> TinyDLM:
+    """A randomly initialised TinyDLM whose vocabulary and special ids match `tokenizer`."""
+    cfg = TinyDLMConfig(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                        **overrides)
+    return TinyDLM(cfg)
