@@ -35,13 +35,26 @@ CHAT_TEMPLATE = (
 )
 
 
+def byte_level_chars() -> list[str]:
+    """The printable character that byte-level BPE (GPT-2) uses for each byte 0..255:
+    printable Latin-1 bytes stand for themselves, the others take code points from 256 on.
+    (ByteLevel.alphabet() has the same set in an arbitrary order: ids must not depend on it.)"""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) \
+        | set(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for byte in range(256):
+        chars.append(chr(byte) if byte in printable else chr(256 + extra))
+        extra += byte not in printable
+    return chars
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level tokenizer: one token per UTF-8 byte (ids 0-255), then the specials.
 
     No merges, so it needs no training data and any text round-trips exactly.
     EOS doubles as padding, as in LLaDA's SFT recipe.
     """
-    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    byte_vocab = {ch: byte for byte, ch in enumerate(byte_level_chars())}
     backend = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()

@@ -1,0 +1,155 @@
+"""
+Distributed plumbing for train.py: one code path from a laptop CPU to a GPU cluster.
+
+- Process group: NCCL on CUDA, gloo on CPU; a one-process group when not under torchrun,
+  so world size 1 runs the very same sharded code (torchtitan's rule).
+- FSDP2 (`fully_shard`) on each transformer block, then on the root, for the online
+  backbone and for each frozen copy (EMA target, L2 anchor); activation checkpointing is
+  applied before sharding; optional bf16 mixed precision (fp32 reduction) and CPU offload.
+- Checkpoints: `torch.distributed.checkpoint` (each rank writes its shards) into
+  step_XXXXXXXX.tmp, renamed to step_XXXXXXXX once complete, so a kill never leaves a
+  half-written latest checkpoint; the last `keep` are kept.
+- Export: the online backbone gathered to rank 0 and written with save_pretrained, so
+  `from_pretrained` loads it in one process.
+"""
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Env:
+    """Join torchrun's process group, or make a one-process group on the spot."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+    backend = "nccl" if use_cuda else "gloo"
+    if "RANK" in os.environ:  # launched by torchrun
+        dist.init_process_group(backend)
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        local_rank = 0
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    return Env(dist.get_rank(), dist.get_world_size(),
+               torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+
+
+def checkpoint_activations(block: torch.nn.Module):
+    """Recompute the block's activations in backward instead of storing them. The block's
+    forward is wrapped in place, so parameter names (and save_pretrained files) are unchanged."""
+    inner = block.forward
+    block.forward = lambda *args, **kwargs: checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+
+def shard_model(model, blocks_of, param_dtype=None, cpu_offload=False, activation_checkpointing=False):
+    """fully_shard every block, then each root: backbone, EMA target, anchor, then the whole.
+
+    Frozen copies never run backward, so they reshard right after their forward (otherwise
+    their roots would keep full parameters gathered until the next step).
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    kwargs = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else None)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    for module in (model.backbone, model.target_encoder, model.anchor):
+        if module is None:
+            continue
+        frozen = module is not model.backbone
+        for block in blocks_of(module):
+            if activation_checkpointing and not frozen:
+                checkpoint_activations(block)
+            fully_shard(block, **kwargs)
+        fully_shard(module, reshard_after_forward=True, **kwargs)
+    fully_shard(model, **kwargs)  # the predictor's parameters live in this root group
+    return model
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    values = values.detach().clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first (a .tmp folder is an unfinished write)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d{8}", p.name))
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, extra: dict, keep: int, env: Env):
+    """Write model (with predictor, EMA target, anchor) and optimizer shards, then rename."""
+    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    torch.save({"rng": torch.get_rng_state(), **extra}, tmp / f"extra_rank{env.rank}.pt")
+    dist.barrier()
+    if env.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # atomic: readers see a complete checkpoint or none
+        for old in checkpoint_dirs(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, env: Env) -> dict:
+    """Restore shards in place; returns the rank's extra state (step, rng, ...)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    extra_file = path / f"extra_rank{env.rank}.pt"
+    if not extra_file.exists():
+        raise ValueError(f"{path}: has no {extra_file.name}; it was written by a run with a "
+                         "different number of processes (resume with the same world size)")
+    extra = torch.load(extra_file, weights_only=False)
+    torch.set_rng_state(extra.pop("rng"))
+    return extra
+
+
+def export_pretrained(backbone, tokenizer, out_dir: Path, env: Env, metadata: dict):
+    """Gather the online backbone's full weights on rank 0 and save_pretrained them."""
+    state = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=True))
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        backbone.save_pretrained(out_dir, state_dict=state)
+        tokenizer.save_pretrained(out_dir)
+        (out_dir / "training_config.json").write_text(metadata_json(metadata))
+    dist.barrier()
+
+
+def metadata_json(metadata: dict) -> str:
+    import json
+    return json.dumps(metadata, indent=2, default=str) + "\n"
