@@ -45,7 +45,9 @@ def init_distributed(device: str) -> Env:
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
     backend = "nccl" if use_cuda else "gloo"
-    if "RANK" in os.environ:  # launched by torchrun
+    if dist.is_initialized():  # a second run in the same process (tests, notebooks)
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    elif "RANK" in os.environ:  # launched by torchrun
         dist.init_process_group(backend)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
     else:
@@ -86,10 +88,10 @@ def shard_model(model, blocks_of, param_dtype=None, cpu_offload=False, activatio
     return model
 
 
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     values = values.detach().clone()
     dist.all_reduce(values)
-    return values / dist.get_world_size()
+    return values
 
 # -----------------------------------------------------------------------------
 # Checkpoints

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 import data
 import distributed
@@ -170,38 +171,58 @@ def mask_generator(seed, step, shard, device):
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 65_537 + shard)
 
 
+def loss_parts(output) -> torch.Tensor:
+    return torch.stack([output.diffusion, output.jepa, output.anchor]).detach().float()
+
+
+def reduce_parts(parts: torch.Tensor, config: JEPAConfig, world_size: int) -> dict:
+    """Average diffusion and JEPA over ranks; sum the anchor, of which each rank holds the
+    share of its own parameter shards."""
+    diffusion, jepa, anchor = (distributed.all_reduce_sum(parts) / torch.tensor([world_size, world_size, 1],
+                                                                                device=parts.device)).tolist()
+    return {"loss": diffusion + config.jepa_lambda * jepa + anchor, "diffusion": diffusion, "jepa": jepa,
+            "anchor": anchor}
+
+
 @torch.no_grad()
 def evaluate(model, eval_rows, args, env):
-    """Held-out loss parts on fixed masks (same generator every time): comparable across steps."""
-    n = len(eval_rows.input_ids) // env.world_size  # equal shares: every rank runs every forward
-    mine = torch.arange(env.rank * n, (env.rank + 1) * n)
-    totals, batches = torch.zeros(3, device=env.device), 0
-    for start in range(0, min(n, args.eval_batches * args.batch_size), args.batch_size):
-        out = model(*rows_to(eval_rows, mine[start:start + args.batch_size], env.device),
-                    generator=mask_generator(args.seed, -1, start, env.device))
-        totals += torch.stack([out.loss, out.diffusion, out.jepa]).float()
-        batches += 1
-    return dict(zip(("loss", "diffusion", "jepa"), distributed.all_reduce_mean(totals / max(batches, 1)).tolist()))
+    """Held-out loss parts on fixed masks: chunk c (rows c*B..c*B+B-1) always gets the masks of
+    seed (seed, -1, c), whatever the step or the number of processes, so evaluations compare."""
+    n_chunks = min(args.eval_batches, len(eval_rows.input_ids) // args.batch_size)
+    n_chunks = max(n_chunks - n_chunks % env.world_size, env.world_size)  # every rank runs every forward
+    totals = torch.zeros(3, device=env.device)
+    for chunk in range(env.rank, n_chunks, env.world_size):
+        rows = torch.arange(chunk * args.batch_size, (chunk + 1) * args.batch_size) % len(eval_rows.input_ids)
+        out = model(*rows_to(eval_rows, rows, env.device), generator=mask_generator(args.seed, -1, chunk, env.device))
+        totals += loss_parts(out)
+    return reduce_parts(totals * env.world_size / n_chunks, model.config, env.world_size)
 
 
 def main(argv=None) -> Path:
+    """Run training; returns the folder of the exported model. --out/log.jsonl has one line per
+    step ({"step", "loss", "diffusion", "jepa", "lr", "grad_norm"}) and per held-out evaluation."""
     parser, args = parse_args(argv)
     try:
         validate(args)
         config = jepa_config(args)
     except ValueError as e:  # name the flag, not the dataclass field
         parser.error(re.sub(r"\b([a-z]+(?:_[a-z]+)*)=", lambda m: f"--{m[1].replace('_', '-')}=", str(e)))
+    hf_logging.disable_progress_bar()  # one progress bar: ours
     env = distributed.init_distributed(args.device)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
-    backbone = (new_tiny_backbone(hidden_size=args.tiny_width, num_hidden_layers=args.tiny_layers,
-                                  intermediate_size=round(args.tiny_width * 8 / 3 / 32) * 32,
-                                  max_position_embeddings=max(512, args.seq_len))
-                if args.model is None else load_backbone(args.model))
+    try:  # bad files, names or rows: one line that says what and where, no traceback
+        backbone = (new_tiny_backbone(hidden_size=args.tiny_width, num_hidden_layers=args.tiny_layers,
+                                      intermediate_size=round(args.tiny_width * 8 / 3 / 32) * 32,
+                                      max_position_embeddings=max(512, args.seq_len))
+                    if args.model is None else load_backbone(args.model))
+        train_rows, eval_rows = load_data(args, backbone.tokenizer, env.is_main)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
     args.lr = args.lr or (1e-3 if args.model is None else 1e-5)
-    train_rows, eval_rows = load_data(args, backbone.tokenizer, env.is_main)
     if len(eval_rows.input_ids) < env.world_size:
-        raise SystemExit(f"error: {len(eval_rows.input_ids)} held-out rows for {env.world_size} processes")
+        raise SystemExit(f"error: {len(eval_rows.input_ids)} held-out rows for {env.world_size} processes; "
+                         "give more data or a larger --eval-fraction")
 
     model = DLLMJEPA(backbone.model, config, backbone.mask_token_id, backbone.family.shift_logits)
     distributed.shard_model(model, backbone.family.blocks, param_dtype=dtype if dtype != torch.float32 else None,
@@ -209,7 +230,7 @@ def main(argv=None) -> Path:
     if not args.cpu_offload:
         model.to(env.device)  # after sharding: each rank moves only its own shards
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=args.lr, betas=(0.9, 0.95),
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, foreach=True)  # DTensors default to a slow per-tensor loop
 
     out = Path(args.out)
     run_config = {"args": vars(args), "objective": dataclasses.asdict(config), "world_size": env.world_size,
@@ -227,8 +248,8 @@ def main(argv=None) -> Path:
               f"{'resuming from ' + str(resume) if resume else 'starting'} at step {start_step}")
 
     stop_signal = []  # SIGTERM/SIGINT: finish the step, save a resumable checkpoint, exit
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+                         for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def save(step):
         return distributed.save_checkpoint(out / "checkpoints", step, model, optimizer,
@@ -238,9 +259,16 @@ def main(argv=None) -> Path:
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps,
                disable=not env.is_main or args.no_progress, dynamic_ncols=True)
     bad_in_a_row, skipped, t0 = 0, 0, time.time()
-    first_eval = evaluate(model, eval_rows, args, env)
-    if env.is_main:
-        print(f"step {start_step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in first_eval.items()))
+    log = open(out / "log.jsonl", "a") if env.is_main else None
+
+    def log_eval(step):
+        held_out = evaluate(model, eval_rows, args, env)
+        if env.is_main:
+            log.write(json.dumps({"step": step, "held_out": held_out}) + "\n")
+            log.flush()
+            tqdm.write(f"step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
+
+    log_eval(start_step)
     for step in bar:
         model.train()
         rows = data.batch_rows(step, len(train_rows.input_ids), global_batch, args.seed)
@@ -251,33 +279,29 @@ def main(argv=None) -> Path:
             output = model(*rows_to(train_rows, idx, env.device),
                            generator=mask_generator(args.seed, step, shard, env.device))
             (output.loss / args.grad_accum).backward()  # FSDP averages over ranks: the global mean
-            parts += torch.stack([output.loss, output.diffusion, output.jepa]).detach().float() / args.grad_accum
+            parts += loss_parts(output) / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), args.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        parts = distributed.all_reduce_mean(parts)
-        if not (torch.isfinite(grad_norm) and torch.isfinite(parts).all()):
-            # skip: weights, optimizer moments and EMA stay exactly as they were
-            optimizer.zero_grad(set_to_none=True)
+        parts = reduce_parts(parts, config, env.world_size)
+        done = step + 1
+        if torch.isfinite(grad_norm) and all(math.isfinite(v) for v in parts.values()):
+            bad_in_a_row = 0
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args)
+            optimizer.step()
+            model.update_target(done, args.steps)  # 4. EMA
+        else:  # skip: weights, optimizer moments and EMA stay exactly as they were
             bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
             if bad_in_a_row >= args.max_bad_steps:
                 raise SystemExit(f"error: {bad_in_a_row} non-finite steps in a row (last at step {step}); "
                                  "lower --lr, check the data, or resume from the last checkpoint")
-            continue
-        bad_in_a_row = 0
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
-        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        model.update_target(step + 1, args.steps)  # 4. EMA
-
-        loss, diffusion, jepa = parts.tolist()
-        bar.set_postfix(loss=f"{loss:.3f}", diff=f"{diffusion:.3f}", jepa=f"{jepa:.3f}", lr=f"{lr_at(step, args):.1e}")
-        done = step + 1
+        bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()} | {"lr": f"{lr_at(step, args):.1e}"})
+        if env.is_main:
+            log.write(json.dumps({"step": done, **parts, "lr": lr_at(step, args), "grad_norm": grad_norm.item(),
+                                  "skipped": bad_in_a_row > 0}) + "\n")
         if done % args.eval_every == 0 or done == args.steps:
-            held_out = evaluate(model, eval_rows, args, env)
-            if env.is_main:
-                tqdm.write(f"step {done}: train loss {loss:.4f} (diffusion {diffusion:.4f}, jepa {jepa:.4f}) | "
-                           "held-out " + " ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
+            log_eval(done)
         if done % args.save_every == 0 or done == args.steps or stop_signal:
             path = save(done)
             if stop_signal:
@@ -286,6 +310,10 @@ def main(argv=None) -> Path:
                           f"--resume {path}")
                 sys.exit(128 + stop_signal[0])
     bar.close()
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
+    if env.is_main:
+        log.close()
 
     final = out / "final"
     distributed.export_pretrained(model.backbone, backbone.tokenizer, final, env, run_config)
