@@ -2,31 +2,62 @@
 Backbones: load a masked-diffusion LM and describe it to the trainer.
 
 `DLLMJEPA` only needs a model that returns logits and hidden states, plus two facts (the
-mask id, whether logits are shifted). The trainer needs one more: where the transformer
-blocks are, to shard them and checkpoint their activations. An adapter per family supplies
-these facts; `load_backbone` detects the family from the model's config.
+mask id, whether logits are shifted). The trainer needs a few more: where the transformer
+blocks are (to shard them and checkpoint their activations) and which id pads an answer.
+An adapter per family (`Family`, in `FAMILIES`) supplies these facts; `load_backbone`
+detects the family from the config's `model_type`.
+
+Supported: the tiny model of `tiny_model.py`, LLaDA (GSAI-ML/LLaDA-8B-Instruct, -Base) and
+Dream (Dream-org/Dream-v0-Instruct-7B, -Base). Both real families ship their modeling code
+with the checkpoint (`trust_remote_code=True`), written for transformers 4.x. Under 5.x
+that code needs a few narrow repairs; each is a small function below that first checks
+whether its problem is present, does nothing if not, and otherwise returns one line saying
+what it changed (collected in `Backbone.fixes`, so the trainer can log them).
+
+Conventions every family here shares (checked against the public modeling files):
+- forward(input_ids=..., output_hidden_states=True) returns `.logits` (B, T, V) and
+  `.hidden_states`, a tuple of n_layers + 1 tensors (B, T, C): the embeddings, the input of
+  each later block, and last the output of the final norm;
+- no attention mask is needed (a diffusion LM attends over the whole canvas);
+- never pass `labels`: Dream would compute an autoregressive loss with them.
+
+Activation checkpointing is applied by the trainer to each module of `Backbone.blocks`, the
+same way for every family, not through transformers' `gradient_checkpointing_enable()`:
+under 5.x that fails on LLaDA (its `_set_gradient_checkpointing` override predates the
+`every_n_layers` argument 5.x passes).
 """
 
-from dataclasses import dataclass
+import contextlib
+import functools
+import inspect
+import re
+import warnings
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 import tiny_model
+
+# A fix runs before the model is built (`before`: it may patch the config or the remote
+# class, or enter a context on the ExitStack that stays open while the model loads) or
+# after (`after`: it repairs the loaded model). It returns None when its problem is absent.
+BeforeFix = Callable[[object, type, contextlib.ExitStack], str | None]
+AfterFix = Callable[[nn.Module], str | None]
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    blocks: Callable[[nn.Module], nn.ModuleList]  # the transformer blocks, in order
-    shift_logits: bool = False                     # output at i predicts token i + 1 (Dream)
-
-
-FAMILIES = {
-    tiny_model.TinyDLMConfig.model_type: Family("tiny-dlm", blocks=lambda m: m.layers),
-}
+    blocks: Callable[[nn.Module], nn.ModuleList]   # the transformer blocks, in order
+    shift_logits: bool = False                      # output at i predicts token i + 1 (Dream)
+    published_mask_token_id: int | None = None      # the released checkpoints' id, a cross-check
+    chat_template: str | None = None                # only for tokenizers without one (-Base)
+    before: tuple[BeforeFix, ...] = ()
+    after: tuple[AfterFix, ...] = ()
 
 
 @dataclass
@@ -35,10 +66,202 @@ class Backbone:
     tokenizer: object
     family: Family
     mask_token_id: int
+    eos_token_id: int                               # ends an answer and pads the canvas after it
+    fixes: list[str] = field(default_factory=list)  # what load_backbone repaired, for the log
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.family.blocks(self.model)
+
+# -----------------------------------------------------------------------------
+# Fixes for LLaDA's remote code (GSAI-ML/LLaDA-8B-*) under transformers 5.x
+
+
+def llada_restore_use_cache(config, model_class, stack):
+    """LLaDAConfig passes `use_cache` to PretrainedConfig, which 5.x no longer keeps as an
+    attribute; LLaDA's forward reads `self.config.use_cache` and fails. A diffusion LM has no
+    KV cache, so False is the only meaningful value."""
+    if hasattr(config, "use_cache"):
+        return None
+    config.use_cache = False
+    return "config.use_cache was missing: set to False"
+
+
+def _cpu_if_cuda(x):
+    is_cuda = (isinstance(x, torch.device) and x.type == "cuda"
+               or isinstance(x, str) and x.startswith("cuda"))
+    return torch.device("cpu") if is_cuda else x
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """While active, torch calls asked to put a tensor on "cuda" (device=..., or a device
+    passed positionally as in tensor.to(device)) put it on the CPU instead."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        args = tuple(_cpu_if_cuda(a) for a in args)
+        kwargs = {k: _cpu_if_cuda(v) if k == "device" else v for k, v in (kwargs or {}).items()}
+        return func(*args, **kwargs)
+
+
+def _source(function) -> str:
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):  # no source file (built-in or generated): nothing to detect
+        return ""
+
+
+def llada_build_on_cpu(config, model_class, stack):
+    """Newer copies of LLaDAModelLM.__init__ set `init_device = "cuda"` under a comment that
+    says CPU, so building fails without a GPU, and with one puts a full fp32 copy of the
+    model on every rank's GPU. While the model is built, allocations asked on "cuda" go to
+    the CPU, as the original code intended; the trainer moves and shards it afterwards."""
+    if not re.search(r"init_device\s*=\s*[\"']cuda", _source(model_class.__init__)):
+        return None
+    stack.enter_context(_CudaToCpu())
+    return f"{model_class.__name__}.__init__ hard-codes init_device='cuda': built on CPU instead"
+
+
+def llada_run_post_init(config, model_class, stack):
+    """LLaDAModelLM.__init__ never calls `post_init()`, which 5.x relies on to record the
+    model's tied-weight keys and parallel plans: from_pretrained and save_pretrained fail
+    on the missing `all_tied_weights_keys`. Make __init__ end with it, as 5.x models do
+    (inside from_pretrained it initialises no weights: those come from the checkpoint)."""
+    init = model_class.__init__
+    if getattr(init, "runs_post_init", False) or "post_init" in _source(init):
+        return None
+
+    @functools.wraps(init)
+    def init_then_post_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.post_init()
+    init_then_post_init.runs_post_init = True
+    model_class.__init__ = init_then_post_init
+    return f"{model_class.__name__}.__init__ skips post_init(): now runs it"
+
+
+def llada_tie_weights_accepts_arguments(config, model_class, stack):
+    """LLaDAModelLM overrides `tie_weights(self)` with no parameters; 5.x calls it with
+    `missing_keys=` and `recompute_mapping=` (in post_init and from_pretrained): TypeError.
+    Accept and ignore them; LLaDA's own tying (output head = input embedding, only when
+    config.weight_tying, which the released 8B models leave off) is unchanged."""
+    tie = model_class.__dict__.get("tie_weights")
+    if (tie is None or getattr(tie, "accepts_arguments", False)
+            or len(inspect.signature(tie).parameters) > 1):
+        return None
+
+    @functools.wraps(tie)
+    def tie_weights(self, *args, **kwargs):
+        return tie(self)
+    tie_weights.accepts_arguments = True
+    model_class.tie_weights = tie_weights
+    return f"{model_class.__name__}.tie_weights() takes no arguments: now ignores 5.x's"
+
+
+# -----------------------------------------------------------------------------
+# Fixes for Dream's remote code (Dream-org/Dream-v0-*-7B) under transformers 5.x
+
+
+def plain_rope_frequencies(config, device=None, seq_len=None, **kwargs):
+    """Inverse frequencies of plain rotary embeddings (Su et al., 2021): theta^(-2i/d) for
+    i < d/2, d the head dimension; attention scaling 1."""
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    return 1.0 / theta ** exponents, 1.0
+
+
+def dream_register_default_rope(config, model_class, stack):
+    """Dream's rotary module looks up ROPE_INIT_FUNCTIONS["default"], which 5.x removed
+    (KeyError while building). Register plain RoPE under that name; it is what "default"
+    computed."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    if "default" in ROPE_INIT_FUNCTIONS:
+        return None
+    ROPE_INIT_FUNCTIONS["default"] = plain_rope_frequencies
+    return 'ROPE_INIT_FUNCTIONS["default"] was missing: registered plain RoPE'
+
+
+def dream_tied_weights_as_dict(config, model_class, stack):
+    """5.x expects `_tied_weights_keys` as {tied parameter: source parameter}; DreamModel
+    declares a list (4.x style) and save_pretrained fails on it. Dream's output head ties to its
+    input embedding (only when config.tie_word_embeddings, which the 7B models leave off)."""
+    keys = getattr(model_class, "_tied_weights_keys", None)
+    if not isinstance(keys, list):
+        return None
+    model_class._tied_weights_keys = {key: "model.embed_tokens.weight" for key in keys}
+    return f"{model_class.__name__}._tied_weights_keys was a list: made a dict"
+
+
+def dream_recompute_rotary(model):
+    """`inv_freq` is a non-persistent buffer: not in the checkpoint, and 5.x builds the model
+    on the meta device, so after from_pretrained it holds uninitialised memory and the
+    logits are silently wrong. Recompute it in float32 in every rotary module."""
+    repaired = 0
+    for module in model.modules():
+        if not (isinstance(getattr(module, "inv_freq", None), torch.Tensor)
+                and hasattr(module, "rope_init_fn")):
+            continue
+        inv_freq, module.attention_scaling = module.rope_init_fn(
+            module.config, module.inv_freq.device, **getattr(module, "rope_kwargs", {}))
+        if not torch.equal(module.inv_freq, inv_freq):
+            repaired += 1
+        module.register_buffer("inv_freq", inv_freq, persistent=False)
+        module.original_inv_freq = module.inv_freq
+    return f"recomputed rotary inv_freq in {repaired} module(s)" if repaired else None
+
+
+def dream_refuse_labels(model):
+    """Passing `labels` to Dream computes a next-token (autoregressive) loss that has
+    nothing to do with diffusion; refuse it loudly instead."""
+    def check(module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            raise ValueError("do not pass labels to Dream: it would compute an autoregressive "
+                             "loss; DLLMJEPA computes the diffusion loss from the logits")
+    model.register_forward_pre_hook(check, with_kwargs=True)
+    return None  # a guard, not a repair
+
+# -----------------------------------------------------------------------------
+# The families
+
+# Chat formats for checkpoints whose tokenizer ships none (the -Base models): LLaDA's
+# Instruct format (Llama-3 style headers) and Dream's (ChatML, as Qwen2.5).
+LLADA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+DREAM_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def llada_blocks(model):
+    inner = model.model.transformer  # LLaDAModelLM -> LLaDAModel -> ModuleDict
+    if "blocks" not in inner:
+        raise ValueError("this LLaDA config groups its blocks (block_group_size > 1): "
+                         "shard and checkpoint model.model.transformer.block_groups instead")
+    return inner.blocks
+
+
+FAMILIES = {
+    tiny_model.TinyDLMConfig.model_type: Family("tiny-dlm", blocks=lambda m: m.layers),
+    "llada": Family(
+        "llada", blocks=llada_blocks, published_mask_token_id=126336,
+        chat_template=LLADA_CHAT_TEMPLATE,
+        before=(llada_restore_use_cache, llada_build_on_cpu, llada_tie_weights_accepts_arguments,
+                llada_run_post_init)),
+    "Dream": Family(
+        "dream", blocks=lambda m: m.model.layers, shift_logits=True,
+        published_mask_token_id=151666, chat_template=DREAM_CHAT_TEMPLATE,
+        before=(dream_register_default_rope, dream_tied_weights_as_dict),
+        after=(dream_recompute_rotary, dream_refuse_labels)),
+}
 
 
 def family_of(config) -> Family:
@@ -46,36 +269,101 @@ def family_of(config) -> Family:
     if model_type not in FAMILIES:
         raise ValueError(
             f"unknown model family model_type={model_type!r}: supported are {sorted(FAMILIES)}. "
-            "To add one, give backbones.FAMILIES an adapter naming its transformer blocks and "
-            "whether its logits are shifted, and make sure its config has mask_token_id")
+            "To add one, give backbones.FAMILIES a Family naming where its transformer blocks "
+            "are and whether its logits are shifted (output at i predicts token i + 1). The "
+            "model must return .logits and .hidden_states from forward(input_ids=..., "
+            "output_hidden_states=True), and its config (or tokenizer) must give mask_token_id")
     return FAMILIES[model_type]
 
+# -----------------------------------------------------------------------------
+# Special ids
 
-def mask_token_id_of(config, tokenizer) -> int:
-    mask_id = getattr(config, "mask_token_id", None)
-    if mask_id is None:
-        mask_id = tokenizer.mask_token_id
+
+def mask_token_id_of(config, tokenizer, family: Family | None = None) -> int:
+    """The config's mask_token_id (LLaDA's tokenizer may set no mask token), else the
+    tokenizer's; both, when given, must agree. It must lie in the vocabulary and differ from
+    EOS/padding (LLaDA's config class defaults mask, EOS and pad all to GPT-2's 50256, so a
+    config that lost its mask id would otherwise silently mask with EOS)."""
+    from_config = getattr(config, "mask_token_id", None)
+    from_tokenizer = getattr(tokenizer, "mask_token_id", None)
+    if from_config is not None and from_tokenizer is not None and from_config != from_tokenizer:
+        raise ValueError(f"config.mask_token_id={from_config} but the tokenizer's mask token "
+                         f"{tokenizer.mask_token!r} has id {from_tokenizer}: fix one of them")
+    mask_id = from_config if from_config is not None else from_tokenizer
     if mask_id is None:
         raise ValueError("the model has no mask token: neither config.mask_token_id nor "
                          "tokenizer.mask_token_id is set")
     if not 0 <= mask_id < config.vocab_size:
         raise ValueError(f"mask_token_id={mask_id} lies outside the vocabulary "
                          f"(vocab_size={config.vocab_size})")
+    specials = {getattr(config, "eos_token_id", None), getattr(config, "pad_token_id", None),
+                getattr(tokenizer, "eos_token_id", None)}
+    if mask_id in specials:
+        raise ValueError(f"mask_token_id={mask_id} is also the EOS/padding id: the config "
+                         "probably lacks its own mask_token_id")
+    if family and family.published_mask_token_id not in (None, mask_id):
+        warnings.warn(f"{family.name}: mask_token_id={mask_id}, but the released checkpoints "
+                      f"use {family.published_mask_token_id}; fine for a custom model")
     return mask_id
+
+
+def eos_token_id_of(config, tokenizer) -> int:
+    """The tokenizer's EOS (what data.py appends and pads with), else the config's."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    from_config = getattr(config, "eos_token_id", None)
+    if isinstance(from_config, (list, tuple)):
+        from_config = from_config[0] if from_config else None
+    if eos is None:
+        eos = from_config
+    if eos is None:
+        raise ValueError("no EOS id: neither the tokenizer nor the config defines one")
+    if from_config is not None and from_config != eos:
+        warnings.warn(f"tokenizer EOS id {eos} differs from config.eos_token_id={from_config}; "
+                      "answers are ended and padded with the tokenizer's")
+    return eos
+
+# -----------------------------------------------------------------------------
+# Loading
 
 
 def new_tiny_backbone(**overrides) -> Backbone:
     """A randomly initialised tiny model with its byte-level tokenizer (no files, no network)."""
     tokenizer = tiny_model.make_tokenizer()
     model = tiny_model.make_tiny_model(tokenizer, **overrides)
-    return Backbone(model, tokenizer, family_of(model.config), model.config.mask_token_id)
+    return Backbone(model, tokenizer, family_of(model.config), model.config.mask_token_id,
+                    tokenizer.eos_token_id)
+
+
+def model_class_of(config, name_or_path: str) -> type:
+    """The class AutoModel will build: the checkpoint's remote code (config.auto_map), or a
+    class registered with AutoModel (the tiny model)."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    if "AutoModel" in auto_map:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+        return get_class_from_dynamic_module(auto_map["AutoModel"], name_or_path)
+    if type(config) not in AutoModel._model_mapping:
+        raise ValueError(f"{name_or_path}: config.auto_map has no 'AutoModel' entry and no model "
+                         f"class is registered with AutoModel for {type(config).__name__}")
+    return AutoModel._model_mapping[type(config)]
 
 
 def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32) -> Backbone:
-    """A hub id or a local folder holding a model saved with save_pretrained."""
+    """A hub id or a local folder: the model, its tokenizer and chat template, its adapter."""
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
     family = family_of(config)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
-    model = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype,
-                                      trust_remote_code=True)
-    return Backbone(model, tokenizer, family, mask_token_id_of(config, tokenizer))
+    if tokenizer.chat_template is None and family.chat_template is not None:
+        tokenizer.chat_template = family.chat_template  # base checkpoints ship none
+    mask_id = mask_token_id_of(config, tokenizer, family)
+    eos_id = eos_token_id_of(config, tokenizer)
+    if tokenizer.pad_token is None:  # LLaDA's SFT recipe pads with EOS
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(eos_id)
+
+    fixes = []
+    with contextlib.ExitStack() as stack:
+        model_class = model_class_of(config, name_or_path)
+        fixes += [fix(config, model_class, stack) for fix in family.before]
+        model = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype,
+                                          trust_remote_code=True)
+    fixes += [fix(model) for fix in family.after]
+    return Backbone(model, tokenizer, family, mask_id, eos_id, [f for f in fixes if f])

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 
@@ -146,7 +146,14 @@ def export_pretrained(backbone, tokenizer, out_dir: Path, env: Env, metadata: di
                                                                     cpu_offload=True))
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        backbone.save_pretrained(out_dir, state_dict=state)
+        # fully_shard swapped the class for a generated FSDP<Name>; save_pretrained would record
+        # that class (and torch's files) as the remote code to load, so save as the original.
+        sharded_class = type(backbone)
+        backbone.__class__ = next(c for c in sharded_class.__bases__ if c is not FSDPModule)
+        try:
+            backbone.save_pretrained(out_dir, state_dict=state)
+        finally:
+            backbone.__class__ = sharded_class
         tokenizer.save_pretrained(out_dir)
         (out_dir / "training_config.json").write_text(metadata_json(metadata))
     dist.barrier()

@@ -234,6 +234,7 @@ def main(argv=None) -> Path:
 
     out = Path(args.out)
     run_config = {"args": vars(args), "objective": dataclasses.asdict(config), "world_size": env.world_size,
+                  "model_family": backbone.family.name, "compatibility_fixes": backbone.fixes,
                   "model_parameters": sum(p.numel() for p in backbone.model.parameters())}
     start_step = 0
     resume = (distributed.checkpoint_dirs(out / "checkpoints")[-1:] or [None])[0] if args.resume == "auto" \

@@ -1,0 +1,448 @@
+"""Tests of the backbone adapters (backbones.py), on the tiny model and a shifted-logits variant.
+
+Run: python -m pytest tests/test_backbones.py -q
+
+No LLaDA or Dream code or weights are needed (nor any network): the family table, the
+special-id logic and load_backbone's plumbing are checked on the tiny model; each
+transformers-5.x fix is checked on a small stand-in with exactly the problem it repairs
+(and shown to do nothing when the problem is absent); Dream's shifted logits are checked
+with `ShiftedTinyDLM`, a TinyDLM whose output at i predicts token i + 1.
+"""
+
+import contextlib
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import AutoConfig, AutoModel, LlamaConfig, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+import backbones
+import tiny_model
+from backbones import Backbone, Family, FAMILIES
+from dllm_jepa import DLLMJEPA, JEPAConfig
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+             max_position_embeddings=128)
+
+# -----------------------------------------------------------------------------
+# A shifted-logits tiny model (Dream's convention), registered like a remote family
+
+
+class ShiftedTinyDLMConfig(tiny_model.TinyDLMConfig):
+    model_type = "tiny-dlm-shifted"
+
+    def __init__(self, **kwargs):  # explicit: transformers 5.x would otherwise generate one
+        super().__init__(**kwargs)
+
+
+class ShiftedTinyDLM(tiny_model.TinyDLM):
+    """TinyDLM whose output at position i is its prediction for token i + 1."""
+    config_class = ShiftedTinyDLMConfig
+
+    def forward(self, input_ids, **kwargs):
+        out = super().forward(input_ids, **kwargs)
+        # The last position predicts a token past the end: never read, filled arbitrarily.
+        logits = torch.cat([out.logits[:, 1:], out.logits[:, -1:]], dim=1)
+        return MaskedLMOutput(logits=logits, hidden_states=out.hidden_states)
+
+
+AutoConfig.register(ShiftedTinyDLMConfig.model_type, ShiftedTinyDLMConfig, exist_ok=True)
+AutoModel.register(ShiftedTinyDLMConfig, ShiftedTinyDLM, exist_ok=True)
+SHIFTED = Family("tiny-dlm-shifted", blocks=lambda m: m.layers, shift_logits=True)
+
+
+@pytest.fixture
+def shifted_family(monkeypatch):
+    monkeypatch.setitem(FAMILIES, ShiftedTinyDLMConfig.model_type, SHIFTED)
+    return SHIFTED
+
+
+def save_tiny(path, tokenizer, model_class=tiny_model.TinyDLM,
+              config_class=tiny_model.TinyDLMConfig, seed=0):
+    torch.manual_seed(seed)
+    config = config_class(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          **SMALL)
+    model = model_class(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+def shifted_twin(plain):
+    """A ShiftedTinyDLM with the same weights as the TinyDLM `plain`."""
+    c = plain.config
+    twin = ShiftedTinyDLM(ShiftedTinyDLMConfig(
+        vocab_size=c.vocab_size, mask_token_id=c.mask_token_id, eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id, **SMALL))
+    twin.load_state_dict(plain.state_dict())
+    return twin
+
+
+def batch(T=24, seed=0):
+    ids = torch.randint(0, 256, (3, T), generator=torch.Generator().manual_seed(seed))
+    prompt_lengths = torch.tensor([4, 7, 10])
+    answer_lengths = torch.tensor([12, 9, 14])
+    return ids, prompt_lengths, answer_lengths
+
+# -----------------------------------------------------------------------------
+# The family table
+
+
+def test_families_know_the_released_models():
+    llada, dream = FAMILIES["llada"], FAMILIES["Dream"]  # the model_type of each config.json
+    assert not llada.shift_logits and dream.shift_logits
+    assert llada.published_mask_token_id == 126336 and dream.published_mask_token_id == 151666
+    assert llada.chat_template and dream.chat_template
+    assert not FAMILIES["tiny-dlm"].shift_logits
+
+
+def test_family_of_detects_by_model_type():
+    assert backbones.family_of(tiny_model.TinyDLMConfig()) is FAMILIES["tiny-dlm"]
+    assert backbones.family_of(SimpleNamespace(model_type="Dream")) is FAMILIES["Dream"]
+
+
+def test_unknown_family_error_names_what_an_adapter_needs():
+    with pytest.raises(ValueError) as err:
+        backbones.family_of(SimpleNamespace(model_type="gpt2"))
+    message = str(err.value)
+    for needed in ("'gpt2'", "tiny-dlm", "llada", "Dream", "FAMILIES", "blocks", "shifted",
+                   "hidden_states", "mask_token_id"):
+        assert needed in message
+
+
+def test_llada_blocks_refuses_grouped_blocks():
+    grouped = SimpleNamespace(model=SimpleNamespace(transformer=nn.ModuleDict(
+        {"block_groups": nn.ModuleList()})))
+    with pytest.raises(ValueError, match="block_groups"):
+        backbones.llada_blocks(grouped)
+    blocks = nn.ModuleList([nn.Linear(2, 2)])
+    flat = SimpleNamespace(model=SimpleNamespace(transformer=nn.ModuleDict({"blocks": blocks})))
+    assert backbones.llada_blocks(flat) is blocks
+
+# -----------------------------------------------------------------------------
+# Special ids
+
+
+def ids(vocab_size=100, mask=None, eos=1, pad=1):
+    return SimpleNamespace(vocab_size=vocab_size, mask_token_id=mask, eos_token_id=eos,
+                           pad_token_id=pad)
+
+
+def tok(mask=None, eos=1):
+    return SimpleNamespace(mask_token_id=mask, mask_token="<m>", eos_token_id=eos)
+
+
+def test_mask_id_from_config_when_the_tokenizer_has_none():  # LLaDA's tokenizer defines none
+    assert backbones.mask_token_id_of(ids(mask=7), tok()) == 7
+
+
+def test_mask_id_from_tokenizer_when_the_config_has_none():
+    assert backbones.mask_token_id_of(ids(), tok(mask=9)) == 9
+
+
+@pytest.mark.parametrize("config, tokenizer, match", [
+    (ids(), tok(), "no mask token"),
+    (ids(mask=100), tok(), "outside the vocabulary"),
+    (ids(mask=-1), tok(), "outside the vocabulary"),
+    (ids(mask=5), tok(mask=6), "must agree|fix one"),
+    (ids(mask=1), tok(), "also the EOS/padding"),  # LLaDA's config class defaults all three alike
+])
+def test_bad_mask_ids_raise(config, tokenizer, match):
+    with pytest.raises(ValueError, match=match):
+        backbones.mask_token_id_of(config, tokenizer)
+
+
+def test_mask_id_unlike_the_released_checkpoints_warns():
+    with pytest.warns(UserWarning, match="126336"):
+        assert backbones.mask_token_id_of(ids(mask=7), tok(), FAMILIES["llada"]) == 7
+
+
+def test_eos_id_prefers_the_tokenizer_and_falls_back_to_the_config():
+    assert backbones.eos_token_id_of(ids(eos=3), tok(eos=3)) == 3
+    assert backbones.eos_token_id_of(ids(eos=[4, 5]), tok(eos=None)) == 4
+    with pytest.warns(UserWarning, match="differs"):
+        assert backbones.eos_token_id_of(ids(eos=4), tok(eos=3)) == 3
+    with pytest.raises(ValueError, match="no EOS"):
+        backbones.eos_token_id_of(ids(eos=None), tok(eos=None))
+
+# -----------------------------------------------------------------------------
+# Loading
+
+
+def test_new_tiny_backbone():
+    b = backbones.new_tiny_backbone(**SMALL)
+    assert b.family is FAMILIES["tiny-dlm"] and b.fixes == []
+    assert b.mask_token_id == b.tokenizer.mask_token_id == b.model.config.mask_token_id
+    assert b.eos_token_id == b.tokenizer.eos_token_id
+    assert b.blocks is b.model.layers and isinstance(b.blocks, nn.ModuleList)
+
+
+def test_load_backbone_from_a_saved_folder(tmp_path, tokenizer):
+    model = save_tiny(tmp_path, tokenizer)
+    b = backbones.load_backbone(str(tmp_path))
+    assert isinstance(b, Backbone) and isinstance(b.model, tiny_model.TinyDLM)
+    assert b.family is FAMILIES["tiny-dlm"] and b.fixes == []
+    assert b.mask_token_id == tokenizer.mask_token_id and b.eos_token_id == tokenizer.eos_token_id
+    assert b.blocks is b.model.layers and len(b.blocks) == SMALL["num_hidden_layers"]
+    assert b.tokenizer.chat_template == tokenizer.chat_template
+    x = batch()[0]
+    with torch.no_grad():
+        assert torch.equal(b.model(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_load_backbone_dtype(tmp_path, tokenizer):
+    save_tiny(tmp_path, tokenizer)
+    b = backbones.load_backbone(str(tmp_path), dtype=torch.bfloat16)
+    assert {p.dtype for p in b.model.parameters()} == {torch.bfloat16}
+
+
+def test_load_backbone_runs_the_familys_fixes_in_order(tmp_path, tokenizer, monkeypatch):
+    """`before` fixes run ahead of from_pretrained, and a context they enter stays open
+    while it runs; `after` fixes see the loaded model; applied ones are recorded."""
+    save_tiny(tmp_path, tokenizer)
+    events = []
+
+    @contextlib.contextmanager
+    def recording():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    def before(config, model_class, stack):
+        assert model_class is tiny_model.TinyDLM and config.model_type == "tiny-dlm"
+        stack.enter_context(recording())
+        return "before: applied"
+
+    def absent(config, model_class, stack):
+        return None
+
+    def after(model):
+        events.append("after")
+        assert isinstance(model, tiny_model.TinyDLM)
+        return "after: applied"
+
+    real_from_pretrained = AutoModel.from_pretrained
+    monkeypatch.setattr(AutoModel, "from_pretrained",
+                        lambda *a, **k: events.append("load") or real_from_pretrained(*a, **k))
+    monkeypatch.setitem(FAMILIES, "tiny-dlm", dataclasses.replace(
+        FAMILIES["tiny-dlm"], before=(before, absent), after=(after,)))
+    b = backbones.load_backbone(str(tmp_path))
+    assert events == ["enter", "load", "exit", "after"]
+    assert b.fixes == ["before: applied", "after: applied"]
+
+
+def test_tokenizer_gaps_are_filled(tmp_path, tokenizer, monkeypatch):
+    """A base checkpoint's tokenizer without chat template gets the family's; one without a
+    pad token pads with EOS (LLaDA's SFT recipe)."""
+    bare = tiny_model.make_tokenizer()
+    bare.chat_template = None
+    bare.pad_token = None
+    save_tiny(tmp_path, bare)
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    monkeypatch.setitem(FAMILIES, "tiny-dlm", dataclasses.replace(FAMILIES["tiny-dlm"],
+                                                                  chat_template=template))
+    b = backbones.load_backbone(str(tmp_path))
+    assert b.tokenizer.chat_template == template
+    assert b.tokenizer.pad_token_id == b.eos_token_id == tokenizer.eos_token_id
+    prompt = b.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert prompt == "[user]hi"
+
+
+def test_a_shipped_chat_template_is_kept(tmp_path, tokenizer, monkeypatch):
+    save_tiny(tmp_path, tokenizer)
+    monkeypatch.setitem(FAMILIES, "tiny-dlm", dataclasses.replace(FAMILIES["tiny-dlm"],
+                                                                  chat_template="other"))
+    assert backbones.load_backbone(str(tmp_path)).tokenizer.chat_template == tokenizer.chat_template
+
+
+def test_load_backbone_of_an_unknown_family_fails_before_loading_weights(tmp_path, tokenizer):
+    save_tiny(tmp_path, tokenizer, ShiftedTinyDLM, ShiftedTinyDLMConfig)  # not in FAMILIES here
+    with pytest.raises(ValueError, match="unknown model family.*tiny-dlm-shifted"):
+        backbones.load_backbone(str(tmp_path))
+
+# -----------------------------------------------------------------------------
+# Shifted logits (Dream's convention)
+
+
+def test_shifted_family_is_detected_from_a_saved_folder(tmp_path, tokenizer, shifted_family):
+    save_tiny(tmp_path, tokenizer, ShiftedTinyDLM, ShiftedTinyDLMConfig)
+    b = backbones.load_backbone(str(tmp_path))
+    assert b.family is shifted_family and b.family.shift_logits
+    assert isinstance(b.model, ShiftedTinyDLM) and b.blocks is b.model.layers
+
+
+@pytest.mark.parametrize("method", ["diffusion", "dllm-jepa", "two-pass"])
+def test_shifted_model_gives_the_unshifted_losses(tokenizer, method):
+    """The same weights behind both conventions, the same masks (one generator seed): with
+    shift_logits the shifted model's losses equal the unshifted model's exactly."""
+    torch.manual_seed(0)
+    plain = tiny_model.make_tiny_model(tokenizer, **SMALL)
+    shifted = shifted_twin(plain)
+    config = JEPAConfig(method=method, target="online" if method == "dllm-jepa" else None)
+    x, prompt_lengths, answer_lengths = batch()
+    outputs = []
+    for model, shift in ((plain, False), (shifted, True)):
+        torch.manual_seed(1)  # same predictor initialisation
+        objective = DLLMJEPA(model, config, tokenizer.mask_token_id, shift_logits=shift)
+        outputs.append(objective(x, prompt_lengths, answer_lengths,
+                                 generator=torch.Generator().manual_seed(2)))
+    a, b = outputs
+    assert a.diffusion.item() > 0
+    torch.testing.assert_close(a.diffusion, b.diffusion, rtol=0, atol=0)
+    torch.testing.assert_close(a.jepa, b.jepa, rtol=0, atol=0)
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+
+
+def test_ignoring_the_shift_gives_a_different_loss(tokenizer):
+    """The check above has teeth: read unshifted, the shifted model's loss changes."""
+    torch.manual_seed(0)
+    plain = tiny_model.make_tiny_model(tokenizer, **SMALL)
+    shifted = shifted_twin(plain)
+    x, p, a = batch()
+    losses = [DLLMJEPA(m, JEPAConfig(method="diffusion"), tokenizer.mask_token_id)(
+        x, p, a, generator=torch.Generator().manual_seed(2)).diffusion for m in (plain, shifted)]
+    assert not torch.allclose(*losses)
+
+# -----------------------------------------------------------------------------
+# transformers-5.x fixes, each on a stand-in with exactly its problem
+
+
+def no_stack():
+    return contextlib.ExitStack()
+
+
+def test_llada_restore_use_cache():
+    config = PretrainedConfig()
+    if hasattr(config, "use_cache"):
+        del config.use_cache
+    assert "use_cache" in backbones.llada_restore_use_cache(config, None, no_stack())
+    assert config.use_cache is False
+    assert backbones.llada_restore_use_cache(config, None, no_stack()) is None
+
+
+class BuildsOnCuda(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        config.init_device = "cuda"  # as newer LLaDA copies do
+        self.lin = nn.Linear(2, 2, device=config.init_device)
+        self.table = torch.arange(4, device=torch.device(config.init_device))
+        self.moved = torch.zeros(2).to(torch.device(config.init_device))
+
+
+class BuildsOnCpu(BuildsOnCuda):
+    def __init__(self, config):
+        nn.Module.__init__(self)
+
+
+def test_llada_build_on_cpu_redirects_cuda_allocations():
+    with contextlib.ExitStack() as stack:
+        message = backbones.llada_build_on_cpu(None, BuildsOnCuda, stack)
+        model = BuildsOnCuda(SimpleNamespace())
+    assert "init_device='cuda'" in message
+    devices = {model.lin.weight.device.type, model.table.device.type, model.moved.device.type}
+    assert devices == {"cpu"}
+    with contextlib.ExitStack() as stack:
+        assert backbones.llada_build_on_cpu(None, BuildsOnCpu, stack) is None
+
+
+def test_llada_tie_weights_accepts_arguments():
+    calls = []
+
+    class OldTie:
+        def tie_weights(self):
+            calls.append("tied")
+
+    message = backbones.llada_tie_weights_accepts_arguments(None, OldTie, no_stack())
+    assert "tie_weights" in message
+    OldTie().tie_weights(missing_keys=set(), recompute_mapping=False)  # 5.x's call
+    OldTie().tie_weights()
+    assert calls == ["tied", "tied"]
+    assert backbones.llada_tie_weights_accepts_arguments(None, OldTie, no_stack()) is None
+
+
+class SkipsPostInit(PreTrainedModel):
+    config_class = tiny_model.TinyDLMConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lin = nn.Linear(2, 2)
+
+
+def test_llada_run_post_init():
+    assert not hasattr(SkipsPostInit(tiny_model.TinyDLMConfig(**SMALL)), "all_tied_weights_keys")
+    message = backbones.llada_run_post_init(None, SkipsPostInit, no_stack())
+    assert "post_init" in message
+    assert hasattr(SkipsPostInit(tiny_model.TinyDLMConfig(**SMALL)), "all_tied_weights_keys")
+    assert backbones.llada_run_post_init(None, SkipsPostInit, no_stack()) is None
+    assert backbones.llada_run_post_init(None, tiny_model.TinyDLM, no_stack()) is None  # calls it
+
+
+def test_plain_rope_frequencies_match_transformers_llama():
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500000.0)
+    expected, scaling = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+    got, got_scaling = backbones.plain_rope_frequencies(config)
+    torch.testing.assert_close(got, expected)
+    assert got_scaling == scaling == 1.0
+
+
+def test_dream_register_default_rope(monkeypatch):
+    monkeypatch.delitem(ROPE_INIT_FUNCTIONS, "default", raising=False)
+    assert "default" in backbones.dream_register_default_rope(None, None, no_stack())
+    assert ROPE_INIT_FUNCTIONS["default"] is backbones.plain_rope_frequencies
+    assert backbones.dream_register_default_rope(None, None, no_stack()) is None
+
+
+def test_dream_tied_weights_as_dict():
+    class ListStyle:
+        _tied_weights_keys = ["lm_head.weight"]
+
+    assert "dict" in backbones.dream_tied_weights_as_dict(None, ListStyle, no_stack())
+    assert ListStyle._tied_weights_keys == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert backbones.dream_tied_weights_as_dict(None, ListStyle, no_stack()) is None
+
+
+class Rotary(nn.Module):
+    """Shaped like Dream's rotary module: inv_freq buffer, rope_init_fn, config, rope_kwargs."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.rope_kwargs = config, {}
+        self.rope_init_fn = backbones.plain_rope_frequencies
+        self.register_buffer("inv_freq", torch.full((8,), float("nan")), persistent=False)
+        self.original_inv_freq = self.inv_freq
+
+
+def test_dream_recompute_rotary():
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=10000.0)
+    model = nn.Sequential(Rotary(config), nn.Linear(2, 2), Rotary(config))
+    assert "2 module(s)" in backbones.dream_recompute_rotary(model)
+    expected = backbones.plain_rope_frequencies(config)[0]
+    for rotary in (model[0], model[2]):
+        torch.testing.assert_close(rotary.inv_freq, expected)
+        assert rotary.original_inv_freq is rotary.inv_freq
+        assert "inv_freq" not in rotary.state_dict()  # still not saved
+    assert backbones.dream_recompute_rotary(model) is None  # already right: nothing to report
+
+
+def test_dream_refuse_labels():
+    model = tiny_model.make_tiny_model(tiny_model.make_tokenizer(), **SMALL)
+    assert backbones.dream_refuse_labels(model) is None
+    x = batch()[0]
+    model(input_ids=x)  # no labels: fine
+    with pytest.raises(ValueError, match="labels"):
+        model(input_ids=x, labels=x)
+
+
+@pytest.mark.parametrize("key", ["llada", "Dream"])
+def test_every_fix_is_documented(key):
+    """Each fix says why it exists (the docstring is its comment)."""
+    family = FAMILIES[key]
+    assert family.before or family.after
+    for fix in family.before + family.after:
+        assert fix.__doc__ and len(fix.__doc__.split()) > 15
