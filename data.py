@@ -8,6 +8,14 @@ Data for fine-tuning: read examples, render them through the chat template, pack
   prompt; answer = the answer's tokens then EOS; right-padded with EOS to a fixed length
   (LLaDA trains on fixed-length canvases and learns to fill their tail with EOS).
 - Batches are a pure function of (seed, step): resuming needs the step only.
+- Bad data. A malformed row stops loading with one line naming the file, the line, what is
+  wrong and how to fix it: invalid JSON, not an object, missing or wrong-typed fields, text
+  that is not UTF-8 or holds unpaired surrogate escapes, an empty file. Rows that are
+  well-formed but teach nothing are skipped, counted and reported by `clean_examples`:
+  a blank answer (empty or whitespace only: the row would teach the model to stop at once;
+  tokenised, it would still be one EOS token), a blank prompt, an exact duplicate of an
+  earlier row (same messages, same answer: it would silently count twice). No row left is
+  an error. Rows longer than --seq-len are cut, never dropped, and counted (`Tokenized`).
 """
 
 import json
@@ -25,6 +33,7 @@ import torch
 class Example:
     prompt: list          # chat messages before the answer: [{"role": ..., "content": ...}]
     answer: str
+    where: str = ""       # where it was read, for messages: "train.jsonl:12", "train.json item 3"
 
 
 def builtin_task(n: int, seed: int = 0) -> list[Example]:
@@ -46,65 +55,124 @@ def builtin_task(n: int, seed: int = 0) -> list[Example]:
     return examples
 
 
+SHAPES = "'messages' (chat), 'prompt'+'answer', 'question'+'answer' or 'prompt'+'completion'"
+
+
 def example_from_row(row, where: str) -> Example:
     """One JSON object -> Example. Accepted shapes: {"messages": [..., assistant]},
     {"prompt", "answer"} / {"question", "answer"} / {"prompt", "completion"}."""
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}; give each "
+                         f"example as an object with {SHAPES}")
     if "messages" in row:
         messages = row["messages"]
         if (not isinstance(messages, list) or len(messages) < 2
                 or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
                            and isinstance(m.get("role"), str) for m in messages)):
             raise ValueError(f"{where}: 'messages' must be a list of >= 2 {{role, content}} "
-                             "objects with string values")
+                             'objects with string values, e.g. [{"role": "user", "content": "..."}, '
+                             '{"role": "assistant", "content": "..."}]')
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the last message must have role 'assistant' (the answer), "
-                             f"got {messages[-1]['role']!r}")
-        prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
-        return Example(prompt, messages[-1]["content"])
-    for q_key, a_key in (("prompt", "answer"), ("question", "answer"), ("prompt", "completion")):
-        if q_key in row and a_key in row:
-            q, a = row[q_key], row[a_key]
-            if not isinstance(q, str) or not isinstance(a, str):
-                raise ValueError(f"{where}: fields '{q_key}' and '{a_key}' must be strings")
-            return Example([{"role": "user", "content": q}], a)
-    raise ValueError(f"{where}: no usable fields (found {sorted(row)}); give 'messages', "
-                     "'prompt'+'answer', 'question'+'answer' or 'prompt'+'completion'")
+                             f"got {messages[-1]['role']!r}; end each conversation with its answer")
+        example = Example([{"role": m["role"], "content": m["content"]} for m in messages[:-1]],
+                          messages[-1]["content"], where)
+    else:
+        keys = next(((q, a) for q, a in (("prompt", "answer"), ("question", "answer"),
+                                         ("prompt", "completion")) if q in row and a in row), None)
+        if keys is None:
+            raise ValueError(f"{where}: no usable fields (found {sorted(row)}); give {SHAPES}")
+        q, a = row[keys[0]], row[keys[1]]
+        if not isinstance(q, str) or not isinstance(a, str):
+            raise ValueError(f"{where}: fields '{keys[0]}' and '{keys[1]}' must be strings, got "
+                             f"{type(q).__name__} and {type(a).__name__}; quote them in the file")
+        example = Example([{"role": "user", "content": q}], a, where)
+    for text in [m["content"] for m in example.prompt] + [example.answer]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON allows "\ud800" escapes; no tokenizer accepts them
+            raise ValueError(f"{where}: the text holds an unpaired surrogate escape (\\ud800-\\udfff), "
+                             "which is not a character; fix or remove the escape") from None
+    return example
+
+
+def read_text(path: Path) -> str:
+    """A file's UTF-8 text (a byte-order mark is allowed); bad bytes are reported by line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: not UTF-8 text at line {line} (byte 0x{raw[e.start]:02x}: {e.reason}); "
+                         "re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def read_examples(path: Path) -> list[Example]:
-    """A .jsonl file (one object per line) or a .json file (a list of objects)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    """A .jsonl file (one object per line) or a .json file (a list of objects). Every row is
+    returned, blank or duplicate ones too (see clean_examples); a malformed one raises."""
+    text = read_text(path)
     if path.suffix == ".json":
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                             "a .json file must be one valid JSON list") from None
+        except RecursionError:
+            raise ValueError(f"{path}: JSON nested too deeply to read") from None
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: a .json file must hold a list of examples")
+            raise ValueError(f"{path}: a .json file must hold a list of examples, got "
+                             f"{type(rows).__name__}; or write one object per line to a .jsonl file")
         examples = [example_from_row(row, f"{path} item {i}") for i, row in enumerate(rows)]
     else:
         examples = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
+        for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings
+            if not line.strip():                                    # may hold U+2028 and friends
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                                 "each line must be one complete JSON object") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{lineno}: JSON nested too deeply to read") from None
             examples.append(example_from_row(row, f"{path}:{lineno}"))
     if not examples:
-        raise ValueError(f"{path}: holds no examples")
+        raise ValueError(f"{path}: holds no examples (the file is empty or blank); give one JSON "
+                         f"object per line with {SHAPES}")
     return examples
+
+
+def clean_examples(examples: list[Example], source: str) -> tuple[list[Example], str | None]:
+    """Skip rows that teach nothing: blank answers, blank prompts, exact duplicates (the first
+    copy is kept). Returns the rest and a one-line report of what was skipped (None if nothing).
+    Every row skipped is an error."""
+    kept, skipped, seen = [], {}, set()
+    for ex in examples:
+        key = json.dumps([ex.prompt, ex.answer])
+        reason = ("blank answer" if not ex.answer.strip() else
+                  "blank prompt" if not any(m["content"].strip() for m in ex.prompt) else
+                  "duplicate" if key in seen else None)
+        if reason:
+            skipped.setdefault(reason, []).append(ex.where)
+        else:
+            seen.add(key)
+            kept.append(ex)
+    n = sum(map(len, skipped.values()))
+    report = ", ".join(f"{len(w)} {reason}{'s' * (len(w) > 1)} ({', '.join(w[:5])}{', ...' * (len(w) > 5)})"
+                       for reason, w in skipped.items())
+    if not kept:
+        raise ValueError(f"{source}: all {n} rows were skipped: {report}; give answers and prompts "
+                         "with text in them")
+    return kept, (f"{source}: skipped {n} of {len(examples)} rows: {report}" if n else None)
 
 
 def load_hub_dataset(name: str, split: str) -> list[Example]:
     """A Hugging Face dataset, e.g. "openai/gsm8k:main" (name[:config]); needs network."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{name}: not a local file; reading it as a Hugging Face dataset needs "
+                         "`pip install datasets` (or give a .jsonl, .json or .txt file)") from None
     dataset_name, _, config = name.partition(":")
     rows = datasets.load_dataset(dataset_name, config or None, split=split)
     return [example_from_row(dict(row), f"{name}[{split}] row {i}") for i, row in enumerate(rows)]
@@ -117,8 +185,10 @@ def load_hub_dataset(name: str, split: str) -> list[Example]:
 class Tokenized:
     input_ids: torch.Tensor       # (N, T) prompt, answer, EOS padding
     prompt_lengths: torch.Tensor  # (N,)
-    answer_lengths: torch.Tensor  # (N,) answer tokens including their EOS
+    answer_lengths: torch.Tensor  # (N,) answer tokens including their EOS (>= 1 when T >= 2)
     truncated: int = 0            # examples whose prompt or answer was cut
+    prompts_cut: int = 0          # ... of which the prompt's start was cut
+    longest: int = 0              # tokens the longest example needs uncut
 
 
 def prompt_ids(tokenizer, messages) -> list[int]:
@@ -131,29 +201,36 @@ def tokenize_examples(examples, tokenizer, seq_len: int) -> Tokenized:
     if the prompt alone leaves less than half the row, keep only the prompt's end (the
     question and the assistant tag), so the answer is never dropped whole."""
     eos = tokenizer.eos_token_id
-    rows, prompt_lengths, answer_lengths, truncated = [], [], [], 0
+    rows, prompt_lengths, answer_lengths, truncated, prompts_cut, longest = [], [], [], 0, 0, 0
     for ex in examples:
-        prompt = prompt_ids(tokenizer, ex.prompt)
+        try:
+            prompt = prompt_ids(tokenizer, ex.prompt)
+        except Exception as e:  # a template may refuse roles or orders it does not know
+            raise ValueError(f"{ex.where or 'an example'}: the chat template refused it "
+                             f"({type(e).__name__}: {e}); check the roles and their order") from None
         answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [eos]
+        longest = max(longest, len(prompt) + len(answer))
         if len(prompt) + len(answer) > seq_len:
             truncated += 1
             answer = answer[:max(seq_len - len(prompt), seq_len // 2)]
+            prompts_cut += len(prompt) + len(answer) > seq_len
             prompt = prompt[max(0, len(prompt) + len(answer) - seq_len):]
         rows.append(prompt + answer + [eos] * (seq_len - len(prompt) - len(answer)))
         prompt_lengths.append(len(prompt))
         answer_lengths.append(len(answer))
     return Tokenized(torch.tensor(rows), torch.tensor(prompt_lengths), torch.tensor(answer_lengths),
-                     truncated)
+                     truncated, prompts_cut, longest)
 
 
 def tokenize_text(path: Path, tokenizer, seq_len: int) -> Tokenized:
     """Plain text for diffusion pre-training: consecutive seq_len-token chunks. The first token
     of each chunk is a one-token "prompt", so shifted-logit backbones (Dream) always have a
     clean position 0; every other token may be masked and scored."""
-    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(read_text(path), add_special_tokens=False)["input_ids"]
     n = len(ids) // seq_len
     if n == 0:
-        raise ValueError(f"{path}: {len(ids)} tokens, fewer than one row of --seq-len {seq_len}")
+        raise ValueError(f"{path}: {len(ids)} tokens, fewer than one row of --seq-len {seq_len}; "
+                         "give more text or a smaller --seq-len")
     rows = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
     return Tokenized(rows, torch.ones(n, dtype=torch.long), torch.full((n,), seq_len - 1))
 

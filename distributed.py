@@ -8,7 +8,8 @@ Distributed plumbing for train.py: one code path from a laptop CPU to a GPU clus
   applied before sharding; optional bf16 mixed precision (fp32 reduction) and CPU offload.
 - Checkpoints: `torch.distributed.checkpoint` (each rank writes its shards) into
   step_XXXXXXXX.tmp, renamed to step_XXXXXXXX once complete, so a kill never leaves a
-  half-written latest checkpoint; the last `keep` are kept.
+  half-written latest checkpoint; the last `keep` are kept; .tmp folders a kill left behind
+  are never loaded and are removed when the next run starts.
 - Export: the online backbone gathered to rank 0 and written with save_pretrained, so
   `from_pretrained` loads it in one process.
 """
@@ -93,6 +94,18 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(values)
     return values
 
+
+def agreed_signal(signum: int, device) -> int:
+    """The largest signal number any rank caught (0: none), so that all ranks stop after the
+    same step even when the signal reaches them at different moments."""
+    value = torch.tensor(signum, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+def barrier():
+    dist.barrier()
+
 # -----------------------------------------------------------------------------
 # Checkpoints
 
@@ -102,6 +115,46 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d{8}", p.name))
+
+
+def check_checkpoint(path: Path):
+    """Raise ValueError (one line, with what to do) unless `path` is a complete checkpoint."""
+    latest = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
+    if latest is not None:  # a run folder or its checkpoints/ folder
+        raise ValueError(f"{path}: is not a checkpoint but holds some; give one (latest: {latest}) "
+                         "or --resume auto with --out set to the run")
+    if path.name.endswith(".tmp"):
+        raise ValueError(f"{path}: an unfinished write (the run was killed while saving); give a "
+                         "step_XXXXXXXX folder or --resume auto")
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such checkpoint folder")
+    missing = [name for name in (".metadata", "extra_rank0.pt") if not (path / name).is_file()]
+    if missing:
+        raise ValueError(f"{path}: an incomplete checkpoint (no {', '.join(missing)}); give a "
+                         "complete step_XXXXXXXX folder or --resume auto")
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under root, or None."""
+    for path in reversed(checkpoint_dirs(root)):
+        if (path / ".metadata").is_file() and (path / "extra_rank0.pt").is_file():
+            return path
+    return None
+
+
+def remove_unfinished(root: Path):
+    """Delete the .tmp folders of checkpoint writes that a kill interrupted (rank 0)."""
+    for path in root.glob("step_*.tmp") if root.is_dir() else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoint_extra(path: Path, rank: int = 0) -> dict:
+    """A checkpoint's small per-rank state: step, RNG, run config."""
+    extra_file = path / f"extra_rank{rank}.pt"
+    if not extra_file.exists():
+        raise ValueError(f"{path}: has no {extra_file.name}; it was written by a run with a "
+                         "different number of processes (resume with the same world size)")
+    return torch.load(extra_file, weights_only=False)
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, extra: dict, keep: int, env: Env):
@@ -131,21 +184,20 @@ def load_checkpoint(path: Path, model, optimizer, env: Env) -> dict:
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
-    extra_file = path / f"extra_rank{env.rank}.pt"
-    if not extra_file.exists():
-        raise ValueError(f"{path}: has no {extra_file.name}; it was written by a run with a "
-                         "different number of processes (resume with the same world size)")
-    extra = torch.load(extra_file, weights_only=False)
+    extra = checkpoint_extra(path, env.rank)
     torch.set_rng_state(extra.pop("rng"))
     return extra
 
 
 def export_pretrained(backbone, tokenizer, out_dir: Path, env: Env, metadata: dict):
-    """Gather the online backbone's full weights on rank 0 and save_pretrained them."""
+    """Gather the online backbone's full weights on rank 0 and save_pretrained them (into a
+    .tmp folder renamed once complete, as checkpoints are)."""
     state = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True,
                                                                     cpu_offload=True))
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        final, out_dir = out_dir, out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
         # fully_shard swapped the class for a generated FSDP<Name>; save_pretrained would record
         # that class (and torch's files) as the remote code to load, so save as the original.
         sharded_class = type(backbone)
@@ -156,6 +208,8 @@ def export_pretrained(backbone, tokenizer, out_dir: Path, env: Env, metadata: di
             backbone.__class__ = sharded_class
         tokenizer.save_pretrained(out_dir)
         (out_dir / "training_config.json").write_text(metadata_json(metadata))
+        shutil.rmtree(final, ignore_errors=True)
+        out_dir.rename(final)
     dist.barrier()
 
 

@@ -30,11 +30,12 @@ Cost, with F the FLOPs of one forward pass (backward = 2F):
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -77,6 +78,7 @@ class JEPAConfig:
     nested: bool = True                 # target mask is a superset of the context mask
     # embedding and predictor
     embed_layer: int = -1               # index into hidden_states (0 = embeddings, -1 = last)
+    truncate_target: bool = True        # target pass stops at embed_layer, no LM head: same z
     pooling: str = "answer"             # "answer": mean over answer tokens; "visible": over unmasked
                                         # non-padding tokens; "token": no pooling, per-token targets
     predictor_depth: int = 2            # residual MLP blocks
@@ -87,24 +89,21 @@ class JEPAConfig:
     # target encoder (dllm-jepa only)
     target: str | None = None           # "ema" (default) | "online" (no copy, under no_grad)
     ema_momentum: tuple = (0.996, 1.0)  # linear from start to end over training (I-JEPA)
+    target_autocast: bool = False       # target pass in bf16 autocast: faster, not bit-identical
     # l2-anchor only
     anchor_mu: float = 1e-2
-    method_spec: dict = field(init=False, repr=False)
 
-    def __post_init__(self):
+    def __post_init__(self):  # validates only: the fields stay as given (replace/asdict round-trip)
         check(self.method in METHODS, f"method={self.method!r}: choose one of {list(METHODS)}")
         check(self.views in VIEW_PRESETS, f"views={self.views!r}: choose one of {list(VIEW_PRESETS)}")
-        self.method_spec = METHODS[self.method]
-        preset = VIEW_PRESETS[self.views]
-        self.context_t = tuple(self.context_t or preset["context_t"])
-        self.target_t = tuple(self.target_t or preset["target_t"])
-        for name in ("context_t", "target_t"):
-            lo, hi = getattr(self, name)
+        for name, t_range in (("context_t", self.context_range), ("target_t", self.target_range)):
+            check(len(t_range) == 2, f"{name}={t_range}: give (low, high)")
+            lo, hi = t_range
             check(0 < lo <= 1 and 0 < hi <= 1, f"{name}=({lo}, {hi}): t must lie in (0, 1]")
             check(lo <= hi, f"{name}=({lo}, {hi}): low must not exceed high")
-        check(self.target_t[1] >= self.context_t[1],
-              f"target_t={self.target_t} ends below context_t={self.context_t}: the target view "
-              "is the heavier one, so its high end must be >= the context's")
+        check(self.target_range[1] >= self.context_range[1],
+              f"target_t={self.target_range} ends below context_t={self.context_range}: the target "
+              "view is the heavier one, so its high end must be >= the context's")
         check(0 <= self.eps < 1, f"eps={self.eps}: must lie in [0, 1)")
         check(self.loss_norm in ("answer", "token"), f"loss_norm={self.loss_norm!r}: 'answer' or 'token'")
         check(self.pooling in ("answer", "visible", "token"),
@@ -116,12 +115,30 @@ class JEPAConfig:
               "predictor_depth and predictor_mult must be >= 1")
         m0, m1 = self.ema_momentum
         check(0 <= m0 <= m1 <= 1, f"ema_momentum={self.ema_momentum}: need 0 <= start <= end <= 1")
+        check(not self.target_autocast or self.method == "dllm-jepa",
+              "target_autocast applies to dllm-jepa's no-grad target pass only")
         if self.method == "dllm-jepa":
-            self.target = self.target or "ema"
-            check(self.target in ("ema", "online"), f"target={self.target!r}: 'ema' or 'online'")
+            check(self.target in (None, "ema", "online"), f"target={self.target!r}: 'ema' or 'online'")
         else:
             check(self.target is None, f"target={self.target!r} applies only to method='dllm-jepa' "
                   f"({self.method} has no separate target encoder): leave it unset")
+
+    @property
+    def method_spec(self) -> dict:
+        return METHODS[self.method]
+
+    @property
+    def context_range(self) -> tuple:
+        return tuple(self.context_t or VIEW_PRESETS[self.views]["context_t"])
+
+    @property
+    def target_range(self) -> tuple:
+        return tuple(self.target_t or VIEW_PRESETS[self.views]["target_t"])
+
+    @property
+    def target_kind(self) -> str | None:
+        """The target encoder: "ema" or "online" for dllm-jepa, None for the other methods."""
+        return (self.target or "ema") if self.method == "dllm-jepa" else None
 
 
 def check(condition: bool, message: str):
@@ -148,14 +165,17 @@ def answer_regions(prompt_lengths, answer_lengths, seq_len, pad_is_answer):
     return answer, scored
 
 
-def diffusion_loss(logits, input_ids, masked, p, scored, loss_norm="answer"):
+def diffusion_loss(logits, input_ids, masked, p, scored, loss_norm="answer", shift=False):
     """Masked-diffusion loss: cross-entropy on masked tokens, each divided by its row's p.
 
     loss_norm="answer" (LLaDA SFT): per row, divide by the number of scored tokens, then
     average over rows. loss_norm="token": divide the batch sum by all scored tokens.
     Only masked positions are gathered before the float cast: (B, T, V) is never upcast.
+    shift: logits[:, i] predicts token i + 1 (Dream); read so, not shifted in a (B, T, V)
+    copy (position 0 is prompt, never masked).
     """
-    ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (M,)
+    picked = logits[:, :-1][masked[:, 1:]] if shift else logits[masked]               # (M, V)
+    ce = F.cross_entropy(picked.float(), input_ids[masked], reduction="none")          # (M,)
     weighted = torch.zeros(masked.shape, device=ce.device, dtype=ce.dtype)
     weighted[masked] = ce / p[:, None].expand_as(masked)[masked]                         # (B, T)
     if loss_norm == "answer":
@@ -285,14 +305,17 @@ class DLLMJEPA(nn.Module):
     backbone: any module called as backbone(input_ids=..., output_hidden_states=True) that
     returns `.logits` (B, T, V) and `.hidden_states` (a tuple of (B, T, C)); the tiny model,
     LLaDA and Dream all do. mask_token_id defaults to backbone.config.mask_token_id.
-    shift_logits: the backbone's output at position i predicts token i + 1 (Dream), so
-    logits are moved right by one before scoring (position 0, always prompt, is never scored).
+    shift_logits: the backbone's output at position i predicts token i + 1 (Dream); the loss
+    reads it so (position 0, always prompt, is never scored).
+    blocks_of: model -> its blocks in order (backbones.Family.blocks), so that a target pass
+    can stop at block l < L; without it, target passes only skip the LM head.
     """
 
     def __init__(self, backbone: nn.Module, config: JEPAConfig, mask_token_id: int | None = None,
-                 shift_logits: bool = False):
+                 shift_logits: bool = False, blocks_of=None):
         super().__init__()
         self.backbone, self.config, self.shift_logits = backbone, config, shift_logits
+        self.blocks_of = blocks_of
         self.mask_token_id = (mask_token_id if mask_token_id is not None
                               else backbone.config.mask_token_id)
         spec = config.method_spec
@@ -302,16 +325,28 @@ class DLLMJEPA(nn.Module):
         # Frozen copies, registered as submodules so they are saved, moved and sharded with
         # the backbone. The EMA target and the anchor are never in the optimizer.
         self.target_encoder = (frozen_copy(backbone)
-                               if config.method == "dllm-jepa" and config.target == "ema" else None)
+                               if config.target_kind == "ema" else None)
         self.anchor = frozen_copy(backbone) if spec["anchor"] else None
 
-    def encode(self, model, ids):
-        """One forward pass -> (logits aligned with ids, hidden states of the embedding layer)."""
+    def encode(self, model, ids, logits=True):
+        """One forward pass -> (logits as the model gives them, hidden states at embed_layer).
+        logits=False with config.truncate_target (target passes): (None, hidden) from a pass that
+        stops where the embedding is read, l/L of a forward, no LM head; the same tensor."""
+        stop_at = self.stop_module(model) if not logits and self.config.truncate_target else None
+        if stop_at is not None:
+            return None, forward_until(model, ids, stop_at)
         out = model(input_ids=ids, output_hidden_states=True)
-        logits = out.logits
-        if self.shift_logits:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits, out.hidden_states[self.config.embed_layer]
+        return out.logits, out.hidden_states[self.config.embed_layer]
+
+    def stop_module(self, model):
+        """The module whose input is hidden_states[embed_layer]: block l for l < L, else the LM
+        head (its input is the last state, after the final norm); None if unknown: run it all."""
+        layer, blocks = self.config.embed_layer, self.blocks_of(model) if self.blocks_of else None
+        if blocks is not None and layer % (len(blocks) + 1) < len(blocks):
+            return blocks[layer % (len(blocks) + 1)]
+        if blocks is None and layer != -1:
+            return None
+        return getattr(model, "get_output_embeddings", lambda: None)()  # None if tied (LLaDA)
 
     def pool_region(self, view, answer, scored):
         """Positions an embedding averages over: the answer tokens (default, and per token), or
@@ -325,10 +360,13 @@ class DLLMJEPA(nn.Module):
         (B,): real answer tokens (EOS included); None = everything after the prompt."""
         cfg, spec = self.config, self.config.method_spec
         B, T = input_ids.shape
+        if self.shift_logits and bool((prompt_lengths < 1).any()):
+            raise ValueError("shifted-logit backbones need a prompt of >= 1 token in every row: "
+                             "position 0 has no prediction of its own")
         if answer_lengths is None:
             answer_lengths = T - prompt_lengths
         answer, scored = answer_regions(prompt_lengths, answer_lengths, T, cfg.pad_is_answer)
-        t_context, t_target = sample_times(B, cfg.context_t, cfg.target_t, input_ids.device, generator)
+        t_context, t_target = sample_times(B, cfg.context_range, cfg.target_range, input_ids.device, generator)
         context, target = make_views(input_ids, scored, t_context, t_target, self.mask_token_id,
                                      cfg.eps, cfg.nested, generator)
         zero = input_ids.new_zeros((), dtype=torch.float32)
@@ -339,13 +377,15 @@ class DLLMJEPA(nn.Module):
         if spec["target_pass"]:
             encoder = self.target_encoder if self.target_encoder is not None else self.backbone
             with torch.set_grad_enabled(spec["target_grad"] and torch.is_grad_enabled()):
-                _, hidden = self.encode(encoder, target.ids)
+                with torch.autocast(input_ids.device.type, torch.bfloat16, enabled=cfg.target_autocast):
+                    _, hidden = self.encode(encoder, target.ids, logits=False)
                 target_region = self.pool_region(target, answer, scored)
                 z_target = embed(hidden, target_region, cfg.pooling)
 
         # 2. Context forward: the one gradient-carrying pass yields both losses.
         logits, hidden = self.encode(self.backbone, context.ids)
-        diffusion = diffusion_loss(logits, input_ids, context.masked, context.p, scored, cfg.loss_norm)
+        diffusion = diffusion_loss(logits, input_ids, context.masked, context.p, scored, cfg.loss_norm,
+                                   self.shift_logits)
         if spec["target_pass"]:
             context_region = self.pool_region(context, answer, scored)
             prediction = self.predictor(embed(hidden, context_region, cfg.pooling))
@@ -369,12 +409,53 @@ class DLLMJEPA(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
+    def train(self, mode: bool = True):
+        """Frozen copies stay in eval mode (no dropout in the target), whatever the wrapper's mode."""
+        super().train(mode)
+        for frozen in (self.target_encoder, self.anchor):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+
+class StopForward(Exception):
+    """Raised by a forward pre-hook to end a pass early; args[0] is the input it stopped at."""
+
+
+def forward_until(model: nn.Module, ids, stop_at: nn.Module) -> torch.Tensor:
+    """Run model(input_ids=ids) only until `stop_at` is called; return its input (B, T, C).
+
+    A pre-hook on `stop_at` raises, so nothing after it runs, in any backbone. It goes first,
+    so under FSDP2 `stop_at` is never all-gathered; FSDP2's post-forward hook on `model`,
+    skipped by the raise, is run by hand (private API): it reshards the root's parameters
+    (embeddings, head), which would otherwise stay gathered until the backward (under no_grad,
+    for good) and sets the root's state back to idle.
+    """
+    def hook(module, args, kwargs):
+        raise StopForward((args or tuple(kwargs.values()))[0])
+    handle = stop_at.register_forward_pre_hook(hook, prepend=True, with_kwargs=True)
+    try:
+        model(input_ids=ids)
+        raise RuntimeError(f"forward_until: {type(stop_at).__name__} never ran")
+    except StopForward as stop:
+        hidden = stop.args[0]
+    finally:
+        handle.remove()
+    if isinstance(model, FSDPModule):
+        model._get_fsdp_state()._post_forward(model, (), hidden)
+    return hidden
+
 
 def frozen_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).requires_grad_(False).eval()
 
 
 def l2_distance(model: nn.Module, base: nn.Module) -> torch.Tensor:
-    """||theta - theta_base||^2 summed over every parameter (L2-SP, Li et al., 2018)."""
-    return sum((p.float() - b.float()).pow(2).sum()
+    """||theta - theta_base||^2 summed over every parameter (L2-SP, Li et al., 2018).
+
+    Under FSDP each rank sums its own shards (to_local): the gradient 2 (theta - theta_base)
+    is elementwise, so each shard gets exactly its own part; the value is this rank's share.
+    """
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    return sum((local(p).float() - local(b).float()).pow(2).sum()
                for p, b in zip(model.parameters(), base.parameters()))

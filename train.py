@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -88,7 +89,8 @@ def parse_args(argv=None):
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate; default 1e-3 for a new tiny model, 1e-5 for a loaded one")
-    g.add_argument("--warmup-steps", type=int, default=30)
+    g.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warmup steps (default 30, or fewer if given: at most --steps)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=1.0)
@@ -114,15 +116,97 @@ def jepa_config(args) -> JEPAConfig:
     return JEPAConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def need(ok: bool, message: str):
+    if not ok:
+        raise ValueError(message)
+
+
 def validate(args):
-    for flag in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "keep",
-                 "eval_batches", "max_bad_steps", "tiny_width", "tiny_layers", "builtin_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 1")
-    if not 0 < args.eval_fraction < 1:
-        raise ValueError(f"--eval-fraction={args.eval_fraction}: must lie in (0, 1)")
-    if args.lr is not None and args.lr <= 0:
-        raise ValueError(f"--lr={args.lr}: must be > 0")
+    """Check every flag that can be checked before anything loads; ValueError names the flag."""
+    for flag in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep",
+                 "eval_batches", "max_bad_steps", "tiny_layers", "builtin_size"):
+        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    for flag, value in vars(args).items():  # argparse's float() takes "nan" and "inf"
+        bad = [v for v in (value if isinstance(value, (list, tuple)) else [value])
+               if isinstance(v, float) and not math.isfinite(v) and (flag, v) != ("grad_clip", math.inf)]
+        need(not bad, f"--{flag.replace('_', '-')} {bad[0] if bad else ''}: must be a finite number")
+    need(args.seq_len >= 2, f"--seq-len {args.seq_len}: must be >= 2 (a prompt token and an answer token)")
+    need(0 <= args.seed < 2 ** 27, f"--seed {args.seed}: must lie in [0, 2**27) (masks are seeded from it)")
+    need(0 < args.eval_fraction < 1, f"--eval-fraction {args.eval_fraction}: must lie in (0, 1)")
+    need(args.lr is None or args.lr > 0, f"--lr {args.lr}: must be > 0")
+    need(args.grad_clip > 0, f"--grad-clip {args.grad_clip}: must be > 0 (inf turns clipping off)")
+    need(args.warmup_steps is None or 0 <= args.warmup_steps <= args.steps,
+         f"--warmup-steps {args.warmup_steps}: must lie in [0, --steps {args.steps}]")
+    need(0 <= args.min_lr_ratio <= 1, f"--min-lr-ratio {args.min_lr_ratio}: must lie in [0, 1]")
+    need(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must be >= 0")
+    need(args.model is not None or (args.tiny_width >= 8 and args.tiny_width % 8 == 0),
+         f"--tiny-width {args.tiny_width}: must be a positive multiple of 8 (4 heads of an even size)")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    need(args.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is visible; use --device cpu")
+    need(cuda or not args.cpu_offload, "--cpu-offload: needs a CUDA device (it offloads GPU parameters to CPU)")
+
+
+def check_paths(args):
+    """Check the files and folders the flags name, before anything loads (ValueError)."""
+    if args.model is not None:  # a local folder (not a hub id "org/name") must be a save_pretrained one
+        path = Path(args.model).expanduser()
+        if path.exists() or args.model.startswith((".", "/", "~")) or args.model.count("/") > 1:
+            need(path.is_dir(), f"--model {args.model}: no such folder (nor a hub id 'org/name')")
+            need((path / "config.json").is_file(), f"--model {args.model}: the folder has no config.json; "
+                 "give a save_pretrained folder (a run's final/) or a hub id")
+    for flag in ("data", "eval_data"):
+        source = getattr(args, flag)
+        if source not in (None, "builtin") and (Path(source).suffix in (".jsonl", ".json", ".txt")
+                                                or Path(source).exists()):
+            need(Path(source).is_file(), f"--{flag.replace('_', '-')} {source}: "
+                 + ("not a file" if Path(source).exists() else "no such file"))
+            need(Path(source).suffix in (".jsonl", ".json", ".txt"),
+                 f"--{flag.replace('_', '-')} {source}: unsupported file type; use .jsonl, .json or .txt")
+    if args.resume not in (None, "auto"):
+        try:
+            distributed.check_checkpoint(Path(args.resume))
+        except ValueError as e:
+            raise ValueError(f"--resume {e}") from None
+    out = Path(args.out)
+    need(not out.exists() or out.is_dir(), f"--out {out}: is a file, not a folder")
+    done = distributed.checkpoint_dirs(out / "checkpoints")
+    need(args.resume or not done, f"--out {out}: already holds checkpoints (latest {done[-1].name if done else ''}); "
+         "add --resume auto to continue that run, or give a new --out")
+
+
+def check_resume(saved: dict, current: dict) -> list[str]:
+    """Compare a checkpoint's run config with this run's. A different objective, model or
+    number of processes cannot continue it (ValueError); other changes are allowed and
+    returned as warnings: the run goes on but no longer reproduces an uninterrupted one."""
+    saved, current = (json.loads(json.dumps(c, default=str)) for c in (saved, current))  # tuples == lists
+    diff = lambda a, b, keys: [f"{k} {a.get(k)} -> {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
+    fatal = (diff(saved["objective"], current["objective"], current["objective"])
+             + diff(saved, current, ("world_size", "model_family", "model_parameters"))
+             + diff(saved["args"], current["args"],
+                    ("model",) + (("tiny_width", "tiny_layers") if current["args"]["model"] is None else ())))
+    if fatal:
+        raise ValueError(f"the checkpoint's run had other settings ({'; '.join(fatal)}); resume with "
+                         "its settings (its config.json) and as many processes, or start a new --out")
+    return diff(saved["args"], current["args"], ("data", "eval_data", "split", "eval_fraction", "seq_len",
+                                                 "builtin_size", "batch_size", "grad_accum", "lr", "steps",
+                                                 "warmup_steps", "min_lr_ratio", "weight_decay",
+                                                 "grad_clip", "seed", "dtype"))
+
+
+def trim_log(path: Path, step: int):
+    """Resuming at `step`: drop log rows of later steps (lost work that is redone) and a line
+    cut by a kill, so the log reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) < step or (row.get("step") == step and "loss" in row):
+            rows.append(line + "\n")
+    path.write_text("".join(rows))
 
 
 def lr_at(step, args):
@@ -134,18 +218,30 @@ def lr_at(step, args):
 
 
 def load_data(args, tokenizer, is_main):
-    """Tokenised train and held-out rows, with a note on truncation."""
+    """Tokenised train and held-out rows. Malformed rows stop with file:line (data.py); what
+    was skipped or cut is reported at the end."""
+    notes = []
+
     def read(source):
         path = Path(source)
-        if source == "builtin":
-            return data.tokenize_examples(data.builtin_task(args.builtin_size, args.seed), tokenizer, args.seq_len)
         if path.suffix == ".txt":
             return data.tokenize_text(path, tokenizer, args.seq_len)
-        if path.suffix in (".jsonl", ".json"):
-            if not path.is_file():
-                raise ValueError(f"--data {source}: no such file")
-            return data.tokenize_examples(data.read_examples(path), tokenizer, args.seq_len)
-        return data.tokenize_examples(data.load_hub_dataset(source, args.split), tokenizer, args.seq_len)
+        if source == "builtin":
+            examples = data.builtin_task(args.builtin_size, args.seed)
+        else:
+            examples = (data.read_examples(path) if path.suffix in (".jsonl", ".json")
+                        else data.load_hub_dataset(source, args.split))
+            examples, skipped = data.clean_examples(examples, source)
+            notes.append(skipped and f"note: {skipped}")
+        rows = data.tokenize_examples(examples, tokenizer, args.seq_len)
+        if rows.prompts_cut == len(examples):
+            raise ValueError(f"--seq-len {args.seq_len}: no prompt of {source} fits (rows need up to "
+                             f"{rows.longest} tokens); use --seq-len {rows.longest}")
+        if rows.truncated:
+            notes.append(f"warning: {source}: {rows.truncated} of {len(examples)} examples were longer than "
+                         f"--seq-len {args.seq_len} and were cut ({rows.prompts_cut} at the prompt's start; "
+                         f"answers kept at least in part); --seq-len {rows.longest} keeps all whole")
+        return rows
 
     train_rows = read(args.data)
     if args.eval_data:
@@ -154,9 +250,8 @@ def load_data(args, tokenizer, is_main):
         if len(train_rows.input_ids) < 2:
             raise ValueError(f"--data {args.data}: one example cannot be split; add --eval-data")
         train_rows, eval_rows = data.split_eval(train_rows, args.eval_fraction, args.seed)
-    if is_main and train_rows.truncated:
-        print(f"warning: {train_rows.truncated} of {len(train_rows.input_ids)} examples were longer "
-              f"than --seq-len {args.seq_len} and were cut (answers kept at least in part)")
+    for note in filter(None, notes if is_main else []):
+        print(note)
     return train_rows, eval_rows
 
 
@@ -200,13 +295,18 @@ def evaluate(model, eval_rows, args, env):
 
 def main(argv=None) -> Path:
     """Run training; returns the folder of the exported model. --out/log.jsonl has one line per
-    step ({"step", "loss", "diffusion", "jepa", "lr", "grad_norm"}) and per held-out evaluation."""
+    step ({"step", "loss", "diffusion", "jepa", "lr", "grad_norm", "skipped"}) and per held-out
+    evaluation. Every refusal is one line: exit 2 for a bad flag, 1 for bad data or files."""
     parser, args = parse_args(argv)
     try:
         validate(args)
         config = jepa_config(args)
     except ValueError as e:  # name the flag, not the dataclass field
-        parser.error(re.sub(r"\b([a-z]+(?:_[a-z]+)*)=", lambda m: f"--{m[1].replace('_', '-')}=", str(e)))
+        parser.error(re.sub(r"(?<![\w-])([a-z]+(?:_[a-z]+)*)=", lambda m: f"--{m[1].replace('_', '-')}=", str(e)))
+    try:
+        check_paths(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     hf_logging.disable_progress_bar()  # one progress bar: ours
     env = distributed.init_distributed(args.device)
     torch.manual_seed(args.seed)
@@ -216,15 +316,24 @@ def main(argv=None) -> Path:
                                       intermediate_size=round(args.tiny_width * 8 / 3 / 32) * 32,
                                       max_position_embeddings=max(512, args.seq_len))
                     if args.model is None else load_backbone(args.model))
+        n_blocks = len(backbone.family.blocks(backbone.model))
+        if not -n_blocks - 1 <= args.embed_layer <= n_blocks:
+            raise ValueError(f"--embed-layer {args.embed_layer}: the model has {n_blocks} blocks, so hidden "
+                             f"states 0..{n_blocks} (or {-n_blocks - 1}..-1)")
         train_rows, eval_rows = load_data(args, backbone.tokenizer, env.is_main)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
+    max_positions = getattr(backbone.model.config, "max_position_embeddings", None)
+    if env.is_main and max_positions and args.seq_len > max_positions:
+        print(f"warning: --seq-len {args.seq_len} exceeds the model's max_position_embeddings {max_positions}")
     args.lr = args.lr or (1e-3 if args.model is None else 1e-5)
+    args.warmup_steps = 30 if args.warmup_steps is None else args.warmup_steps  # the default may exceed --steps
     if len(eval_rows.input_ids) < env.world_size:
         raise SystemExit(f"error: {len(eval_rows.input_ids)} held-out rows for {env.world_size} processes; "
                          "give more data or a larger --eval-fraction")
 
-    model = DLLMJEPA(backbone.model, config, backbone.mask_token_id, backbone.family.shift_logits)
+    model = DLLMJEPA(backbone.model, config, backbone.mask_token_id, backbone.family.shift_logits,
+                     blocks_of=backbone.family.blocks)
     distributed.shard_model(model, backbone.family.blocks, param_dtype=dtype if dtype != torch.float32 else None,
                             cpu_offload=args.cpu_offload, activation_checkpointing=args.activation_checkpointing)
     if not args.cpu_offload:
@@ -236,85 +345,114 @@ def main(argv=None) -> Path:
     run_config = {"args": vars(args), "objective": dataclasses.asdict(config), "world_size": env.world_size,
                   "model_family": backbone.family.name, "compatibility_fixes": backbone.fixes,
                   "model_parameters": sum(p.numel() for p in backbone.model.parameters())}
-    start_step = 0
-    resume = (distributed.checkpoint_dirs(out / "checkpoints")[-1:] or [None])[0] if args.resume == "auto" \
-        else (Path(args.resume) if args.resume else None)
+    start_step, skipped = 0, 0
+    resume = (distributed.latest_checkpoint(out / "checkpoints") if args.resume == "auto"
+              else Path(args.resume) if args.resume else None)
     if resume is not None:
-        start_step = distributed.load_checkpoint(resume, model, optimizer, env)["step"]
+        try:
+            changed = check_resume(distributed.checkpoint_extra(resume)["config"], run_config)
+        except ValueError as e:
+            raise SystemExit(f"error: --resume {resume}: {e}") from None
+        extra = distributed.load_checkpoint(resume, model, optimizer, env)
+        start_step, skipped = extra["step"], extra.get("skipped", 0)
+        if start_step > args.steps:
+            raise SystemExit(f"error: --resume {resume}: the checkpoint is at step {start_step}, past "
+                             f"--steps {args.steps}; raise --steps to train on")
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(distributed.metadata_json(run_config))
+        distributed.remove_unfinished(out / "checkpoints")  # left by a kill while saving
+        if resume:
+            trim_log(out / "log.jsonl", start_step)
+        else:
+            (out / "log.jsonl").unlink(missing_ok=True)
+        (out / "config.json.tmp").write_text(distributed.metadata_json(run_config))
+        (out / "config.json.tmp").replace(out / "config.json")
         print(json.dumps(run_config, indent=2, default=str))
+        if args.resume == "auto" and resume is None:
+            print(f"note: --resume auto: no checkpoint in {out / 'checkpoints'}; starting fresh")
+        if resume and changed:
+            print(f"warning: resuming with changed settings ({'; '.join(changed)}): the run will not "
+                  "reproduce an uninterrupted one")
         print(f"{len(train_rows.input_ids)} training rows, {len(eval_rows.input_ids)} held-out rows; "
               f"{'resuming from ' + str(resume) if resume else 'starting'} at step {start_step}")
+    distributed.barrier()
 
     stop_signal = []  # SIGTERM/SIGINT: finish the step, save a resumable checkpoint, exit
-    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-                         for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(signum, frame):
+        if stop_signal:  # a second signal: stop now (the last complete checkpoint stays intact)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        stop_signal.append(signum)
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def save(step):
         return distributed.save_checkpoint(out / "checkpoints", step, model, optimizer,
-                                           {"step": step, "config": run_config}, args.keep, env)
+                                           {"step": step, "skipped": skipped, "config": run_config},
+                                           args.keep, env)
 
     global_batch = args.batch_size * args.grad_accum * env.world_size
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps,
                disable=not env.is_main or args.no_progress, dynamic_ncols=True)
-    bad_in_a_row, skipped, t0 = 0, 0, time.time()
-    log = open(out / "log.jsonl", "a") if env.is_main else None
+    bad_in_a_row, t0 = 0, time.time()
+    log = open(out / "log.jsonl", "a", buffering=1) if env.is_main else None  # line-buffered: a kill loses no row
 
     def log_eval(step):
         held_out = evaluate(model, eval_rows, args, env)
         if env.is_main:
             log.write(json.dumps({"step": step, "held_out": held_out}) + "\n")
-            log.flush()
             tqdm.write(f"step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
 
-    log_eval(start_step)
-    for step in bar:
-        model.train()
-        rows = data.batch_rows(step, len(train_rows.input_ids), global_batch, args.seed)
-        parts = torch.zeros(3, device=env.device)
-        for micro in range(args.grad_accum):
-            shard = env.rank * args.grad_accum + micro
-            idx = rows[shard * args.batch_size:(shard + 1) * args.batch_size]
-            output = model(*rows_to(train_rows, idx, env.device),
-                           generator=mask_generator(args.seed, step, shard, env.device))
-            (output.loss / args.grad_accum).backward()  # FSDP averages over ranks: the global mean
-            parts += loss_parts(output) / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), args.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        parts = reduce_parts(parts, config, env.world_size)
-        done = step + 1
-        if torch.isfinite(grad_norm) and all(math.isfinite(v) for v in parts.values()):
-            bad_in_a_row = 0
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args)
-            optimizer.step()
-            model.update_target(done, args.steps)  # 4. EMA
-        else:  # skip: weights, optimizer moments and EMA stay exactly as they were
-            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+    try:
+        log_eval(start_step)
+        for step in bar:
+            model.train()
+            rows = data.batch_rows(step, len(train_rows.input_ids), global_batch, args.seed)
+            parts = torch.zeros(3, device=env.device)
+            for micro in range(args.grad_accum):
+                shard = env.rank * args.grad_accum + micro
+                idx = rows[shard * args.batch_size:(shard + 1) * args.batch_size]
+                output = model(*rows_to(train_rows, idx, env.device),
+                               generator=mask_generator(args.seed, step, shard, env.device))
+                (output.loss / args.grad_accum).backward()  # FSDP averages over ranks: the global mean
+                parts += loss_parts(output) / args.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), args.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            parts = reduce_parts(parts, config, env.world_size)
+            done = step + 1
+            if torch.isfinite(grad_norm) and all(math.isfinite(v) for v in parts.values()):
+                bad_in_a_row = 0
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, args)
+                optimizer.step()
+                model.update_target(done, args.steps)  # 4. EMA
+            else:  # skip: weights, optimizer moments and EMA stay exactly as they were
+                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()} | {"lr": f"{lr_at(step, args):.1e}"})
+            if env.is_main:
+                log.write(json.dumps({"step": done, **parts, "lr": lr_at(step, args),
+                                      "grad_norm": grad_norm.item(), "skipped": bad_in_a_row > 0}) + "\n")
             if bad_in_a_row >= args.max_bad_steps:
-                raise SystemExit(f"error: {bad_in_a_row} non-finite steps in a row (last at step {step}); "
-                                 "lower --lr, check the data, or resume from the last checkpoint")
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()} | {"lr": f"{lr_at(step, args):.1e}"})
+                raise SystemExit(f"error: {bad_in_a_row} non-finite steps in a row (steps {done - bad_in_a_row + 1}"
+                                 f"-{done}), each skipped: stopping. Lower --lr or --grad-clip, check the data, "
+                                 f"or raise --max-bad-steps; the checkpoints hold the weights from before")
+            if done % args.eval_every == 0 or done == args.steps:
+                log_eval(done)
+            stop = distributed.agreed_signal(stop_signal[0] if stop_signal else 0, env.device)  # all ranks stop together
+            if done % args.save_every == 0 or done == args.steps or stop:
+                path = save(done)
+                if stop:
+                    if env.is_main:
+                        print(f"stopped by signal {stop} after step {done}; continue with --resume auto "
+                              f"(or --resume {path})")
+                    sys.exit(128 + stop)
+    finally:
+        bar.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         if env.is_main:
-            log.write(json.dumps({"step": done, **parts, "lr": lr_at(step, args), "grad_norm": grad_norm.item(),
-                                  "skipped": bad_in_a_row > 0}) + "\n")
-        if done % args.eval_every == 0 or done == args.steps:
-            log_eval(done)
-        if done % args.save_every == 0 or done == args.steps or stop_signal:
-            path = save(done)
-            if stop_signal:
-                if env.is_main:
-                    print(f"stopped by signal {stop_signal[0]} after step {done}; resume with "
-                          f"--resume {path}")
-                sys.exit(128 + stop_signal[0])
-    bar.close()
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
-    if env.is_main:
-        log.close()
+            log.close()
 
     final = out / "final"
     distributed.export_pretrained(model.backbone, backbone.tokenizer, final, env, run_config)
