@@ -1,0 +1,204 @@
+"""Tests of bench.py (structure and FLOP accounting, never timings) and of the truncated
+target pass of dllm_jepa.py (same embedding, fewer FLOPs, same gradients, FSDP2-safe).
+
+Run: python -m pytest tests/test_bench.py -q
+"""
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import distributed
+from dllm_jepa import DLLMJEPA, JEPAConfig
+
+# A bench model small enough for a few steps in well under a second on one core.
+BENCH_FLAGS = ["--width", "64", "--layers", "4", "--heads", "2", "--ffn", "128",
+               "--batch-size", "2", "--seq-len", "32", "--steps", "2", "--warmup", "0"]
+blocks_of = lambda model: model.layers
+
+
+def flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def make_batch(B=4, T=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (B, T), generator=g)
+    return ids, torch.full((B,), T // 4), torch.full((B,), T // 2)
+
+# -----------------------------------------------------------------------------
+# bench.py
+
+
+@pytest.fixture(scope="module")
+def bench_result(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = bench.main(BENCH_FLAGS + ["--no-isolate", "--threads", "1", "--json", str(path)])
+    return result, json.loads(path.read_text())
+
+
+def test_bench_table_and_json(bench_result, capsys):
+    result, saved = bench_result
+    assert set(saved["rows"]) == set(bench.RUNS)
+    for row in saved["rows"].values():
+        for key in ("flops", "step_s", "tokens_per_s", "peak_mem_bytes", "peak_tensor_bytes",
+                    "achieved_flops_per_s", "losses"):
+            assert key in row
+        assert len(row["step_s_samples"]) == 2 and row["flops"] > 0
+    for key in ("flops", "step_s", "peak_mem_bytes", "tokens_per_s"):
+        for base in ("diffusion", "two-pass"):
+            assert saved["ratios"][key][base][base] == pytest.approx(1.0)
+            assert set(saved["ratios"][key][base]) == set(bench.RUNS)
+    assert {c["target"] for c in saved["targets"]} >= {"time dllm-jepa / diffusion", "FLOPs dllm-jepa / two-pass"}
+    assert saved["matmul"]["flops_per_s"] > 0 and saved["costs"]["F"] > saved["costs"]["h"] > 0
+    assert "full pass (paper)" in saved["study"]
+    bench.report(result)
+    out = capsys.readouterr().out
+    for text in ("ms/step", "tensors", "dllm-jepa-online", "two-pass", "targets (issue 5)", "F (one forward)",
+                 "target pass alone"):
+        assert text in out
+
+
+def test_bench_flop_ratios(bench_result):
+    """Target passes skip the LM head, so dllm-jepa adds F - h to diffusion (plus the small
+    predictor), the online and EMA targets cost the same, and reading the embedding at L/2
+    halves the target pass."""
+    _, saved = bench_result
+    rows, F_, h = saved["rows"], saved["costs"]["F"], saved["costs"]["h"]
+    extra = rows["dllm-jepa"]["flops"] - rows["diffusion"]["flops"]
+    assert F_ - h <= extra <= (F_ - h) * 1.03  # the predictor: under 3% of a forward here
+    assert rows["dllm-jepa"]["flops"] == rows["dllm-jepa-online"]["flops"]
+    assert rows["l2-anchor"]["flops"] == rows["diffusion"]["flops"]
+    half = rows["dllm-jepa-l/2"]["flops"] - rows["diffusion"]["flops"]
+    assert half - (extra - (F_ - h)) == pytest.approx((F_ - h) / 2, rel=1e-9)
+    assert rows["two-pass"]["flops"] > rows["dllm-jepa"]["flops"] + 2 * (F_ - h)
+    r = saved["ratios"]["flops"]
+    assert r["diffusion"]["dllm-jepa"] == pytest.approx((4 * F_ - h) / (3 * F_), rel=0.03)
+    assert r["two-pass"]["dllm-jepa"] == pytest.approx((4 * F_ - h) / (6 * F_ - 3 * h), rel=0.03)
+    study = saved["study"]
+    assert study["no LM head"]["flops"] == F_ - h
+    assert study["layer L/2, truncated"]["flops_vs_full"] == pytest.approx((F_ - h) / 2 / F_)
+    assert study["no LM head"]["max_abs_diff"] == 0 and study["layer L/2, truncated"]["max_abs_diff"] == 0
+
+
+def test_bench_isolated_runs_report_their_own_memory():
+    """Each run in its own process (forkserver): results come back, peaks are positive."""
+    rows = bench.measure_runs(["diffusion", "dllm-jepa"],
+                              bench.parse_args(BENCH_FLAGS + ["--threads", "1", "--steps", "1"]))
+    assert set(rows) == {"diffusion", "dllm-jepa"}
+    assert all(r["peak_mem_bytes"] > 0 and len(r["step_s_samples"]) == 1 for r in rows.values())
+    assert rows["diffusion"]["losses"]["jepa"] == 0 and rows["dllm-jepa"]["losses"]["jepa"] > 0
+
+# -----------------------------------------------------------------------------
+# The truncated target pass
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, 3, 4, -1, -2, -5])
+@pytest.mark.parametrize("with_blocks", [True, False])
+def test_truncated_pass_returns_the_full_pass_state(make_model, layer, with_blocks):
+    model = make_model(0, num_hidden_layers=4)
+    ids, _, _ = make_batch()
+    full = model(input_ids=ids, output_hidden_states=True).hidden_states[layer]
+    jepa = DLLMJEPA(model, JEPAConfig(embed_layer=layer, target="online"),
+                    blocks_of=blocks_of if with_blocks else None)
+    logits, hidden = jepa.encode(model, ids, logits=False)
+    assert torch.equal(hidden, full)  # bit for bit
+    assert (logits is None) == (with_blocks or layer == -1)  # without blocks: only the head is skipped
+
+
+def test_truncated_pass_flops(make_model):
+    """Stopping at block l costs l/L of the blocks' FLOPs; the last state skips only the head."""
+    L = 4
+    model = make_model(0, num_hidden_layers=L)
+    ids, _, _ = make_batch()
+    with torch.no_grad():
+        F_ = flops(lambda: model(input_ids=ids, output_hidden_states=True))
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        h = flops(lambda: model.lm_head(hidden))
+        for layer in range(L + 1):
+            for truncate in (True, False):
+                jepa = DLLMJEPA(model, JEPAConfig(embed_layer=layer, target="online",
+                                                  truncate_target=truncate), blocks_of=blocks_of)
+                cost = flops(lambda: jepa.encode(model, ids, logits=False))
+                assert cost == ((F_ - h) * layer // L if truncate else F_), (layer, truncate)
+
+
+@pytest.mark.parametrize("method,target", [("dllm-jepa", "ema"), ("dllm-jepa", "online"), ("two-pass", None)])
+@pytest.mark.parametrize("layer", [-1, 2])
+def test_truncation_changes_no_loss_and_no_gradient(make_model, method, target, layer):
+    """Two steps with and without truncation: the same losses and gradients, bit for bit
+    (two-pass included: its gradient flows through the truncated target pass)."""
+    ids, prompt, answer = make_batch()
+    results = []
+    for truncate in (True, False):
+        torch.manual_seed(1)
+        model = DLLMJEPA(make_model(0, num_hidden_layers=4),
+                         JEPAConfig(method=method, target=target, embed_layer=layer, truncate_target=truncate),
+                         blocks_of=blocks_of)
+        opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+        losses, grads = [], []
+        for step in range(2):
+            out = model(ids, prompt, answer, generator=torch.Generator().manual_seed(step))
+            out.loss.backward()
+            grads.append([p.grad.clone() for p in model.trainable_parameters()])
+            losses.append((out.loss.item(), out.jepa.item()))
+            opt.step()
+            opt.zero_grad()
+            model.update_target(step, 10)
+        results.append((losses, grads))
+    (l1, g1), (l2, g2) = results
+    assert l1 == l2
+    assert all(torch.equal(a, b) for s1, s2 in zip(g1, g2) for a, b in zip(s1, s2))
+
+
+def test_truncation_under_fsdp2_reshards_the_target(make_model):
+    """distributed.shard_model (blocks, then each root with reshard_after_forward=True): after
+    a truncated target pass the target's root is resharded and idle, and the losses match
+    the unsharded model's."""
+    distributed.init_distributed("cpu")
+    ids, prompt, answer = make_batch()
+    losses = []
+    for shard in (False, True):
+        torch.manual_seed(1)
+        model = DLLMJEPA(make_model(0, num_hidden_layers=4), JEPAConfig(embed_layer=2), blocks_of=blocks_of)
+        if shard:
+            distributed.shard_model(model, blocks_of)
+        out = model(ids, prompt, answer, generator=torch.Generator().manual_seed(0))
+        losses.append(out.loss.item())
+        if shard:
+            state = model.target_encoder._get_fsdp_state()
+            assert not state._fsdp_param_group.is_unsharded
+            assert state._training_state.name == "IDLE"
+            with torch.no_grad():  # no backward to clean up after an evaluation pass
+                model(ids, prompt, answer, generator=torch.Generator().manual_seed(0))
+            assert not state._fsdp_param_group.is_unsharded
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_stop_module_without_blocks(make_model):
+    """Without blocks_of only the LM head can be skipped: other layers run the full pass."""
+    model = make_model(0)
+    assert DLLMJEPA(model, JEPAConfig()).stop_module(model) is model.lm_head
+    assert DLLMJEPA(model, JEPAConfig(embed_layer=1)).stop_module(model) is None
+    assert DLLMJEPA(model, JEPAConfig(embed_layer=1), blocks_of=blocks_of).stop_module(model) is model.layers[1]
+
+
+def test_target_autocast(make_model):
+    """bf16 autocast for the no-grad target pass: close to the fp32 loss, not identical;
+    refused for methods whose target pass carries gradient or that have none."""
+    ids, prompt, answer = make_batch()
+    values = []
+    for autocast in (False, True):
+        torch.manual_seed(1)
+        model = DLLMJEPA(make_model(0), JEPAConfig(target_autocast=autocast), blocks_of=blocks_of)
+        out = model(ids, prompt, answer, generator=torch.Generator().manual_seed(0))
+        values.append(out.jepa.item())
+    assert values[0] == pytest.approx(values[1], abs=1e-2)
+    for method in ("two-pass", "diffusion"):
+        with pytest.raises(ValueError, match="target_autocast"):
+            JEPAConfig(method=method, target_autocast=True)
