@@ -1,7 +1,7 @@
 """
 What one optimizer step costs, for each method, side by side: the single-pass claim measured.
 
-    python bench.py                          # tiny model on CPU, about a minute
+    python bench.py                          # tiny model on CPU, under 2 minutes on 2 cores
     python bench.py --json out/bench.json    # the same, and the numbers as JSON
     python bench.py --model llada-8b-shape --device cuda --dtype bfloat16 --batch-size 1 --seq-len 1024
 
@@ -98,7 +98,7 @@ def parse_args(argv=None):
                    help="parameters and compute (AdamW states follow the parameters)")
     g = p.add_argument_group("batch (random byte tokens shaped like SFT data)")
     g.add_argument("--batch-size", type=int, default=8, help="rows per step")
-    g.add_argument("--seq-len", type=int, default=256, help="tokens per row: prompt, answer, EOS padding")
+    g.add_argument("--seq-len", type=int, default=160, help="tokens per row: prompt, answer, EOS padding")
     g = p.add_argument_group("objective")
     g.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="rows of the table")
     g.add_argument("--truncate-target", action=argparse.BooleanOptionalAction, default=True,
