@@ -49,6 +49,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import backbones
+import distributed
 from dllm_jepa import DLLMJEPA, JEPAConfig
 
 # name -> JEPAConfig fields. "l/2": the embedding is read at layer L/2 (the target pass stops
@@ -96,6 +97,11 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="parameters and compute (AdamW states follow the parameters)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard as train.py does (distributed.shard_model: FSDP2 per block, then the roots; "
+                        "one process); with --dtype bfloat16 the weights stay fp32, computed in bf16")
+    g.add_argument("--activation-checkpointing", action="store_true", help="with --fsdp: recompute block activations")
+    g.add_argument("--cpu-offload", action="store_true", help="with --fsdp on CUDA: sharded states in host memory")
     g = p.add_argument_group("batch (random byte tokens shaped like SFT data)")
     g.add_argument("--batch-size", type=int, default=8, help="rows per step")
     g.add_argument("--seq-len", type=int, default=160, help="tokens per row: prompt, answer, EOS padding")
@@ -140,7 +146,7 @@ def sync(device):
 
 
 def build_backbone(args, device, dtype):
-    """-> (model, blocks_of). A named shape is built at random init directly in `dtype`."""
+    """-> (model, blocks_of, mask id). A named shape is built at random init directly in `dtype`."""
     if args.model in SHAPES:
         overrides = dict(SHAPES[args.model])
         for flag, key in (("width", "hidden_size"), ("layers", "num_hidden_layers"),
@@ -180,11 +186,18 @@ class Trainer:
     """One method's model, optimizer and batch; step() is one full optimizer step."""
 
     def __init__(self, run, args, device, dtype):
-        model, blocks_of, mask_id = build_backbone(args, device, dtype)
+        # FSDP keeps fp32 weights and casts to `dtype` per block (train.py's mixed precision)
+        weight_dtype = torch.float32 if args.fsdp else dtype
+        model, blocks_of, mask_id = build_backbone(args, device, weight_dtype)
         self.n_layers = len(blocks_of(model))
         self.config = config_for(run, args, self.n_layers)
         torch.manual_seed(1)  # the predictor's init
-        self.model = DLLMJEPA(model, self.config, mask_id, blocks_of=blocks_of).to(device=device, dtype=dtype)
+        self.model = DLLMJEPA(model, self.config, mask_id, blocks_of=blocks_of).to(device=device, dtype=weight_dtype)
+        if args.fsdp:
+            distributed.init_distributed(device.type)
+            distributed.shard_model(self.model, blocks_of, param_dtype=None if dtype == torch.float32 else dtype,
+                                    cpu_offload=args.cpu_offload,
+                                    activation_checkpointing=args.activation_checkpointing)
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=1e-5)
         self.batch = make_batch(args.batch_size, args.seq_len, model.config.vocab_size,
                                 model.config.eos_token_id, device)
@@ -545,6 +558,9 @@ def report(result):
     print(f"expected FLOPs, full passes: dllm-jepa/diffusion = 4/3 = 1.3333, dllm-jepa/two-pass = 4/6 = 0.6667")
     print(f"expected FLOPs, target passes without LM head: (4F-h)/3F = {(4 * F_ - h) / (3 * F_):.4f}, "
           f"(4F-h)/(6F-3h) = {(4 * F_ - h) / (6 * F_ - 3 * h):.4f}")
+    if result.get("activation_checkpointing"):
+        print("activation checkpointing recomputes each block's forward in backward: every "
+              "gradient-carrying pass costs about F more, so these expectations do not apply")
     print(f"dense matmul ({m['n']}x{m['n']}, {result['dtype']}): {m['flops_per_s'] / 1e9:.1f} GFLOP/s\n")
     cpu = result["device"] == "cpu"
     mem = "RSS MiB" if cpu else "mem MiB"
@@ -582,6 +598,10 @@ def report(result):
 
 def main(argv=None):
     args = parse_args(argv)
+    if (args.activation_checkpointing or args.cpu_offload) and not args.fsdp:
+        raise SystemExit("--activation-checkpointing and --cpu-offload go with --fsdp (as in train.py)")
+    if args.cpu_offload and resolve_device(args.device).type != "cuda":
+        raise SystemExit("--cpu-offload: needs a CUDA device (it offloads GPU parameters to host memory)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
@@ -593,7 +613,8 @@ def main(argv=None):
     rows = measure_runs(args.runs, args)
     study = target_pass_study(args, args.compile) if args.study else None
     result = dict(model=args.model, device=str(device), dtype=args.dtype, threads=torch.get_num_threads(),
-                  batch_size=args.batch_size, seq_len=args.seq_len, isolated=args.isolate,
+                  batch_size=args.batch_size, seq_len=args.seq_len, isolated=args.isolate, fsdp=args.fsdp,
+                  activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
                   machine=platform.processor() or platform.machine(), torch=torch.__version__,
                   costs=costs, matmul=matmul, rows=rows,
                   ratios={k: ratios(rows, k) for k in ("flops", "step_s", "tokens_per_s", "peak_mem_bytes",

@@ -94,6 +94,23 @@ def test_bench_isolated_runs_report_their_own_memory():
     assert all(r["peak_mem_bytes"] > 0 and len(r["step_s_samples"]) == 1 for r in rows.values())
     assert rows["diffusion"]["losses"]["jepa"] == 0 and rows["dllm-jepa"]["losses"]["jepa"] > 0
 
+def test_bench_fsdp_counts_the_same_flops_and_losses(bench_result):
+    """--fsdp shards as train.py does (one process): the same model, batch and masks give the
+    same first-step losses and FLOPs as the unsharded run."""
+    _, plain = bench_result
+    rows = bench.measure_runs(["diffusion", "dllm-jepa"],
+                              bench.parse_args(BENCH_FLAGS + ["--threads", "1", "--steps", "1", "--no-isolate",
+                                                              "--fsdp"]))
+    for run in ("diffusion", "dllm-jepa"):
+        assert rows[run]["flops"] == plain["rows"][run]["flops"]
+        for part, value in rows[run]["losses"].items():
+            assert value == pytest.approx(plain["rows"][run]["losses"][part], rel=1e-5, abs=1e-7)
+
+
+def test_bench_refuses_checkpointing_without_fsdp():
+    with pytest.raises(SystemExit, match="--activation-checkpointing and --cpu-offload go with --fsdp"):
+        bench.main(BENCH_FLAGS + ["--activation-checkpointing"])
+
 # -----------------------------------------------------------------------------
 # The truncated target pass
 
