@@ -26,6 +26,8 @@ argued in tutorial.md.
 
 Cost, with F the FLOPs of one forward pass (backward = 2F):
   diffusion 3F | dllm-jepa 3F + 1F = 4F | two-pass 2 x 3F = 6F  ->  4/6 = 0.67, the paper's 33%.
+Target passes need no logits, so they stop where the embedding is read (truncate_target): with
+h the LM head's FLOPs, 4F - h against 6F - 3h; reading at layer L/2, the target costs ~F/2.
 """
 
 import copy
