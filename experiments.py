@@ -1,0 +1,436 @@
+"""
+The DLLM-JEPA paper's experiments at CPU scale, from one command.
+
+    python experiments.py --smoke          # the whole pipeline in about two minutes
+    python experiments.py                  # the CPU-scale protocol (about 40 minutes, 2 cores)
+    python experiments.py --tasks nl-rx-synth gsm8k --methods diffusion dllm-jepa --seeds 0 1 2 3 4
+
+What the paper does with LLaDA-8B / Dream-7B, done here with the tiny model of tiny_model.py:
+1. a *pre-trained* base: diffusion pre-training of a new tiny model on plain text (the first
+   90% of WikiText-2 from a local file); the last 10% is the held-out probe text, so
+   "forgetting" and "drift from the base" mean something,
+2. fine-tuning from that base with each method (diffusion, dllm-jepa, l2-anchor, two-pass)
+   x seeds x tasks, all through train.py (one code path with the real runs),
+3. evaluation of the base and of every fine-tuned model (evaluate.py): the task metric on
+   generated answers (and the diffusion loss of the reference answers, which still moves
+   when a tiny model's exact match is 0), the held-out Wikitext probe and forgetting
+   (probe - base's), MMLU zero- and few-shot, per-layer weight distance and CKA to the base,
+4. results.md: one table per task, mean ± std over seeds per cell (the paper's format),
+   the same numbers in results.json, a drift plot and a metric plot per task.
+
+Every stage is cached in --out (a finished run is not redone), so an interrupted run resumes.
+Data come from a folder in the layout of the project's shared/data (see --data-dir); the
+splits are carved with a fixed seed, identical for every method and seed.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+import evaluate as E
+from generate import SamplerConfig
+
+METHODS = ("diffusion", "dllm-jepa", "l2-anchor", "two-pass")
+TASKS = ("nl-rx-synth", "nl-rx-turk", "gsm8k", "spider", "django")
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+# -----------------------------------------------------------------------------
+# Configurations
+
+
+@dataclass
+class Profile:
+    """Sizes of one protocol run. `full` fits 45 minutes on 2 CPU cores; `smoke` checks the
+    pipeline end to end in a couple of minutes (its numbers mean nothing)."""
+    tiny_width: int = 128          # the tiny model's hidden size
+    tiny_layers: int = 4
+    base_steps: int = 600          # diffusion pre-training on WikiText-2
+    base_batch: int = 32
+    base_lr: float = 1e-3
+    seq_len: int = 128             # pre-training and fine-tuning rows
+    steps: int = 400               # fine-tuning steps per run
+    batch_size: int = 16
+    lr: float = 5e-4               # fine-tuning peak lr (the base is tiny: 1e-5 would barely move it)
+    views: str = "wide"            # the paper's "dual win" preset
+    n_train: int = 6000            # training examples carved per task
+    n_dev: int = 100               # dev examples, generated and scored
+    gen_length: int = 48           # sampler: canvas, blocks, steps
+    block_length: int = 16
+    gen_steps: int = 24
+    probe_windows: int = 32        # Wikitext probe: windows x seq_len tokens, grid of t
+    probe_grid: int = 8
+    mmlu_questions: int = 200      # a fixed random subset of the MMLU test files
+    mmlu_shots: int = 5
+    system_prompt: bool = False    # keep NL-RX's constant system turn (30% of a tiny row)
+
+
+PROFILES = {
+    "full": Profile(),
+    "smoke": Profile(tiny_width=32, tiny_layers=2, base_steps=40, base_batch=8, seq_len=96, steps=12,
+                     batch_size=8, n_train=200, n_dev=8, gen_length=16, block_length=8, gen_steps=8,
+                     probe_windows=4, probe_grid=2, mmlu_questions=8, mmlu_shots=1),
+}
+
+# -----------------------------------------------------------------------------
+# Stage 1: data
+
+
+def shuffled(rows: list, seed: int = 0) -> list:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def write_jsonl(path: Path, items: list[E.Item]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps({"messages": item.prompt + [{"role": "assistant", "content": item.reference}]}) + "\n")
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        raise SystemExit(f"error: {path} is missing: point --data-dir at a folder laid out like "
+                         "shared/data (gsm8k/, nl-rx-synth/, spider/, django/, wikitext2/, mmlu/)")
+    return path
+
+
+def task_splits(task: str, data_dir: Path, n_train: int, n_dev: int, system_prompt: bool):
+    """(train items, dev items) of a task from the shared/data layout. Dev splits are carved
+    from train (fixed seed) where the folder gives none; GSM8K uses test_dev.jsonl and Django
+    its dev files."""
+    if task.startswith("nl-rx"):
+        name = task.split("-")[-1]
+        items = shuffled(E.load_items(task, require(data_dir / task / f"{name}_train.jsonl")))
+        if not system_prompt:
+            items = [replace(i, prompt=[m for m in i.prompt if m["role"] != "system"]) for i in items]
+        return items[n_dev:n_dev + n_train], items[:n_dev]
+    if task == "gsm8k":
+        train = shuffled(E.load_items(task, require(data_dir / "gsm8k" / "train.jsonl")))
+        return train[:n_train], E.load_items(task, require(data_dir / "gsm8k" / "test_dev.jsonl"))[:n_dev]
+    if task == "spider":
+        items = shuffled(E.load_spider(require(data_dir / "spider" / "train_spider.json"),
+                                       require(data_dir / "spider" / "tables.json")))
+        return items[n_dev:n_dev + n_train], items[:n_dev]
+    if task == "django":
+        train = shuffled(E.load_items(task, require(data_dir / "django" / "train.anno")))
+        return train[:n_train], E.load_items(task, require(data_dir / "django" / "dev.anno"))[:n_dev]
+    raise ValueError(f"unknown task {task!r}: choose from {TASKS}")
+
+
+def wikitext_split(data_dir: Path, out: Path) -> tuple[Path, Path]:
+    """WikiText-2's validation text: first 90% of lines to pre-train the base, last 10%
+    held out for the probe and CKA (never trained on)."""
+    lines = require(data_dir / "wikitext2" / "valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = int(len(lines) * 0.9)
+    pretrain, heldout = out / "wikitext_pretrain.txt", out / "wikitext_heldout.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    pretrain.write_text("".join(lines[:cut]), encoding="utf-8")
+    heldout.write_text("".join(lines[cut:]), encoding="utf-8")
+    return pretrain, heldout
+
+
+def mmlu_subset(data_dir: Path, n: int) -> list[E.Question]:
+    return shuffled(E.load_mmlu(require(data_dir / "mmlu" / "test")))[:n]
+
+# -----------------------------------------------------------------------------
+# Stage 2: training, through train.py
+
+
+def train_run(out: Path, argv: list[str]) -> tuple[Path, float]:
+    """train.main in this process, its log in out/train.log -> (final model, seconds taken).
+    Skipped when out/seconds.txt says a previous call finished."""
+    import train
+    done = out / "seconds.txt"
+    if not done.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        with (out / "train.log").open("w") as log, contextlib.redirect_stdout(log):
+            train.main(argv + ["--out", str(out), "--no-progress"])
+        done.write_text(f"{time.time() - started:.1f}")
+    return out / "final", float(done.read_text())
+
+
+def base_argv(profile: Profile, text: Path, seed: int) -> list[str]:
+    return ["--data", str(text), "--method", "diffusion", "--steps", str(profile.base_steps),
+            "--batch-size", str(profile.base_batch), "--seq-len", str(profile.seq_len),
+            "--lr", str(profile.base_lr), "--seed", str(seed), "--tiny-width", str(profile.tiny_width),
+            "--tiny-layers", str(profile.tiny_layers), "--eval-every", str(profile.base_steps),
+            "--save-every", str(profile.base_steps), "--keep", "1", "--eval-batches", "2"]
+
+
+def finetune_argv(profile: Profile, base: Path, train_file: Path, dev_file: Path, method: str,
+                  seed: int) -> list[str]:
+    return ["--model", str(base), "--data", str(train_file), "--eval-data", str(dev_file),
+            "--method", method, "--views", profile.views, "--steps", str(profile.steps),
+            "--batch-size", str(profile.batch_size), "--seq-len", str(profile.seq_len),
+            "--lr", str(profile.lr), "--seed", str(seed), "--eval-every", str(profile.steps),
+            "--save-every", str(profile.steps), "--keep", "1", "--eval-batches", "2"]
+
+# -----------------------------------------------------------------------------
+# Stage 3: evaluation
+
+
+def evaluate_model(path: Path, task: str, dev: list[E.Item], ctx: dict, base=None) -> dict:
+    """Every measurement of one checkpoint (base=None: the base itself, no drift)."""
+    from backbones import load_backbone
+    backbone = load_backbone(str(path))
+    profile: Profile = ctx["profile"]
+    sampler = SamplerConfig(profile.gen_length, profile.block_length, profile.gen_steps)
+    generation = E.evaluate_generation(backbone, task, dev, sampler, batch_size=min(len(dev), 50),
+                                       probe=ctx["probe"])
+    result = {k: v for k, v in generation.items() if k not in ("task", "n", "sampler", "prompts_cut")}
+    result["probe_loss"] = E.diffusion_probe(backbone, ctx["windows"], ctx["probe"])["probe_loss"]
+    result["mmlu_0shot"] = E.mmlu_accuracy(backbone, ctx["mmlu"], batch_size=16)["accuracy"]
+    few = E.mmlu_accuracy(backbone, ctx["mmlu"], profile.mmlu_shots, ctx["mmlu_dev"], batch_size=16)
+    result[f"mmlu_{profile.mmlu_shots}shot"] = few["accuracy"]
+    result["mmlu_shots_used"] = few["mean_shots_used"]  # fewer when the context cannot hold them
+    if base is not None:
+        result["weight_distance"] = E.weight_drift(backbone, base)
+        result["cka"] = E.representation_drift(backbone, base, ctx["windows"], max_tokens=2048)
+    return result
+
+
+def cached(path: Path, compute) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+# -----------------------------------------------------------------------------
+# Stage 4: tables and plots
+
+
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """"12.34 ± 0.56": mean and sample standard deviation over seeds ("12.34" for one seed)."""
+    values = [v * scale for v in values]
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def columns(task: str, shots: int) -> list[tuple[str, str, float, int]]:
+    """(result key, header, scale, digits) of a task's table; ↑/↓ mark the better direction."""
+    metric = [("accuracy", "GSM8K acc. % ↑", 100, 1)] if task == "gsm8k" else [("exact_match", "EM % ↑", 100, 1)]
+    if task.startswith("nl-rx"):
+        metric.append(("regex_equivalence", "regex equiv. % ↑", 100, 1))
+    return metric + [("answer_loss", "answer loss ↓", 1, 3), ("probe_loss", "Wikitext probe ↓", 1, 3),
+                     ("forgetting", "forgetting ↓", 1, 3), ("mmlu_0shot", "MMLU 0-shot %", 100, 1),
+                     (f"mmlu_{shots}shot", f"MMLU {shots}-shot %", 100, 1),
+                     ("mean_weight_distance", "weight dist. all blocks", 1, 4),
+                     ("mid_weight_distance", "weight dist. middle blocks", 1, 4),
+                     ("mean_cka", "CKA to base", 1, 4), ("train_seconds", "train s", 1, 1)]
+
+
+def summarise(run: dict, n_blocks: int) -> dict:
+    """Scalar columns derived from a run's per-layer drift."""
+    out = dict(run)
+    if "weight_distance" in run:
+        blocks = [run["weight_distance"][f"block {i}"] for i in range(n_blocks)]
+        middle = blocks[n_blocks // 4: n_blocks - n_blocks // 4] or blocks
+        out["mean_weight_distance"] = sum(blocks) / len(blocks)
+        out["mid_weight_distance"] = sum(middle) / len(middle)
+        out["mean_cka"] = sum(run["cka"][1:]) / len(run["cka"][1:])
+    return out
+
+
+def task_table(task: str, base: dict, runs: dict[str, list[dict]], shots: int) -> str:
+    """A Markdown table: the base in the first row, then one row per method, mean ± std."""
+    cols = columns(task, shots)
+    lines = ["| method | " + " | ".join(header for _, header, _, _ in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    rows = [("base (pre-trained)", [base])] + list(runs.items())
+    for name, results in rows:
+        cells = []
+        for key, _, scale, digits in cols:
+            values = [r[key] for r in results if key in r]
+            cells.append(mean_std(values, scale, digits) if values else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparisons(runs: dict[str, list[dict]], task: str, shots: int) -> list[str]:
+    """dllm-jepa minus each baseline per metric, with the seeds' standard error of that
+    difference, so a reader sees at once which gaps exceed seed noise."""
+    if "dllm-jepa" not in runs:
+        return []
+    lines = []
+    for other in [m for m in runs if m != "dllm-jepa"]:
+        parts = []
+        for key, header, scale, digits in columns(task, shots)[:-1]:
+            a = [r[key] * scale for r in runs["dllm-jepa"] if key in r]
+            b = [r[key] * scale for r in runs[other] if key in r]
+            if not a or not b:
+                continue
+            diff = sum(a) / len(a) - sum(b) / len(b)
+            se = math.sqrt(sum(statistics.variance(x) / len(x) for x in (a, b) if len(x) > 1))
+            flag = " (beyond 2 s.e.)" if se > 0 and abs(diff) > 2 * se else ""
+            parts.append(f"{header.rstrip(' ↑↓')}: {diff:+.{digits}f} ± {se:.{digits}f}{flag}")
+        lines.append(f"- dllm-jepa − {other}: " + "; ".join(parts))
+    return lines
+
+
+def plot_metrics(task: str, base: dict, runs: dict[str, list[dict]], shots: int, path: Path):
+    """Bars with seed error bars for the headline metrics, the base as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [c for c in columns(task, shots) if c[0] in ("accuracy", "exact_match", "answer_loss",
+                                                        "probe_loss", "mmlu_0shot")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
+    names = list(runs)
+    for ax, (key, header, scale, _) in zip(axes, keys):
+        values = [[r[key] * scale for r in runs[m]] for m in names]
+        means = [sum(v) / len(v) for v in values]
+        errors = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
+        ax.errorbar(range(len(names)), means, yerr=errors, fmt="o", capsize=4)  # points: small gaps stay visible
+        if key in base:
+            ax.axhline(base[key] * scale, ls="--", color="gray", label="base")
+            ax.legend(fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.set_title(header, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{task}: mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def mean_report(results: list[dict]) -> dict:
+    """Per-layer drift averaged over seeds, in evaluate.plot_drift's format."""
+    groups = results[0]["weight_distance"]
+    return {"weight_distance": {g: sum(r["weight_distance"][g] for r in results) / len(results) for g in groups},
+            "cka": [sum(r["cka"][i] for r in results) / len(results) for i in range(len(results[0]["cka"]))]}
+
+
+def write_report(out: Path, profile: Profile, args, tables: dict, elapsed: float):
+    lines = ["# DLLM-JEPA at CPU scale", "",
+             f"One command: `python experiments.py {' '.join(sys.argv[1:])}`, {elapsed / 60:.1f} minutes. "
+             f"Tiny model ({profile.tiny_width} wide, {profile.tiny_layers} blocks, byte-level), "
+             f"pre-trained {profile.base_steps} steps on 90% of WikiText-2 (valid), then fine-tuned "
+             f"{profile.steps} steps per run (lr {profile.lr}, batch {profile.batch_size}, views "
+             f"`{profile.views}`), seeds {args.seeds}. Cells: mean ± sample std over seeds.", "",
+             "Columns: the task metric on greedy LLaDA-sampler answers of the dev split "
+             f"({profile.n_dev} examples; gen {profile.gen_length}, block {profile.block_length}, "
+             f"steps {profile.gen_steps}); answer loss = diffusion loss of the reference answers "
+             "(fixed masks); Wikitext probe = LLaDA's pre-training loss on the held-out 10% "
+             f"({profile.probe_windows} windows x {profile.seq_len} tokens, {profile.probe_grid} "
+             "grid points of t, fixed masks); forgetting = probe - base's; MMLU on "
+             f"{profile.mmlu_questions} test questions (chance 25%); weight distance = "
+             "||W - W_base|| / ||W_base|| per block (middle = the central half of the blocks); "
+             "CKA = linear CKA of block outputs with the base's on held-out text.", ""]
+    for task, table in tables.items():
+        lines += [f"## {task}", "", table["markdown"], "",
+                  f"MMLU {profile.mmlu_shots}-shot prompts held {table['shots_used']:.1f} exemplars on average "
+                  "(fewer when the model's context cannot hold them all).", "",
+                  "Differences (dllm-jepa minus each baseline, ± the standard error over seeds):", "",
+                  *table["comparisons"], "",
+                  f"![metrics]({table['metrics_plot']}) ![drift]({table['drift_plot']})", ""]
+    (out / "results.md").write_text("\n".join(lines), encoding="utf-8")
+
+# -----------------------------------------------------------------------------
+# The protocol
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to run")
+    g.add_argument("--smoke", action="store_true", help="tiny sizes: check the pipeline in ~2 minutes")
+    g.add_argument("--tasks", nargs="+", default=["nl-rx-synth"], choices=TASKS)
+    g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR),
+                   help="folder in shared/data's layout (gsm8k/, nl-rx-synth/, wikitext2/, mmlu/, ...)")
+    g.add_argument("--out", default="runs/experiments", help="output folder (cached stages are reused)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("overrides of the profile", "each field of experiments.Profile, where its "
+                             "meaning is commented; the help shows its value in the full and smoke profiles")
+    full, smoke = asdict(PROFILES["full"]), asdict(PROFILES["smoke"])
+    for field, default in full.items():
+        g.add_argument(f"--{field.replace('_', '-')}", default=None, help=f"full {default}, smoke {smoke[field]}",
+                       type=type(default) if not isinstance(default, bool) else lambda s: s.lower() in ("1", "true", "yes"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    t0 = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    profile = PROFILES["smoke" if args.smoke else "full"]
+    profile = replace(profile, **{k: v for k, v in vars(args).items() if k in asdict(profile) and v is not None})
+    data_dir, out = Path(args.data_dir), Path(args.out)
+    settings = {"profile": asdict(profile), "data_dir": str(data_dir.resolve())}
+    if (out / "profile.json").is_file() and json.loads((out / "profile.json").read_text()) != settings:
+        raise SystemExit(f"error: {out} holds runs made with other settings (see {out / 'profile.json'}); "
+                         "its cached stages would be reused: choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(settings, indent=1))
+
+    # 1-2. data, and the pre-trained base
+    pretrain_text, heldout_text = wikitext_split(data_dir, out / "data")
+    print(f"[{time.time() - t0:5.0f}s] pre-training the base ({profile.base_steps} steps)", flush=True)
+    base_path, _ = train_run(out / "base", base_argv(profile, pretrain_text, seed=0))
+    from backbones import load_backbone
+    base = load_backbone(str(base_path))
+    probe = E.ProbeConfig(profile.seq_len, profile.probe_windows, profile.probe_grid)
+    ctx = {"profile": profile, "probe": probe,
+           "windows": E.text_windows(heldout_text, base.tokenizer, probe.seq_len, probe.windows),
+           "mmlu": mmlu_subset(data_dir, profile.mmlu_questions),
+           "mmlu_dev": E.load_mmlu(require(data_dir / "mmlu" / "dev"))}
+    n_blocks = len(base.blocks)
+
+    tables, everything = {}, {}
+    for task in args.tasks:
+        train_items, dev = task_splits(task, data_dir, profile.n_train, profile.n_dev, profile.system_prompt)
+        task_dir = out / "data" / task
+        write_jsonl(task_dir / "train.jsonl", train_items)
+        write_jsonl(task_dir / "dev.jsonl", dev)
+        base_eval = cached(out / "base" / f"eval_{task}.json",
+                           lambda: evaluate_model(base_path, task, dev, ctx))
+        runs = {}
+        for method in args.methods:
+            for seed in args.seeds:
+                run_dir = out / task / method / f"seed{seed}"
+                print(f"[{time.time() - t0:5.0f}s] {task} / {method} / seed {seed}", flush=True)
+                final, seconds = train_run(run_dir, finetune_argv(profile, base_path, task_dir / "train.jsonl",
+                                                                  task_dir / "dev.jsonl", method, seed))
+
+                def measure():
+                    result = evaluate_model(final, task, dev, ctx, base)
+                    return result | {"forgetting": result["probe_loss"] - base_eval["probe_loss"],
+                                     "train_seconds": seconds}
+                runs.setdefault(method, []).append(summarise(cached(run_dir / "eval.json", measure), n_blocks))
+        markdown = task_table(task, base_eval, runs, profile.mmlu_shots)
+        metrics_plot, drift_plot = f"{task}_metrics.png", f"{task}_drift.png"
+        plot_metrics(task, base_eval, runs, profile.mmlu_shots, out / metrics_plot)
+        E.plot_drift({m: mean_report(r) for m, r in runs.items()}, out / drift_plot,
+                     f"{task}: drift from the base, mean over seeds")
+        tables[task] = {"markdown": markdown, "comparisons": comparisons(runs, task, profile.mmlu_shots),
+                        "shots_used": base_eval["mmlu_shots_used"],
+                        "metrics_plot": metrics_plot, "drift_plot": drift_plot}
+        everything[task] = {"base": base_eval, "runs": runs}
+        print(f"\n## {task}\n{markdown}\n", flush=True)
+
+    (out / "results.json").write_text(json.dumps(everything, indent=1))
+    write_report(out, profile, args, tables, time.time() - t0)
+    print(f"[{time.time() - t0:5.0f}s] done: {out / 'results.md'}")
+    return out / "results.md"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""
+Sampling from a masked-diffusion LM: the LLaDA sampler (Nie et al., 2025, "Large Language
+Diffusion Models"), written from its description.
+
+The canvas is `[prompt | gen_length masks]`. Generation runs block by block, left to right
+(semi-autoregressive); inside a block, each step predicts every masked position at once,
+commits the k it is most sure of (k from a linear schedule) and leaves the rest masked:
+- `low_confidence` remasking keeps the tokens whose own probability is highest, `random`
+  keeps k positions drawn uniformly,
+- temperature acts through Gumbel noise on the logits (Gumbel-max = a sample from the
+  softmax at that temperature); at 0 it is argmax, so decoding is deterministic,
+- optional suppression of chosen tokens (EOS), so a model trained on EOS-padded canvases
+  cannot fill the answer with EOS,
+- shifted-logit backbones (Dream, Ye et al., 2025: the output at i predicts token i + 1)
+  have their logits moved right by one, the same alignment dllm_jepa.DLLMJEPA trains with,
+- batches of prompts of different lengths are left-padded; the padding is hidden from
+  attention and, where the model takes position ids, positions restart at each row's first
+  real token. Models with rotary positions only (the tiny model, LLaDA) see relative
+  positions, which left-padding does not change; so a batched row decodes as it would alone.
+
+Entry points: `generate` (token ids in, token ids out) and `generate_text` (a Backbone and
+prompt token lists in, decoded answers out).
+"""
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SamplerConfig:
+    """LLaDA's knobs. LLaDA-8B-Instruct on GSM8K: gen_length 256, block_length 8, steps 256."""
+    gen_length: int = 128                 # masked positions appended to the prompt
+    block_length: int = 32                # positions per semi-autoregressive block
+    steps: int | None = None              # denoising steps over the whole canvas; None = gen_length
+    temperature: float = 0.0              # 0: argmax; > 0: Gumbel-max sampling
+    remasking: str = "low_confidence"     # "low_confidence" | "random"
+    suppress_eos: bool = False            # forbid EOS inside the canvas
+
+    def __post_init__(self):
+        self.steps = self.steps or self.gen_length
+        for name in ("gen_length", "block_length", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.gen_length % self.block_length:
+            raise ValueError(f"gen_length={self.gen_length} is not a multiple of "
+                             f"block_length={self.block_length}")
+        blocks = self.gen_length // self.block_length
+        if self.steps % blocks:
+            raise ValueError(f"steps={self.steps} cannot be shared evenly by {blocks} blocks "
+                             f"(gen_length / block_length): make it a multiple of {blocks}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0")
+        if self.remasking not in ("low_confidence", "random"):
+            raise ValueError(f"remasking={self.remasking!r}: 'low_confidence' or 'random'")
+
+# -----------------------------------------------------------------------------
+# Pieces
+
+
+def commit_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """How many positions each step commits: (B,) masks in a block -> (B, steps).
+
+    Linear schedule: after step s, floor(s * n / steps) positions are decided, the count of
+    masks falling linearly in time as in LLaDA's forward process. Rows sum to n_masked.
+    """
+    s = torch.arange(steps + 1, device=n_masked.device)
+    decided = n_masked[:, None] * s[None, :] // steps   # (B, steps + 1)
+    return decided[:, 1:] - decided[:, :-1]
+
+
+def add_gumbel(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
+    """argmax(logits / T + Gumbel noise) is a sample from softmax(logits / T). In float64,
+    because float32 Gumbel noise is too coarse in the tail (LLaDA makes the same point)."""
+    if temperature == 0:
+        return logits
+    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+    return logits.double() / temperature + gumbel
+
+
+def top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, T) with True at the k[b] highest scores of each row (ties: lower position)."""
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return ranks < k[:, None]
+
+
+def takes_position_ids(model) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+# How each family's remote code wants a padding mask. The tiny model and LLaDA take (B, T)
+# and broadcast it over queries themselves; Dream hands its mask straight to SDPA, so it
+# needs (B, 1, T, T). Ours is a key mask: padded queries still see the real keys, so no
+# attention row is empty (an all-masked row would put NaN into the padding's states).
+MASK_4D_FAMILIES = {"dream"}
+
+
+def padding_mask_for(attention_mask, four_d: bool):
+    """(B, T) 1 = real token -> what the model's forward takes as attention_mask."""
+    if not four_d:
+        return attention_mask
+    B, T = attention_mask.shape
+    return attention_mask.bool()[:, None, None, :].expand(B, 1, T, T)
+
+
+def aligned_logits(model, ids, attention_mask=None, shift_logits=False, mask_4d=False):
+    """Logits (B, T, V) whose row i scores token i, for any backbone family.
+
+    attention_mask (B, T): 1 for real tokens, 0 for left padding; None when there is none
+    (the unpadded call stays exactly the model's plain forward).
+    """
+    kwargs = {}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = padding_mask_for(attention_mask, mask_4d)
+        if takes_position_ids(model):  # positions count real tokens only
+            kwargs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, **kwargs).logits
+    if shift_logits:  # output i predicts i + 1 -> row i takes output i - 1 (row 0 is prompt)
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    return logits
+
+
+def left_pad(prompts, pad_id: int):
+    """Token lists of different lengths -> ids (B, P) and attention mask (B, P), padded on the
+    left so every canvas starts at the same column."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, P - len(p):] = 1
+    return ids, mask
+
+# -----------------------------------------------------------------------------
+# The sampler
+
+
+@torch.no_grad()
+def generate(model, prompts, mask_token_id: int, config: SamplerConfig | None = None, *,
+             shift_logits=False, mask_4d=False, suppress_ids=(), pad_id=0,
+             generator=None) -> torch.Tensor:
+    """Fill `config.gen_length` masks after each prompt. Returns the canvases (B, gen_length).
+
+    prompts: a list of token-id lists (or 1-D tensors), lengths may differ.
+    shift_logits / mask_4d: the backbone family's conventions (see aligned_logits).
+    suppress_ids: token ids never placed in the canvas (used when config.suppress_eos).
+    generator: the randomness of temperature > 0 and of `random` remasking.
+    """
+    if shift_logits and any(len(p) == 0 for p in prompts):
+        raise ValueError("a shifted-logit backbone needs a non-empty prompt: the first canvas "
+                         "position is predicted from the token before it")
+    config = config or SamplerConfig()
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    B, P = prompt_ids.shape
+    L, block = config.gen_length, config.block_length
+    x = torch.cat([prompt_ids, torch.full((B, L), mask_token_id)], dim=1).to(device)   # (B, P + L)
+    attention_mask = None
+    if not bool(prompt_mask.all()):  # padding exists: hide it from attention
+        attention_mask = torch.cat([prompt_mask, torch.ones(B, L, dtype=torch.long)], 1).to(device)
+    position = torch.arange(P + L, device=device)[None, :]                             # (1, T)
+    steps_per_block = config.steps // (L // block)
+
+    for start in range(P, P + L, block):
+        in_reach = position < start + block  # this block and (already full) earlier ones
+        n_masked = (x[:, start:start + block] == mask_token_id).sum(1)                # (B,)
+        schedule = commit_schedule(n_masked, steps_per_block)                         # (B, S)
+        for step in range(steps_per_block):
+            k = schedule[:, step]
+            if not bool(k.any()):
+                continue  # nothing to commit anywhere: skip the forward
+            # candidates: masked canvas positions up to this block's end (the prompt is never
+            # rewritten; later blocks wait). Only their logits are upcast: (M, V), M <= B * block.
+            candidates = (x == mask_token_id) & (position >= P) & in_reach              # (B, T)
+            logits = aligned_logits(model, x, attention_mask, shift_logits,
+                                    mask_4d)[candidates].double()
+            if config.suppress_eos and len(suppress_ids):
+                logits[:, list(suppress_ids)] = -float("inf")
+            x0 = add_gumbel(logits, config.temperature, generator).argmax(-1)          # (M,)
+            if config.remasking == "low_confidence":
+                score = F.softmax(logits, -1).gather(-1, x0[:, None]).squeeze(-1)      # (M,)
+            else:
+                score = torch.rand(x0.shape, dtype=torch.float64, device=device, generator=generator)
+            confidence = torch.full(x.shape, -float("inf"), dtype=torch.float64, device=device)
+            confidence[candidates] = score
+            proposal = x.clone()
+            proposal[candidates] = x0
+            x = torch.where(top_k_mask(confidence, k) & candidates, proposal, x)
+    return x[:, P:]
+
+
+def conventions(backbone) -> dict:
+    """A backbones.Backbone's family conventions, as keyword arguments of aligned_logits."""
+    return dict(shift_logits=backbone.family.shift_logits,
+                mask_4d=backbone.family.name in MASK_4D_FAMILIES)
+
+
+def stop_ids(backbone) -> set[int]:
+    """Token ids that end an answer: the backbone's EOS and any other EOS id its config names
+    (LLaDA-Instruct ends turns with <|eot_id|> and pads with <|endoftext|>)."""
+    ids = {backbone.eos_token_id, backbone.tokenizer.eos_token_id}
+    eos = getattr(backbone.model.config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return {i for i in ids if i is not None}
+
+
+def decode_answer(tokenizer, canvas, stops) -> str:
+    """The text up to the first stop token; special tokens dropped, outer whitespace stripped
+    (LLM-JEPA strips its generations the same way before exact match)."""
+    canvas = list(canvas)
+    end = next((i for i, t in enumerate(canvas) if t in stops), len(canvas))
+    return tokenizer.decode(canvas[:end], skip_special_tokens=True).strip()
+
+
+def generate_text(backbone, prompts, config: SamplerConfig | None = None, batch_size=8,
+                  seed=0) -> list[str]:
+    """Answers to token-id prompts with a backbones.Backbone, in batches, in order."""
+    model, tokenizer = backbone.model.eval(), backbone.tokenizer
+    stops = stop_ids(backbone)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else backbone.eos_token_id
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        canvases = generate(model, prompts[i:i + batch_size], backbone.mask_token_id, config,
+                            **conventions(backbone), suppress_ids=sorted(stops), pad_id=pad_id,
+                            generator=generator)
+        answers += [decode_answer(tokenizer, c.tolist(), stops) for c in canvases]
+    return answers

@@ -1,0 +1,358 @@
+"""Metrics on hand-made cases, loaders and their errors, the probe, MMLU, drift, the CLI."""
+
+import dataclasses
+import json
+import math
+import sqlite3
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+import backbones
+import evaluate as E
+
+TINY = backbones.FAMILIES["tiny-dlm"]
+
+
+def backbone_of(model, tokenizer, family=TINY):
+    return backbones.Backbone(model, tokenizer, family, tokenizer.mask_token_id, tokenizer.eos_token_id)
+
+# -----------------------------------------------------------------------------
+# GSM8K
+
+
+@pytest.mark.parametrize("text,number", [
+    ("1,000", "1000"), ("$18", "18"), ("18.00", "18"), ("7.50", "7.5"), ("$1,234.50 dollars", "1234.5"),
+    ("70%", "70"), ("-3 degrees", "-3"), ("0.0", "0"), ("100", "100"), ("5.", "5"), ("no number", None),
+])
+def test_normalize_number(text, number):
+    assert E.normalize_number(text) == number
+
+
+@pytest.mark.parametrize("prediction,correct", [
+    ("She sells 9 eggs.\n#### 18", True),
+    ("#### $18.00", True),
+    ("#### 18 dollars", True),
+    ("So 9 * 2 = 18 dollars.\n#### 1,8", True),       # commas vanish: "1,8" reads 18
+    ("#### 19", False),
+    ("The answer is 18", False),                       # strict: no #### marker
+    ("", False),
+])
+def test_gsm8k_strict(prediction, correct):
+    assert E.gsm8k_correct(prediction, "Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18") is correct
+
+
+def test_gsm8k_flexible_and_large_numbers():
+    assert E.gsm8k_correct("The answer is 18", "#### 18", flexible=True)
+    assert not E.gsm8k_correct("The answer is 17 or so", "#### 18", flexible=True)
+    assert E.gsm8k_correct("#### 1,000,000", "x\n#### 1000000")
+    assert E.gsm8k_final("a #### 3\n#### 5\nextra") == "5"
+
+# -----------------------------------------------------------------------------
+# Exact match, SQL, regexes
+
+
+def test_exact_match_strips_outer_whitespace_only():
+    assert E.exact_match("  return result \n", "return result")
+    assert not E.exact_match("return  result", "return result")
+    assert not E.exact_match("Return result", "return result")
+
+
+@pytest.mark.parametrize("a,b", [
+    ("SELECT count(*) FROM head WHERE age  >  56", "select COUNT( * )\nfrom head where age > 56;"),
+    ('SELECT name FROM singer WHERE country = "France"', "select name from singer where country = 'France'"),
+    ("SELECT a FROM t WHERE b <> 1", "select a from t where b != 1"),
+    ("SELECT T1.name FROM t AS T1", "select t1.name from t as t1"),
+])
+def test_sql_normalisation_equal(a, b):
+    assert E.normalize_sql(a) == E.normalize_sql(b)
+
+
+def test_sql_normalisation_keeps_values():
+    assert E.normalize_sql("SELECT a FROM t WHERE n = 'France'") != E.normalize_sql("SELECT a FROM t WHERE n = 'france'")
+    assert E.normalize_sql("SELECT a FROM t WHERE x > 5") != E.normalize_sql("SELECT a FROM t WHERE x > 6")
+
+
+def test_execution_accuracy(tmp_path):
+    db = tmp_path / "shop" / "shop.sqlite"
+    db.parent.mkdir()
+    with sqlite3.connect(db) as conn:
+        conn.executescript("CREATE TABLE item(name TEXT, price INT);"
+                           "INSERT INTO item VALUES ('a', 3), ('b', 1), ('c', 2);")
+    assert E.spider_database(tmp_path, "shop") == db
+    assert E.execution_match(db, "select name from item where price > 1", "SELECT name FROM item WHERE price >= 2")
+    assert E.execution_match(db, "select name from item order by price desc", "SELECT name FROM item")  # multiset
+    assert not E.execution_match(db, "select name from item", "SELECT name FROM item ORDER BY price")  # order counts
+    assert not E.execution_match(db, "select nonsense from", "SELECT name FROM item")
+    with pytest.raises(ValueError, match="no database"):
+        E.spider_database(tmp_path, "missing")
+
+
+@pytest.mark.parametrize("a,b,equal", [
+    ("((dog)|([a-z]))+", "(([a-z])|(dog))+", True),            # | commutes, groups vanish
+    ("(dog)&(.*)", "(.*)&(dog)", True),                         # & commutes
+    (".*.*dog", ".*dog", True),                                 # X*X* = X*
+    ("((.*)*)", ".*", True),                                    # (X*)* = X*
+    ("[AEIOUaeiou]", "[aeiouAEIOU]", True),                     # a class is a set
+    ("(dog)|(dog)", "dog", True),                               # idempotence
+    ("[a-z]{3,}", "[a-z]{3}", False),
+    ("(dog)+", "(dog)*", False),
+    ("\\b(dog)&(.*)\\b", "(\\b(dog))&((.*)\\b)", True),           # & binds looser than concatenation
+    ("\\b(dog)&(.*)\\b", "\\b((dog)&(.*))\\b", False),
+    ("(dog", "(dog)", False),                                    # unparsable prediction
+])
+def test_regex_equivalence(a, b, equal):
+    assert E.regex_equivalent(a, b) is equal
+
+
+def test_score_answers_per_task():
+    items = [E.Item([], "#### 5"), E.Item([], "#### 7")]
+    assert E.score_answers("gsm8k", items, ["#### 5.0", "7"]) == {"accuracy": 0.5, "accuracy_flexible": 1.0}
+    items = [E.Item([], "(dog)|(truck)")]
+    assert E.score_answers("nl-rx-synth", items, ["(truck)|(dog)"]) == {"exact_match": 0.0, "regex_equivalence": 1.0}
+
+# -----------------------------------------------------------------------------
+# Loaders and their errors
+
+
+def write_lines(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_loaders(tmp_path):
+    gsm = write_lines(tmp_path / "gsm.jsonl", [{"question": "1+1?", "answer": "1+1=2\n#### 2"}])
+    assert E.load_items("gsm8k", gsm) == [E.Item([{"role": "user", "content": "1+1?"}], "1+1=2\n#### 2")]
+    chat = write_lines(tmp_path / "rx.jsonl", [{"messages": [
+        {"role": "system", "content": "Convert."}, {"role": "user", "content": "lines with dog"},
+        {"role": "assistant", "content": ".*dog.*"}]}])
+    item, = E.load_items("nl-rx-synth", chat)
+    assert item.reference == ".*dog.*" and [m["role"] for m in item.prompt] == ["system", "user"]
+    (tmp_path / "tables.json").write_text(json.dumps([{
+        "db_id": "shop", "table_names_original": ["item"],
+        "column_names_original": [[-1, "*"], [0, "name"], [0, "price"]]}]))
+    spider = tmp_path / "dev.json"
+    spider.write_text(json.dumps([{"question": "Names?", "query": "SELECT name FROM item", "db_id": "shop"}]))
+    item, = E.load_items("spider", spider)
+    assert item.db_id == "shop" and item.reference == "SELECT name FROM item"
+    assert "Schema: item(name, price)" in item.prompt[0]["content"]
+    (tmp_path / "dev.anno").write_text("  call the function f.\ndefine x.\n")
+    (tmp_path / "dev.code").write_text("f ( )\n  x = 1\n")
+    assert [i.reference for i in E.load_items("django", tmp_path / "dev.code")] == ["f ( )", "x = 1"]
+
+
+def test_few_shot_turns_come_before_the_question():
+    q = E.Item([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], "A")
+    shot = E.Item([{"role": "user", "content": "q1"}], "a1")
+    prompt = E.with_shots([q], [shot, shot], 1)[0].prompt
+    assert [m["content"] for m in prompt] == ["S", "q1", "a1", "Q"]
+
+
+@pytest.mark.parametrize("name,content,task,match", [
+    ("bad.jsonl", '{"question": "q", "answer": "a"}\n{oops\n', "gsm8k", r"bad.jsonl:2: invalid JSON"),
+    ("nofields.jsonl", '{"q": 1}\n', "gsm8k", r"nofields.jsonl:1: no usable fields"),
+    ("sp.json", '[{"question": "q", "db_id": "x"}]', "spider", r"sp.json:1|sp.json item 0"),
+])
+def test_bad_rows_name_file_and_row(tmp_path, name, content, task, match):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=match):
+        E.load_items(task, tmp_path / name)
+
+
+def test_django_misaligned_and_missing(tmp_path):
+    (tmp_path / "a.anno").write_text("one\ntwo\n")
+    (tmp_path / "a.code").write_text("1\n")
+    with pytest.raises(ValueError, match="2 lines but .*a.code has 1"):
+        E.load_items("django", tmp_path / "a.anno")
+    (tmp_path / "b.anno").write_text("one\n")
+    with pytest.raises(ValueError, match="b.code is missing"):
+        E.load_items("django", tmp_path / "b.anno")
+
+
+def test_mmlu_loader(tmp_path):
+    (tmp_path / "algebra_test.csv").write_text("question,choice0,choice1,choice2,choice3,answer\n"
+                                               '"2+2?",3,4,5,6,1\n')
+    (tmp_path / "old_test.csv").write_text("Q?,a,b,c,d,C\n")
+    questions = E.load_mmlu(tmp_path)
+    assert [(q.subject, q.answer) for q in questions] == [("algebra", 1), ("old", 2)]
+    (tmp_path / "bad_test.csv").write_text("Q?,a,b,c,d,E\n")
+    with pytest.raises(ValueError, match=r"bad_test.csv row 1: answer 'E'"):
+        E.load_mmlu(tmp_path)
+
+# -----------------------------------------------------------------------------
+# The probe
+
+
+class Spy(nn.Module):
+    """Wraps a model and keeps its inputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.inputs = model, model.config, []
+
+    def forward(self, input_ids, **kwargs):
+        self.inputs.append(input_ids.clone())
+        return self.model(input_ids=input_ids, **kwargs)
+
+
+def test_probe_is_deterministic_and_masks_are_shared(make_model, tokenizer):
+    windows = torch.randint(0, 256, (5, 24), generator=torch.Generator().manual_seed(0))
+    cfg = E.ProbeConfig(seq_len=24, windows=5, grid=4, seed=3, batch_size=2)
+    a, b = Spy(make_model(seed=0)), Spy(make_model(seed=1))
+    first = E.diffusion_probe(backbone_of(a, tokenizer), windows, cfg)
+    again = E.diffusion_probe(backbone_of(a, tokenizer), windows, cfg)
+    other = E.diffusion_probe(backbone_of(b, tokenizer), windows, cfg)
+    assert first["probe_loss"] == again["probe_loss"]
+    assert first["probe_loss"] != other["probe_loss"]
+    assert all(torch.equal(x, y) for x, y in zip(a.inputs, b.inputs))  # identical masked inputs
+    assert not (a.inputs[0][:, 0] == tokenizer.mask_token_id).any()     # position 0 stays clean
+    masks, _ = E.probe_masks((5, 24), cfg)
+    assert not torch.equal(masks, E.probe_masks((5, 24), dataclasses.replace(cfg, seed=4))[0])
+
+
+def test_probe_matches_hand_computation(tokenizer):
+    """Uniform logits: every masked token costs log V, so the probe is the grid average of
+    (masked count * log V / p) / scored length, which we recompute from the masks."""
+    class Uniform(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.config = nn.Parameter(torch.zeros(1)), SimpleNamespace()
+
+        def forward(self, input_ids, **kwargs):
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, len(tokenizer)))
+
+    windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    cfg = E.ProbeConfig(seq_len=16, windows=3, grid=4)
+    masks, p = E.probe_masks(windows.shape, cfg)
+    expected = (masks.sum(-1).double() * math.log(len(tokenizer)) / p[:, None] / 15).mean().item()
+    got = E.diffusion_probe(backbone_of(Uniform(), tokenizer), windows, cfg)["probe_loss"]
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_text_windows(tmp_path, tokenizer):
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefghij" * 10)
+    assert E.text_windows(path, tokenizer, 16, 3).shape == (3, 16)
+    assert E.text_windows(path, tokenizer, 16, 100).shape == (6, 16)  # what the file holds
+    with pytest.raises(ValueError, match="fewer than one window"):
+        E.text_windows(path, tokenizer, 1000, 1)
+
+# -----------------------------------------------------------------------------
+# MMLU
+
+
+class Rigged(nn.Module):
+    """Puts all its confidence in `token` at one position of every row (the last, or the
+    one before it for a shifted model), and junk elsewhere."""
+
+    def __init__(self, vocab, token, shifted=False):
+        super().__init__()
+        self.vocab, self.token, self.shifted = vocab, token, shifted
+        self.w, self.config = nn.Parameter(torch.zeros(1)), SimpleNamespace(max_position_embeddings=4096)
+
+    def forward(self, input_ids, **kwargs):
+        B, T = input_ids.shape
+        logits = torch.randn(B, T, self.vocab, generator=torch.Generator().manual_seed(0))
+        logits[:, T - 2 if self.shifted else T - 1, self.token] = 50.0
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_mmlu_picks_the_likeliest_letter(tokenizer, shifted):
+    questions = [E.Question("s", "Which?", ["w", "x", "y", "z"], 2),
+                 E.Question("s", "And this much longer one?", ["w", "x", "y", "z"], 0)]
+    _, letters = E.letter_tokens(tokenizer, E.mmlu_prompt(questions[0], []))
+    family = dataclasses.replace(TINY, shift_logits=shifted)
+    model = Rigged(len(tokenizer), letters[2], shifted)
+    result = E.mmlu_accuracy(backbone_of(model, tokenizer, family), questions, batch_size=2)
+    assert result["accuracy"] == 0.5 and result["by_subject"] == {"s": 0.5}
+
+
+def test_mmlu_letters_are_single_tokens(tokenizer):
+    prompt = E.mmlu_prompt(E.Question("s", "Q", ["a", "b", "c", "d"], 0), [])
+    ids, letters = E.letter_tokens(tokenizer, prompt)
+    assert tokenizer.decode(ids).endswith("Answer: ")
+    assert [tokenizer.decode([i]) for i in letters] == list("ABCD")
+
+
+def test_mmlu_few_shot_fits_the_context(make_model, tokenizer):
+    exemplars = [E.Question("s", "x" * 100, ["a", "b", "c", "d"], 1)] * 5
+    questions = [E.Question("s", "Q", ["a", "b", "c", "d"], 1)]
+    model = make_model(max_position_embeddings=256)  # holds about one exemplar
+    result = E.mmlu_accuracy(backbone_of(model, tokenizer), questions, shots=5, exemplars=exemplars)
+    assert 0 < result["mean_shots_used"] < 5
+
+# -----------------------------------------------------------------------------
+# Drift
+
+
+def test_cka_properties():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    assert E.linear_cka(x, x) == pytest.approx(1.0)
+    assert E.linear_cka(x, 3.0 * x @ q) == pytest.approx(1.0)       # orthogonal map, isotropic scale
+    assert E.linear_cka(x, x + 5.0) == pytest.approx(1.0)            # centring
+    assert E.linear_cka(x, torch.randn(200, 16, generator=g)) < 0.2  # unrelated
+
+
+def test_weight_drift_per_layer(make_model, tokenizer):
+    base, tuned = make_model(seed=0), make_model(seed=0)
+    with torch.no_grad():
+        w = tuned.layers[1].qkv.weight
+        w.add_(0.5 * w)
+    drift = E.weight_drift(backbone_of(tuned, tokenizer), backbone_of(base, tokenizer))
+    assert list(drift) == ["block 0", "block 1", "other"]
+    assert drift["block 0"] == 0 and drift["other"] == 0
+    block = base.layers[1]
+    total = sum(p.pow(2).sum() for p in block.parameters()).sqrt()
+    assert drift["block 1"] == pytest.approx((0.5 * block.qkv.weight.norm() / total).item(), rel=1e-5)
+
+
+def test_drift_report_and_plot(make_model, tokenizer, tmp_path):
+    base, tuned = backbone_of(make_model(seed=0), tokenizer), backbone_of(make_model(seed=1), tokenizer)
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    cfg = E.ProbeConfig(seq_len=16, windows=2, grid=2)
+    same = E.drift_report(base, base, windows, cfg)
+    assert same["forgetting"] == 0 and all(c == pytest.approx(1.0) for c in same["cka"])
+    report = E.drift_report(tuned, base, windows, cfg)
+    assert len(report["cka"]) == 3 and report["weight_distance"]["block 0"] > 0
+    E.plot_drift({"same": same, "tuned": report}, tmp_path / "drift.png")
+    assert (tmp_path / "drift.png").read_bytes()[:4] == b"\x89PNG"
+
+# -----------------------------------------------------------------------------
+# The command line, on a saved tiny checkpoint
+
+
+@pytest.fixture
+def checkpoint(make_model, tokenizer, tmp_path):
+    path = tmp_path / "ckpt"
+    make_model().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_probe_and_generation(checkpoint, tmp_path):
+    text = tmp_path / "held.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    out = tmp_path / "probe.json"
+    result = E.main(["--model", str(checkpoint), "--task", "probe", "--data", str(text), "--probe-seq-len", "32",
+                     "--probe-windows", "2", "--probe-grid", "2", "--base", str(checkpoint), "--out", str(out)])
+    assert json.loads(out.read_text())["forgetting"] == 0 == result["forgetting"]
+    rows = write_lines(tmp_path / "dev.jsonl", [{"question": "1+1?", "answer": "#### 2"}] * 3)
+    result = E.main(["--model", str(checkpoint), "--task", "gsm8k", "--data", str(rows), "--limit", "2",
+                     "--gen-length", "8", "--block-length", "4", "--steps", "4"])
+    assert result["n"] == 2 and len(result["answers"]) == 2 and 0 <= result["accuracy"] <= 1
+
+
+def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(SystemExit, match=r"error: .*bad.jsonl:1: invalid JSON"):
+        E.main(["--model", str(checkpoint), "--task", "gsm8k", "--data", str(bad)])
+    with pytest.raises(SystemExit, match="needs --base"):
+        E.main(["--model", str(checkpoint), "--task", "drift", "--data", str(bad)])
+    with pytest.raises(SystemExit, match="no such file"):
+        E.main(["--model", str(checkpoint), "--task", "probe", "--data", str(tmp_path / "none.txt")])

@@ -1,0 +1,88 @@
+"""The experiment runner: its table format, and the whole pipeline on a tiny made-up corpus."""
+
+import json
+
+import pytest
+
+import experiments as X
+
+
+def test_mean_std_format():
+    assert X.mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
+    assert X.mean_std([0.5, 0.7], scale=100, digits=1) == "60.0 ± 14.1"
+    assert X.mean_std([0.25]) == "0.25"  # one seed: no spread to report
+
+
+def test_task_table_layout():
+    base = {"exact_match": 0.1, "regex_equivalence": 0.2, "probe_loss": 3.0}
+    runs = {"diffusion": [{"exact_match": 0.2, "probe_loss": 3.1, "forgetting": 0.1},
+                          {"exact_match": 0.4, "probe_loss": 3.3, "forgetting": 0.3}]}
+    lines = X.task_table("nl-rx-synth", base, runs, shots=5).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:4] == ["method", "EM % ↑", "regex equiv. % ↑", "answer loss ↓"]
+    assert "MMLU 5-shot %" in header
+    assert lines[1] == "|---|" + "---|" * (len(header) - 1)
+    base_row = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert base_row[:3] == ["base (pre-trained)", "10.0", "20.0"] and base_row[header.index("forgetting ↓")] == "–"
+    row = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert row[0] == "diffusion" and row[1] == "30.0 ± 14.1"
+    assert row[header.index("Wikitext probe ↓")] == "3.200 ± 0.141"
+
+
+def test_comparisons_flag_gaps_beyond_seed_noise():
+    runs = {"dllm-jepa": [{"probe_loss": 1.0}, {"probe_loss": 1.1}],
+            "diffusion": [{"probe_loss": 2.0}, {"probe_loss": 2.1}]}
+    line, = X.comparisons(runs, "django", shots=5)
+    assert line.startswith("- dllm-jepa − diffusion: Wikitext probe: -1.000 ± 0.071 (beyond 2 s.e.)")
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """Files in shared/data's layout, made up and tiny."""
+    root = tmp_path / "data"
+    (root / "nl-rx-synth").mkdir(parents=True)
+    words = ["dog", "truck", "ring", "lake"]
+    with (root / "nl-rx-synth" / "synth_train.jsonl").open("w") as f:
+        for i in range(40):
+            w = words[i % 4]
+            f.write(json.dumps({"messages": [
+                {"role": "system", "content": "Convert natural language to regular expression."},
+                {"role": "user", "content": f"lines with {w}"},
+                {"role": "assistant", "content": f".*{w}.*"}]}) + "\n")
+    (root / "wikitext2").mkdir()
+    (root / "wikitext2" / "valid.txt").write_text(
+        "\n".join(f" = Section {i} = \n the quick brown fox jumps over the lazy dog {i} times ." for i in range(60)))
+    for split in ("test", "dev"):
+        (root / "mmlu" / split).mkdir(parents=True)
+        (root / "mmlu" / split / f"toy_{split}.csv").write_text(
+            "question,choice0,choice1,choice2,choice3,answer\n2+2?,3,4,5,6,1\n1+1?,2,3,4,5,0\n")
+    return root
+
+
+def test_pipeline_end_to_end(data_dir, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--smoke", "--data-dir", str(data_dir), "--out", str(out), "--methods", "diffusion", "dllm-jepa",
+            "--seeds", "0", "1", "--base-steps", "2", "--steps", "2", "--seq-len", "64", "--n-train", "16",
+            "--n-dev", "2", "--probe-windows", "2", "--mmlu-questions", "2", "--threads", "1"]
+    report = X.main(argv)
+    text = report.read_text()
+    assert "## nl-rx-synth" in text and "| base (pre-trained) |" in text
+    assert "| diffusion | 0.0 ± 0.0 |" in text and "| dllm-jepa |" in text
+    assert "- dllm-jepa − diffusion:" in text
+    for png in ("nl-rx-synth_metrics.png", "nl-rx-synth_drift.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((out / "results.json").read_text())
+    runs = results["nl-rx-synth"]["runs"]
+    assert [len(runs[m]) for m in ("diffusion", "dllm-jepa")] == [2, 2]
+    assert {"answer_loss", "probe_loss", "forgetting", "mmlu_0shot", "weight_distance", "cka"} <= set(runs["diffusion"][0])
+    train_log = out / "nl-rx-synth" / "diffusion" / "seed0" / "train.log"
+    stamp = train_log.stat().st_mtime_ns
+    X.main(argv)  # a second call reuses every finished stage
+    assert train_log.stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="other settings"):  # never mix caches of two profiles
+        X.main(argv + ["--lr", "1e-2"])
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="wikitext2/valid.txt is missing"):
+        X.main(["--smoke", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
