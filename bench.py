@@ -464,6 +464,9 @@ def target_pass_study(args, compile_too=False):
         "layer L/2, truncated": (L // 2, True, None),
         "no LM head, bf16 autocast": (-1, True, "autocast"),
         "layer L/2, truncated, bf16 autocast": (L // 2, True, "autocast"),
+        # packing: two batches' target views in one pass (twice the FLOPs); what it is worth
+        # per FLOP is the GFLOP/s column
+        "no LM head, 2 batches packed": (-1, True, "packed"),
     }
     if compile_too:
         variants["no LM head, compiled blocks"] = (-1, True, "compile")
@@ -479,7 +482,8 @@ def target_pass_study(args, compile_too=False):
 
         def target_pass(jepa=jepa, encoder=encoder, how=how):
             with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=how == "autocast"):
-                return jepa.encode(encoder, ids, logits=False)[1]
+                return jepa.encode(encoder, torch.cat([ids, ids]) if how == "packed" else ids,
+                                   logits=False)[1][:len(ids)]
         passes[name] = target_pass
     rows = {}
     for name, target_pass in passes.items():

@@ -84,6 +84,8 @@ def test_bench_flop_ratios(bench_result):
     assert study["no LM head"]["flops"] == F_ - h
     assert study["layer L/2, truncated"]["flops_vs_full"] == pytest.approx((F_ - h) / 2 / F_)
     assert study["no LM head"]["max_abs_diff"] == 0 and study["layer L/2, truncated"]["max_abs_diff"] == 0
+    assert study["no LM head, 2 batches packed"]["flops"] == 2 * (F_ - h)
+    assert study["no LM head, 2 batches packed"]["max_abs_diff"] < 1e-5  # same rows, other matmul tiling
 
 
 def test_bench_isolated_runs_report_their_own_memory():
