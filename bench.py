@@ -51,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import backbones
 import distributed
 from dllm_jepa import DLLMJEPA, JEPAConfig
+from train import make_optimizer
 
 # name -> JEPAConfig fields. "l/2": the embedding is read at layer L/2 (the target pass stops
 # there); filled in once the depth is known.
@@ -198,7 +199,7 @@ class Trainer:
             distributed.shard_model(self.model, blocks_of, param_dtype=None if dtype == torch.float32 else dtype,
                                     cpu_offload=args.cpu_offload,
                                     activation_checkpointing=args.activation_checkpointing)
-        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=1e-5)
+        self.optimizer = make_optimizer(self.model, lr=1e-5, weight_decay=0.0)  # train.py's
         self.batch = make_batch(args.batch_size, args.seq_len, model.config.vocab_size,
                                 model.config.eos_token_id, device)
         self.device, self.count = device, 0

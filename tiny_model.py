@@ -171,10 +171,10 @@ class TinyDLM(PreTrainedModel):
         cos, sin = rotary_tables(T, self.config.hidden_size // self.config.num_attention_heads,
                                  self.config.rope_theta, input_ids.device)
         x = self.embed(input_ids)  # (B, T, C)
-        hidden_states = [x]
+        hidden_states = [x]  # kept only when asked: a no-grad pass would otherwise hold all L+1
         for block in self.layers:
             x = block(x, cos, sin, attention_mask)
-            hidden_states.append(x)
+            hidden_states = hidden_states + [x] if output_hidden_states else [x]
         x = self.norm(x)
         hidden_states[-1] = x  # HF convention (and LLaDA's): the last state is after the final norm
         logits = self.lm_head(x)  # (B, T, V)
