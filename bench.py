@@ -13,8 +13,9 @@ layer L/2, where the target pass stops halfway), one run measures a full optimiz
   AdamW and the EMA lerp are elementwise and count as zero),
 - time: the median over --steps steps after --warmup steps (CUDA is synchronised),
 - tokens/s: batch tokens / median step time,
-- peak memory: on CPU the process's peak RSS above its RSS before the model was built, each
-  method in a fresh process so peaks never mix; on CUDA max_memory_allocated,
+- peak memory over the plain (untimed and timed) steps: on CPU the process's peak RSS above
+  its RSS before the model was built, each method in a fresh process so peaks never mix, and
+  the peak bytes of live tensors; on CUDA max_memory_allocated,
 - every ratio to `diffusion` and to `two-pass`.
 It also measures this machine's dense matmul FLOP/s (a square matmul at the model's width)
 and a study of the target pass alone: full pass (the paper's), without the LM head, stopped
@@ -259,8 +260,9 @@ def reset_peak_rss():
 
 
 class Run:
-    """One row of the table, measured in the process that builds it: FLOPs, the losses of
-    its first step, then step times on request, then its peak memory."""
+    """One row of the table, measured in the process that builds it: the losses of its
+    first step, then step times on request, then its peak memory over those plain steps,
+    then FLOPs and live-tensor bytes from two instrumented steps."""
 
     def __init__(self, run, args):
         self.run, self.args = run, args
@@ -277,15 +279,6 @@ class Run:
         self.trainer = Trainer(run, args, self.device, dtype)
         first = self.trainer.step()  # step 0, before any update: the same batch and masks in every run
         self.losses = dict(loss=first.loss.item(), diffusion=first.diffusion.item(), jepa=first.jepa.item())
-        self.flops = count_flops(self.trainer.step)
-        self.tensor_peak = None
-        if self.device.type == "cpu":  # one step more, with every tensor allocation tracked
-            model, optimizer = self.trainer.model, self.trainer.optimizer
-            existing = list(model.state_dict().values()) + [
-                v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-            with TensorBytes(existing) as tracker:
-                self.trainer.step()
-            self.tensor_peak = tracker.peak
         self.samples = []
 
     def time_steps(self, n, keep=True):
@@ -294,18 +287,33 @@ class Run:
             self.samples += samples
         return samples
 
+    def instrumented_steps(self):
+        """-> (FLOPs of a step, peak live-tensor bytes on CPU or None), from two steps more,
+        taken after the peak memory is read: their dispatch modes allocate differently from a
+        training step. One runs under the FLOP counter, one (CPU) tracks every tensor."""
+        flops = count_flops(self.trainer.step)
+        if self.device.type != "cpu":
+            return flops, None
+        model, optimizer = self.trainer.model, self.trainer.optimizer
+        existing = list(model.state_dict().values()) + [
+            v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        with TensorBytes(existing) as tracker:
+            self.trainer.step()
+        return flops, tracker.peak
+
     def summary(self):
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
             peak = (rss_bytes("VmHWM") or 0) - (self.base or 0)
+        flops, tensor_peak = self.instrumented_steps()
         config, median = self.trainer.config, statistics.median(self.samples)
         return dict(run=self.run, method=config.method, target=config.target_kind,
-                    embed_layer=config.embed_layer, flops=self.flops, step_s=median,
+                    embed_layer=config.embed_layer, flops=flops, step_s=median,
                     step_s_min=min(self.samples), step_s_samples=self.samples,
                     tokens_per_s=self.args.batch_size * self.args.seq_len / median,
-                    achieved_flops_per_s=self.flops / median, peak_mem_bytes=peak,
-                    peak_tensor_bytes=self.tensor_peak if self.tensor_peak is not None else peak,
+                    achieved_flops_per_s=flops / median, peak_mem_bytes=peak,
+                    peak_tensor_bytes=tensor_peak if tensor_peak is not None else peak,
                     weight_bytes=sum(p.numel() * p.element_size()
                                      for p in self.trainer.model.backbone.parameters()),
                     losses=self.losses)
