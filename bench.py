@@ -3,7 +3,8 @@ What one optimizer step costs, for each method, side by side: the single-pass cl
 
     python bench.py                          # tiny model on CPU, under 2 minutes on 2 cores
     python bench.py --json out/bench.json    # the same, and the numbers as JSON
-    python bench.py --model llada-8b-shape --device cuda --dtype bfloat16 --batch-size 1 --seq-len 1024
+    python bench.py --model llada-8b-shape --layers 8 --device cuda --dtype bfloat16 --fsdp \
+        --activation-checkpointing --batch-size 4 --seq-len 1024     # one 80 GB GPU (README)
 
 For each method of dllm_jepa.py on the same model and the same batch (dllm-jepa twice: with
 its EMA target and with the online model as target, plus dllm-jepa reading its embedding at
@@ -16,7 +17,9 @@ layer L/2, where the target pass stops halfway), one run measures a full optimiz
 - peak memory over the plain (untimed and timed) steps: on CPU the process's peak RSS above
   its RSS before the model was built, each method in a fresh process so peaks never mix, and
   the peak bytes of live tensors; on CUDA max_memory_allocated,
-- every ratio to `diffusion` and to `two-pass`.
+- every ratio to `diffusion` and to `two-pass`,
+- MFU, when the device's peak is known (H100, H200, A100 in bf16, or --peak-tflops): model
+  FLOPs (3 x the forward, recomputation left out) per second over that peak.
 It also measures this machine's dense matmul FLOP/s (a square matmul at the model's width)
 and a study of the target pass alone: full pass (the paper's), without the LM head, stopped
 at layer L/2, and the same in bf16 autocast or compiled (what makes it cheaper per FLOP).
@@ -76,6 +79,10 @@ SHAPES = {
                            intermediate_size=12288, vocab_size=126464, max_position_embeddings=4096),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity), from NVIDIA's datasheets; matched
+# in order against torch.cuda.get_device_name(). The denominator of MFU; --peak-tflops for others.
+BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
+                    ("H100", 989.4), ("H200", 989.4), ("A100", 312.0)]
 # FlopCounterMode knows CUDA's attention kernels; CPU's flash attention costs the same FLOPs.
 CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
@@ -124,6 +131,9 @@ def parse_args(argv=None):
                    help="time one step of each method in turn (default: on CPU; on CUDA one method "
                         "after another, as all models at once may not fit)")
     g.add_argument("--matmul-size", type=int, default=None, help="square matmul size (default: the width)")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak dense TFLOP/s at --dtype, for the MFU column (default: known "
+                        "for H100, H200, A100 in bf16; otherwise no MFU column)")
     g.add_argument("--study", action=argparse.BooleanOptionalAction, default=True,
                    help="time the target pass alone: full, no head, layer L/2, bf16 autocast")
     g.add_argument("--compile", action="store_true", help="add torch.compile to the target-pass study (slow)")
@@ -206,14 +216,29 @@ class Trainer:
         self.device, self.count = device, 0
 
     def step(self):
+        return self.update(self.forward())
+
+    def forward(self):
         gen = torch.Generator(self.device).manual_seed(self.count)  # same masks for every method
-        out = self.model(*self.batch, generator=gen)
+        return self.model(*self.batch, generator=gen)
+
+    def update(self, out):
+        """Backward, AdamW step, EMA update."""
         out.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_target(self.count, 1000)
         self.count += 1
         return out
+
+    def no_grad_target_flops(self):
+        """FLOPs of the step's target pass if it runs without gradient (dllm-jepa), else 0."""
+        spec, model = self.config.method_spec, self.model
+        if not spec["target_pass"] or spec["target_grad"]:
+            return 0
+        encoder = model.target_encoder if model.target_encoder is not None else model.backbone
+        with torch.no_grad():
+            return count_flops(lambda: model.encode(encoder, self.batch[0], logits=False))
 
 # -----------------------------------------------------------------------------
 # Measurements
@@ -223,6 +248,22 @@ def count_flops(fn):
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def count_step_flops(trainer):
+    """-> (FLOPs of one optimizer step as run, model FLOPs of it).
+
+    As run: everything the counter sees, activation checkpointing's recomputation included.
+    Model FLOPs, the convention of MFU (PaLM, Chowdhery et al. 2022, appendix B): a backward
+    costs twice its forward and nothing is recomputed, so 3 x the forward phase's FLOPs, less
+    2 x those of a no-grad target pass (it has no backward). They are what the step would
+    count without checkpointing, up to attention's backward (2.5x its forward, not 2x).
+    """
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        out = trainer.forward()
+        forward = counter.get_total_flops()
+        trainer.update(out)
+    return counter.get_total_flops(), 3 * forward - 2 * trainer.no_grad_target_flops()
 
 
 def time_it(fn, device, steps, warmup):
@@ -288,28 +329,29 @@ class Run:
         return samples
 
     def instrumented_steps(self):
-        """-> (FLOPs of a step, peak live-tensor bytes on CPU or None), from two steps more,
-        taken after the peak memory is read: their dispatch modes allocate differently from a
-        training step. One runs under the FLOP counter, one (CPU) tracks every tensor."""
-        flops = count_flops(self.trainer.step)
+        """-> (FLOPs of a step, its model FLOPs, peak live-tensor bytes on CPU or None), from
+        two steps more, taken after the peak memory is read: their dispatch modes allocate
+        differently from a training step. One runs under the FLOP counter, one (CPU) tracks
+        every tensor."""
+        flops, model_flops = count_step_flops(self.trainer)
         if self.device.type != "cpu":
-            return flops, None
+            return flops, model_flops, None
         model, optimizer = self.trainer.model, self.trainer.optimizer
         existing = list(model.state_dict().values()) + [
             v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         with TensorBytes(existing) as tracker:
             self.trainer.step()
-        return flops, tracker.peak
+        return flops, model_flops, tracker.peak
 
     def summary(self):
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
             peak = (rss_bytes("VmHWM") or 0) - (self.base or 0)
-        flops, tensor_peak = self.instrumented_steps()
+        flops, model_flops, tensor_peak = self.instrumented_steps()
         config, median = self.trainer.config, statistics.median(self.samples)
         return dict(run=self.run, method=config.method, target=config.target_kind,
-                    embed_layer=config.embed_layer, flops=flops, step_s=median,
+                    embed_layer=config.embed_layer, flops=flops, model_flops=model_flops, step_s=median,
                     step_s_min=min(self.samples), step_s_samples=self.samples,
                     tokens_per_s=self.args.batch_size * self.args.seq_len / median,
                     achieved_flops_per_s=flops / median, peak_mem_bytes=peak,
@@ -439,6 +481,20 @@ def matmul_flops_per_s(n, device, dtype, seconds=1.0):
         sync(device)
         best = min(best, (time.perf_counter() - t0) / reps)
     return 2 * n ** 3 / best
+
+
+def peak_flops_per_s(args, device):
+    """-> (the device's peak FLOP/s at args.dtype or None, where the figure comes from)."""
+    if args.peak_tflops is not None:
+        if args.peak_tflops <= 0:
+            raise SystemExit(f"--peak-tflops {args.peak_tflops}: give the device's peak, a positive number")
+        return args.peak_tflops * 1e12, "--peak-tflops"
+    if device.type == "cuda" and args.dtype == "bfloat16":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in BF16_PEAK_TFLOPS:
+            if key in name:
+                return tflops * 1e12, f"{name}: dense bf16 datasheet peak"
+    return None, None
 
 
 def forward_costs(args):
@@ -573,12 +629,18 @@ def report(result):
           f"(4F-h)/(6F-3h) = {(4 * F_ - h) / (6 * F_ - 3 * h):.4f}")
     if result.get("activation_checkpointing"):
         print("activation checkpointing recomputes each block's forward in backward: every "
-              "gradient-carrying pass costs about F more, so these expectations do not apply")
-    print(f"dense matmul ({m['n']}x{m['n']}, {result['dtype']}): {m['flops_per_s'] / 1e9:.1f} GFLOP/s\n")
+              "gradient-carrying pass costs up to F - h more (torch stops once every saved tensor is "
+              "back), so these expectations do not apply to GFLOP; model FLOPs (MFU) leave it out")
+    print(f"dense matmul ({m['n']}x{m['n']}, {result['dtype']}): {m['flops_per_s'] / 1e9:.1f} GFLOP/s")
+    peak = result["peak_flops_per_s"]
+    if peak:
+        print(f"peak for MFU: {peak / 1e12:.1f} TFLOP/s ({result['peak_source']})")
+    print()
     cpu = result["device"] == "cpu"
     mem = "RSS MiB" if cpu else "mem MiB"
     head = (f"{'run':16s} {'GFLOP':>7s} {'/diff':>6s} {'/2pass':>6s} {'ms/step':>8s} {'/diff':>6s} "
-            f"{'/2pass':>6s} {'tok/s':>7s} {'achvd':>6s} {mem:>8s} {'/diff':>6s} {'/2pass':>6s}"
+            f"{'/2pass':>6s} {'tok/s':>7s} {'achvd':>6s}" + (f" {'MFU':>6s}" if peak else "")
+            + f" {mem:>8s} {'/diff':>6s} {'/2pass':>6s}"
             + (f" {'tensors':>8s} {'/diff':>6s} {'/2pass':>6s}" if cpu else ""))
     print(head)
     print("-" * len(head))
@@ -588,10 +650,12 @@ def report(result):
     both = lambda key, run: f"{q(key, 'diffusion', run)} {q(key, 'two-pass', run)}"
     for run, r in rows.items():
         print(f"{run:16s} {r['flops'] / 1e9:7.2f} {both('flops', run)} {r['step_s'] * 1e3:8.1f} "
-              f"{both('step_s', run)} {r['tokens_per_s']:7.0f} {r['achieved_flops_per_s'] / m['flops_per_s']:6.1%} "
-              f"{r['peak_mem_bytes'] / 2 ** 20:8.1f} {both('peak_mem_bytes', run)}"
+              f"{both('step_s', run)} {r['tokens_per_s']:7.0f} {r['achieved_flops_per_s'] / m['flops_per_s']:6.1%}"
+              + (f" {r['mfu']:6.1%}" if peak else "")
+              + f" {r['peak_mem_bytes'] / 2 ** 20:8.1f} {both('peak_mem_bytes', run)}"
               + (f" {r['peak_tensor_bytes'] / 2 ** 20:8.1f} {both('peak_tensor_bytes', run)}" if cpu else ""))
-    print("GFLOP: per optimizer step; achvd: the step's FLOP/s over the matmul's; " + (
+    print("GFLOP: per optimizer step, as run; achvd: the step's FLOP/s over the matmul's; "
+          + ("MFU: model FLOPs (3 x forward, no recomputation) per second over the peak; " if peak else "") + (
         "RSS: peak resident memory above the process's before the model was built, "
         + ("each run in a fresh process" if result["isolated"] else "runs sharing one process (mixed peaks)")
         + "; tensors: peak bytes of live tensors (what CUDA's max_memory_allocated counts)"
@@ -618,18 +682,23 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    peak, peak_source = peak_flops_per_s(args, device)
     t_start = time.perf_counter()
     costs = forward_costs(args)
     width = SHAPES.get(args.model, {}).get("hidden_size") if args.model in SHAPES else None
     n = args.matmul_size or args.width or width or 1024
     matmul = dict(n=n, flops_per_s=matmul_flops_per_s(n, device, dtype))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the worker processes get the memory this one cached
     rows = measure_runs(args.runs, args)
+    for r in rows.values():
+        r["mfu"] = r["model_flops"] / r["step_s"] / peak if peak else None
     study = target_pass_study(args, args.compile) if args.study else None
     result = dict(model=args.model, device=str(device), dtype=args.dtype, threads=torch.get_num_threads(),
                   batch_size=args.batch_size, seq_len=args.seq_len, isolated=args.isolate, fsdp=args.fsdp,
                   activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
                   machine=platform.processor() or platform.machine(), torch=torch.__version__,
-                  costs=costs, matmul=matmul, rows=rows,
+                  costs=costs, matmul=matmul, peak_flops_per_s=peak, peak_source=peak_source, rows=rows,
                   ratios={k: ratios(rows, k) for k in ("flops", "step_s", "tokens_per_s", "peak_mem_bytes",
                                                        "peak_tensor_bytes")},
                   study=study, args={k: str(v) for k, v in vars(args).items()})

@@ -187,8 +187,12 @@ AutoModel.register(TinyDLMConfig, TinyDLM)
 
 
 def make_tiny_model(tokenizer: PreTrainedTokenizerFast, **overrides) -> TinyDLM:
-    """A randomly initialised TinyDLM whose vocabulary and special ids match `tokenizer`."""
-    cfg = TinyDLMConfig(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                        **overrides)
-    return TinyDLM(cfg)
+    """A randomly initialised TinyDLM whose special ids match `tokenizer`, and its vocabulary
+    too unless `vocab_size` is given (a larger table, as bench.py builds a real model's shape)."""
+    fields = dict(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    fields.update(overrides)
+    if fields["vocab_size"] < len(tokenizer):
+        raise ValueError(f"vocab_size={fields['vocab_size']}: the tokenizer has {len(tokenizer)} tokens; "
+                         "give at least that many")
+    return TinyDLM(TinyDLMConfig(**fields))

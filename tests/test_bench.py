@@ -46,8 +46,8 @@ def test_bench_table_and_json(bench_result, capsys):
     result, saved = bench_result
     assert set(saved["rows"]) == set(bench.RUNS)
     for row in saved["rows"].values():
-        for key in ("flops", "step_s", "tokens_per_s", "peak_mem_bytes", "peak_tensor_bytes",
-                    "achieved_flops_per_s", "losses"):
+        for key in ("flops", "model_flops", "step_s", "tokens_per_s", "peak_mem_bytes", "peak_tensor_bytes",
+                    "achieved_flops_per_s", "mfu", "losses"):
             assert key in row
         assert len(row["step_s_samples"]) == 2 and row["flops"] > 0
     for key in ("flops", "step_s", "peak_mem_bytes", "tokens_per_s"):
@@ -107,6 +107,64 @@ def test_bench_fsdp_counts_the_same_flops_and_losses(bench_result):
         assert rows[run]["flops"] == plain["rows"][run]["flops"]
         for part, value in rows[run]["losses"].items():
             assert value == pytest.approx(plain["rows"][run]["losses"][part], rel=1e-5, abs=1e-7)
+
+
+def test_model_flops_leave_out_recomputation(bench_result):
+    """Model FLOPs (MFU's numerator) are 3 x the forward phase less 2 x a no-grad target pass:
+    within attention's extra half backward of the FLOPs counted without checkpointing, and the
+    same with it, while the counted FLOPs grow by the recomputation of every checkpointed block."""
+    _, plain = bench_result
+    runs = ["diffusion", "dllm-jepa", "two-pass"]
+    rows = bench.measure_runs(runs, bench.parse_args(BENCH_FLAGS + ["--threads", "1", "--steps", "1", "--no-isolate",
+                                                                    "--fsdp", "--activation-checkpointing"]))
+    F_, h = plain["costs"]["F"], plain["costs"]["h"]
+    for run in runs:
+        counted, model = plain["rows"][run]["flops"], plain["rows"][run]["model_flops"]
+        assert 0.97 * counted < model < counted  # attention's backward is 2.5x its forward, not 2x
+        assert rows[run]["model_flops"] == model
+    # recomputation: at most one forward of the blocks (F - h) per gradient-carrying pass; less,
+    # as torch stops recomputing once every saved tensor is back (a block's last matmul is not rerun)
+    recomputed = rows["diffusion"]["flops"] - plain["rows"]["diffusion"]["flops"]
+    assert 0.5 * (F_ - h) < recomputed <= F_ - h
+    assert rows["two-pass"]["flops"] - plain["rows"]["two-pass"]["flops"] == 2 * recomputed
+    # the no-grad target pass is counted once: dllm-jepa's model FLOPs exceed diffusion's by about F - h
+    extra = plain["rows"]["dllm-jepa"]["model_flops"] - plain["rows"]["diffusion"]["model_flops"]
+    assert F_ - h <= extra <= (F_ - h) * 1.03
+
+
+def test_mfu_needs_a_known_peak(bench_result, monkeypatch, capsys):
+    result, saved = bench_result
+    bench.report(result)  # CPU, no --peak-tflops: no peak to divide by, no MFU column
+    assert saved["peak_flops_per_s"] is None and "MFU" not in capsys.readouterr().out
+    args = bench.parse_args(BENCH_FLAGS + ["--peak-tflops", "2.5"])
+    assert bench.peak_flops_per_s(args, torch.device("cpu")) == (2.5e12, "--peak-tflops")
+    with pytest.raises(SystemExit, match="--peak-tflops -1.0: give the device's peak"):
+        bench.peak_flops_per_s(bench.parse_args(["--peak-tflops", "-1"]), torch.device("cpu"))
+    for name, tflops in [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.4),
+                         ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 4090", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        peak, _ = bench.peak_flops_per_s(bench.parse_args(["--dtype", "bfloat16"]), torch.device("cuda"))
+        assert peak == (tflops * 1e12 if tflops else None)
+        assert bench.peak_flops_per_s(bench.parse_args([]), torch.device("cuda")) == (None, None)  # fp32: no guess
+    with_peak = bench.main(BENCH_FLAGS + ["--no-isolate", "--threads", "1", "--no-study", "--runs", "diffusion",
+                                          "--peak-tflops", "1"])
+    row = with_peak["rows"]["diffusion"]
+    assert row["mfu"] == pytest.approx(row["model_flops"] / row["step_s"] / 1e12)
+    assert "peak for MFU: 1.0 TFLOP/s (--peak-tflops)" in capsys.readouterr().out
+
+
+def test_bench_builds_llada_8b_shape():
+    """The GPU command's shape: LLaDA-8B's vocabulary and block layout (narrowed here: flags
+    override width and depth), 8.0 B parameters at full size."""
+    args = bench.parse_args(["--model", "llada-8b-shape", "--width", "64", "--layers", "1", "--heads", "2",
+                             "--ffn", "128"])
+    model, blocks_of, mask_id = bench.build_backbone(args, torch.device("cpu"), torch.float32)
+    assert model.get_input_embeddings().weight.shape == (126464, 64) and len(blocks_of(model)) == 1
+    assert model.config.max_position_embeddings == 4096 and mask_id == model.config.mask_token_id
+    with torch.device("meta"):
+        full, _, _ = bench.build_backbone(bench.parse_args(["--model", "llada-8b-shape"]), torch.device("meta"),
+                                          torch.bfloat16)
+    assert sum(p.numel() for p in full.parameters()) == pytest.approx(8.0e9, rel=0.01)
 
 
 def test_bench_refuses_checkpointing_without_fsdp():

@@ -37,6 +37,15 @@ def test_config_matches_tokenizer(tokenizer, make_model):
     assert model.get_input_embeddings().embedding_dim == cfg.hidden_size
 
 
+def test_vocab_size_can_grow_but_not_shrink(tokenizer, make_model):
+    """A larger table builds a real model's shape (bench.py); ids stay the tokenizer's."""
+    model = make_model(vocab_size=1000)
+    assert model.get_input_embeddings().weight.shape[0] == 1000 == model(random_ids(1, 8)).logits.shape[-1]
+    assert model.config.mask_token_id == tokenizer.mask_token_id
+    with pytest.raises(ValueError, match=f"vocab_size=100: the tokenizer has {len(tokenizer)} tokens"):
+        make_model(vocab_size=100)
+
+
 def test_output_shapes_and_hidden_states(make_model):
     model = make_model(num_hidden_layers=3)
     B, T, C = 2, 11, model.config.hidden_size
