@@ -383,6 +383,7 @@ class DLLMJEPA(nn.Module):
                     _, hidden = self.encode(encoder, target.ids, logits=False)
                 target_region = self.pool_region(target, answer, scored)
                 z_target = embed(hidden, target_region, cfg.pooling)
+            del hidden  # (B, T, C): not kept through the context pass
 
         # 2. Context forward: the one gradient-carrying pass yields both losses.
         logits, hidden = self.encode(self.backbone, context.ids)
