@@ -31,7 +31,6 @@ h the LM head's FLOPs, 4F - h against 6F - 3h; reading at layer L/2, the target 
 """
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -113,8 +112,8 @@ class JEPAConfig:
         check(self.distance in ("cosine", "smooth_l1"), f"distance={self.distance!r}: 'cosine' or 'smooth_l1'")
         check(self.jepa_lambda >= 0, f"jepa_lambda={self.jepa_lambda}: must be >= 0")
         check(self.anchor_mu >= 0, f"anchor_mu={self.anchor_mu}: must be >= 0")
-        check(self.predictor_depth >= 1 and self.predictor_mult >= 1,
-              "predictor_depth and predictor_mult must be >= 1")
+        check(self.predictor_depth >= 1, f"predictor_depth={self.predictor_depth}: must be >= 1")
+        check(self.predictor_mult >= 1, f"predictor_mult={self.predictor_mult}: must be >= 1")
         m0, m1 = self.ema_momentum
         check(0 <= m0 <= m1 <= 1, f"ema_momentum={self.ema_momentum}: need 0 <= start <= end <= 1")
         check(not self.target_autocast or self.method == "dllm-jepa",
@@ -243,9 +242,10 @@ class Predictor(nn.Module):
     """Residual MLP z -> z + W2 gelu(W1 LN(z)), `depth` times, at the backbone's width.
 
     On one pooled vector, a transformer layer (the reproduction's "k transformer layers")
-    reduces to exactly this, since attention over a single token is a linear map. Our choice:
-    each W2 starts at zero, so the predictor starts as the identity and the first JEPA
-    gradients already teach the backbone rather than a random map.
+    reduces to a residual linear map (attention over a single token) and this residual MLP;
+    we keep only the MLP. Also our choice: each W2 starts at zero, so the predictor starts as
+    the identity and the first JEPA gradients already teach the backbone, not a random map.
+    It is built in the backbone's dtype (a bf16 model gets a bf16 predictor).
     """
 
     def __init__(self, width: int, depth: int = 2, mult: int = 2):
@@ -321,9 +321,9 @@ class DLLMJEPA(nn.Module):
         self.mask_token_id = (mask_token_id if mask_token_id is not None
                               else backbone.config.mask_token_id)
         spec = config.method_spec
-        width = backbone.get_input_embeddings().embedding_dim  # the hidden size, in every family
-        self.predictor = (Predictor(width, config.predictor_depth, config.predictor_mult)
-                          if spec["target_pass"] else None)
+        embeddings = backbone.get_input_embeddings()  # its width is the hidden size, in every family
+        self.predictor = (Predictor(embeddings.embedding_dim, config.predictor_depth, config.predictor_mult)
+                          .to(embeddings.weight.dtype) if spec["target_pass"] else None)
         # Frozen copies, registered as submodules so they are saved, moved and sharded with
         # the backbone. The EMA target and the anchor are never in the optimizer.
         self.target_encoder = (frozen_copy(backbone)
@@ -342,19 +342,23 @@ class DLLMJEPA(nn.Module):
 
     def stop_module(self, model):
         """The module whose input is hidden_states[embed_layer]: block l for l < L, else the LM
-        head (its input is the last state, after the final norm); None if unknown: run it all."""
+        head (its input is the last state, after the final norm); None if unknown: run it all.
+        A head tied to the input embeddings (LLaDA with weight_tying) is the embedding module
+        itself, called first with the token ids: no place to stop, so None."""
         layer, blocks = self.config.embed_layer, self.blocks_of(model) if self.blocks_of else None
         if blocks is not None and layer % (len(blocks) + 1) < len(blocks):
             return blocks[layer % (len(blocks) + 1)]
         if blocks is None and layer != -1:
             return None
-        return getattr(model, "get_output_embeddings", lambda: None)()  # None if tied (LLaDA)
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        return None if head is model.get_input_embeddings() else head
 
-    def pool_region(self, view, answer, scored):
+    def pool_region(self, view, answer, content):
         """Positions an embedding averages over: the answer tokens (default, and per token), or
-        with pooling="visible" every unmasked token of the view, prompt included, padding not."""
+        with pooling="visible" every unmasked token of the view's `content` (prompt and answer,
+        not the EOS padding, whether or not pad_is_answer scores it)."""
         if self.config.pooling == "visible":
-            return ~view.masked & ~(scored & ~answer)
+            return ~view.masked & content
         return answer
 
     def forward(self, input_ids, prompt_lengths, answer_lengths=None, generator=None) -> JEPAOutput:
@@ -368,6 +372,7 @@ class DLLMJEPA(nn.Module):
         if answer_lengths is None:
             answer_lengths = T - prompt_lengths
         answer, scored = answer_regions(prompt_lengths, answer_lengths, T, cfg.pad_is_answer)
+        content = answer | (torch.arange(T, device=input_ids.device) < prompt_lengths[:, None])  # (B, T)
         t_context, t_target = sample_times(B, cfg.context_range, cfg.target_range, input_ids.device, generator)
         context, target = make_views(input_ids, scored, t_context, t_target, self.mask_token_id,
                                      cfg.eps, cfg.nested, generator)
@@ -381,7 +386,7 @@ class DLLMJEPA(nn.Module):
             with torch.set_grad_enabled(spec["target_grad"] and torch.is_grad_enabled()):
                 with torch.autocast(input_ids.device.type, torch.bfloat16, enabled=cfg.target_autocast):
                     _, hidden = self.encode(encoder, target.ids, logits=False)
-                target_region = self.pool_region(target, answer, scored)
+                target_region = self.pool_region(target, answer, content)
                 z_target = embed(hidden, target_region, cfg.pooling)
             del hidden  # (B, T, C): not kept through the context pass
 
@@ -390,7 +395,7 @@ class DLLMJEPA(nn.Module):
         diffusion = diffusion_loss(logits, input_ids, context.masked, context.p, scored, cfg.loss_norm,
                                    self.shift_logits)
         if spec["target_pass"]:
-            context_region = self.pool_region(context, answer, scored)
+            context_region = self.pool_region(context, answer, content)
             prediction = self.predictor(embed(hidden, context_region, cfg.pooling))
             weights = (answer if cfg.pooling == "token"  # rows (or tokens) with both sides defined
                        else context_region.any(1) & target_region.any(1))

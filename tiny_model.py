@@ -17,8 +17,6 @@ tokens plus specials, a chat template), so prompts go through `apply_chat_templa
 as they do for LLaDA and Dream.
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -95,7 +93,8 @@ def rotary_tables(seq_len, head_dim, theta, device):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate each (even, odd) half-pair of x (B, H, T, D) by its position's angle.
+    """Rotate each pair (x[..., i], x[..., i + D/2]) of x (B, H, T, D) by its position's angle
+    (the rotate-half layout of Llama and LLaDA).
 
     x is a strided view into the fused qkv output; elementwise kernels on it run ~4x slower
     on CPU than on a contiguous copy (same values, bit for bit), so copy first."""
@@ -148,10 +147,6 @@ class TinyDLM(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-        if isinstance(module, Block):
-            # GPT-2's scaling: residual projections shrink with depth so the stream stays O(1).
-            for proj in (module.attn_out, module.down):
-                nn.init.normal_(proj.weight, std=std / math.sqrt(2 * self.config.num_hidden_layers))
         if isinstance(module, nn.RMSNorm):
             nn.init.ones_(module.weight)
 

@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
-import tiny_model
 from tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, TinyDLM, TinyDLMConfig
 
 
@@ -127,6 +126,18 @@ def test_too_long_sequence_raises(make_model):
     model = make_model(max_position_embeddings=16)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(input_ids=random_ids(1, 17))
+
+
+def test_initialisation_is_normal_002_and_unit_norms(make_model):
+    """Every matrix starts N(0, initializer_range), every norm at 1: guards against a
+    transformers release that skips or repeats _init_weights on some modules."""
+    model = make_model()
+    std = model.config.initializer_range
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            assert abs(p.std().item() - std) < 0.1 * std and abs(p.mean().item()) < 0.1 * std, name
+        else:
+            assert torch.equal(p, torch.ones_like(p)), name
 
 
 def test_gradients_reach_every_parameter(make_model):
