@@ -9,20 +9,24 @@ Distributed plumbing for train.py: one code path from a laptop CPU to a GPU clus
 - Checkpoints: `torch.distributed.checkpoint` (each rank writes its shards) into
   step_XXXXXXXX.tmp, renamed to step_XXXXXXXX once complete, so a kill never leaves a
   half-written latest checkpoint; the last `keep` are kept; .tmp folders a kill left behind
-  are never loaded and are removed when the next run starts.
+  are never loaded and are removed when the next run starts; resuming an earlier step moves
+  the later ones into checkpoints/abandoned/.
 - Export: the online backbone gathered to rank 0 and written with save_pretrained, so
   `from_pretrained` loads it in one process.
 """
 
 import os
 import re
+import pickle
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -142,6 +146,17 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
+def set_aside_later(root: Path, step: int) -> list[Path]:
+    """Resuming at `step` (rank 0): move checkpoints of later steps, from the run being redone,
+    into root/abandoned/ so that --resume auto and pruning never pick them up; nothing is
+    deleted. Returns their new paths."""
+    later = [path for path in checkpoint_dirs(root) if int(path.name[5:]) > step]
+    folder = root / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
+    if later:
+        folder.mkdir(parents=True, exist_ok=True)
+    return [path.rename(folder / path.name) for path in later]
+
+
 def remove_unfinished(root: Path):
     """Delete the .tmp folders of checkpoint writes that a kill interrupted (rank 0)."""
     for path in root.glob("step_*.tmp") if root.is_dir() else []:
@@ -154,7 +169,20 @@ def checkpoint_extra(path: Path, rank: int = 0) -> dict:
     if not extra_file.exists():
         raise ValueError(f"{path}: has no {extra_file.name}; it was written by a run with a "
                          "different number of processes (resume with the same world size)")
-    return torch.load(extra_file, weights_only=False)
+    try:
+        return torch.load(extra_file, weights_only=False)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ValueError(unreadable(path, e)) from None
+
+
+def unreadable(path: Path, error: BaseException) -> str:
+    """One line for a checkpoint that exists but cannot be read (truncated, overwritten)."""
+    if isinstance(error, CheckpointException):  # dcp wraps each rank's error as (error, stack)
+        failure = next(iter(error.failures.values()), (error,))
+        error = failure[0] if isinstance(failure, tuple) else failure
+    detail = (str(error).splitlines() or [""])[0]
+    return (f"{path}: an unreadable checkpoint ({type(error).__name__}{': ' + detail if detail else ''}); "
+            "move it aside and resume from an older step_XXXXXXXX")
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, extra: dict, keep: int, env: Env):
@@ -166,13 +194,15 @@ def save_checkpoint(root: Path, step: int, model, optimizer, extra: dict, keep: 
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    torch.save({"rng": torch.get_rng_state(), **extra}, tmp / f"extra_rank{env.rank}.pt")
+    torch.save({"rng": torch.get_rng_state(), **extra,
+                "cuda_rng": torch.cuda.get_rng_state() if env.device.type == "cuda" else None},
+               tmp / f"extra_rank{env.rank}.pt")
     dist.barrier()
     if env.is_main:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # atomic: readers see a complete checkpoint or none
-        for old in checkpoint_dirs(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in [path for path in checkpoint_dirs(root) if path != final][:1 - keep or None]:
+            shutil.rmtree(old, ignore_errors=True)  # the keep - 1 newest others stay, and this one
     dist.barrier()
     return final
 
@@ -181,11 +211,17 @@ def load_checkpoint(path: Path, model, optimizer, env: Env) -> dict:
     """Restore shards in place; returns the rank's extra state (step, rng, ...)."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, CheckpointException) as e:
+        raise ValueError(unreadable(path, e)) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     extra = checkpoint_extra(path, env.rank)
     torch.set_rng_state(extra.pop("rng"))
+    cuda_rng = extra.pop("cuda_rng", None)  # dropout's random state on a GPU (masks use their own generators)
+    if cuda_rng is not None and env.device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_rng)
     return extra
 
 

@@ -38,9 +38,15 @@ from backbones import load_backbone, new_tiny_backbone
 from dllm_jepa import DLLMJEPA, METHODS, VIEW_PRESETS, JEPAConfig
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, except None: such help says what the default is."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="hub id (GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B, ...) or a "
@@ -49,7 +55,7 @@ def parse_args(argv=None):
     g.add_argument("--tiny-layers", type=int, default=4, help="blocks of the new tiny model")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype (bfloat16: FSDP mixed precision, fp32 master weights and reduction)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if visible")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="builtin",
                    help="'builtin' (generated task, offline), a .jsonl/.json file (chat 'messages', or "
@@ -61,7 +67,8 @@ def parse_args(argv=None):
     g.add_argument("--seq-len", type=int, default=32, help="tokens per row (prompt + answer + EOS padding)")
     g.add_argument("--builtin-size", type=int, default=4000, help="examples in the built-in task")
     g = p.add_argument_group("objective (see dllm_jepa.JEPAConfig)")
-    g.add_argument("--method", default="dllm-jepa", choices=list(METHODS))
+    g.add_argument("--method", default="dllm-jepa", choices=list(METHODS),
+                   help="dllm-jepa (4F), two-pass (LLM-JEPA's 6F), diffusion (baseline), l2-anchor")
     g.add_argument("--views", default="wide", choices=list(VIEW_PRESETS),
                    help="preset of the two masking-rate ranges")
     g.add_argument("--context-t", type=float, nargs=2, metavar=("LOW", "HIGH"), help="override the preset")
@@ -74,14 +81,17 @@ def parse_args(argv=None):
                    help="divide by each row's answer length (LLaDA SFT) or by all scored tokens")
     g.add_argument("--eps", type=float, default=1e-3, help="mask probability p = (1 - eps) t + eps")
     g.add_argument("--embed-layer", type=int, default=-1, help="hidden state read for the embedding")
-    g.add_argument("--pooling", default="answer", choices=["answer", "visible", "token"])
-    g.add_argument("--predictor-depth", type=int, default=2)
+    g.add_argument("--pooling", default="answer", choices=["answer", "visible", "token"],
+                   help="embedding = mean over answer tokens, over unmasked non-padding tokens, or per token")
+    g.add_argument("--predictor-depth", type=int, default=2, help="residual MLP blocks of the predictor")
     g.add_argument("--predictor-mult", type=int, default=2, help="predictor hidden width / model width")
     g.add_argument("--jepa-lambda", type=float, default=1.0, help="total = diffusion + lambda * jepa")
-    g.add_argument("--distance", default="cosine", choices=["cosine", "smooth_l1"])
+    g.add_argument("--distance", default="cosine", choices=["cosine", "smooth_l1"],
+                   help="JEPA loss between prediction and target embedding")
     g.add_argument("--target", default=None, choices=["ema", "online"],
-                   help="target encoder of dllm-jepa (default ema); online = no weight copy")
-    g.add_argument("--ema-momentum", type=float, nargs=2, default=(0.996, 1.0), metavar=("START", "END"))
+                   help="target encoder of dllm-jepa (default: ema); online = no weight copy")
+    g.add_argument("--ema-momentum", type=float, nargs=2, default=(0.996, 1.0), metavar=("START", "END"),
+                   help="EMA target momentum, linear from START to END over --steps")
     g.add_argument("--anchor-mu", type=float, default=1e-2, help="l2-anchor strength")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=600, help="optimizer steps")
@@ -90,11 +100,11 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate; default 1e-3 for a new tiny model, 1e-5 for a loaded one")
     g.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear warmup steps (default 30, or fewer if given: at most --steps)")
+                   help="linear warmup steps, at most --steps (default: 30, or --steps / 10 if fewer)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    g.add_argument("--seed", type=int, default=0, help="seeds init, data order and every mask")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
     g.add_argument("--cpu-offload", action="store_true", help="FSDP parameter/optimizer offload to CPU")
     g.add_argument("--max-bad-steps", type=int, default=5,
@@ -335,7 +345,7 @@ def main(argv=None) -> Path:
     if env.is_main and max_positions and args.seq_len > max_positions:
         print(f"warning: --seq-len {args.seq_len} exceeds the model's max_position_embeddings {max_positions}")
     args.lr = args.lr or (1e-3 if args.model is None else 1e-5)
-    args.warmup_steps = 30 if args.warmup_steps is None else args.warmup_steps  # the default may exceed --steps
+    args.warmup_steps = min(30, args.steps // 10) if args.warmup_steps is None else args.warmup_steps
     if len(eval_rows.input_ids) < env.world_size:
         raise SystemExit(f"error: {len(eval_rows.input_ids)} held-out rows for {env.world_size} processes; "
                          "give more data or a larger --eval-fraction")
@@ -356,11 +366,15 @@ def main(argv=None) -> Path:
     resume = (distributed.latest_checkpoint(out / "checkpoints") if args.resume == "auto"
               else Path(args.resume) if args.resume else None)
     if resume is not None:
-        try:
-            changed = check_resume(distributed.checkpoint_extra(resume)["config"], run_config)
+        try:  # distributed's errors name the checkpoint; check_resume's do not
+            saved = distributed.checkpoint_extra(resume)["config"]
+            try:
+                changed = check_resume(saved, run_config)
+            except ValueError as e:
+                raise ValueError(f"{resume}: {e}") from None
+            extra = distributed.load_checkpoint(resume, model, optimizer, env)
         except ValueError as e:
-            raise SystemExit(f"error: --resume {resume}: {e}") from None
-        extra = distributed.load_checkpoint(resume, model, optimizer, env)
+            raise SystemExit(f"error: --resume {e}") from None
         start_step, skipped = extra["step"], extra.get("skipped", 0)
         if start_step > args.steps:
             raise SystemExit(f"error: --resume {resume}: the checkpoint is at step {start_step}, past "
@@ -370,6 +384,8 @@ def main(argv=None) -> Path:
         distributed.remove_unfinished(out / "checkpoints")  # left by a kill while saving
         if resume:
             trim_log(out / "log.jsonl", start_step)
+            for path in distributed.set_aside_later(out / "checkpoints", start_step):
+                print(f"note: {path.name} is past the resumed step {start_step}: moved to {path}")
         else:
             (out / "log.jsonl").unlink(missing_ok=True)
         (out / "config.json.tmp").write_text(distributed.metadata_json(run_config))
@@ -405,6 +421,7 @@ def main(argv=None) -> Path:
     log = open(out / "log.jsonl", "a", buffering=1) if env.is_main else None  # line-buffered: a kill loses no row
 
     def log_eval(step):
+        model.eval()  # dropout off (LLaDA, Dream and the tiny model have none; others may)
         held_out = evaluate(model, eval_rows, args, env)
         if env.is_main:
             log.write(json.dumps({"step": step, "held_out": held_out}) + "\n")
@@ -464,7 +481,8 @@ def main(argv=None) -> Path:
     final = out / "final"
     distributed.export_pretrained(model.backbone, backbone.tokenizer, final, env, run_config)
     if env.is_main:
-        print(f"done: {args.steps} steps in {time.time() - t0:.0f}s ({skipped} skipped as non-finite)")
+        print(f"done: step {args.steps} ({args.steps - start_step} steps in {time.time() - t0:.0f}s here; "
+              f"{skipped} skipped as non-finite in all)")
         print(f"fine-tuned model: {final} (load with transformers AutoModel.from_pretrained after "
               f"`import tiny_model` for the tiny one); resumable checkpoints: {out / 'checkpoints'}")
     return final

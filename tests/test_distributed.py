@@ -10,6 +10,7 @@ and weights must agree up to the order of floating-point reductions.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,8 @@ def test_distributed_resume_reproduces_the_run(runs, tmp_path):
     root, two, _ = runs
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
-    os.rename(root / "two" / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
+    # a copy, not a move: the module's other tests still read the run's step-3 checkpoint
+    shutil.copytree(root / "two" / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
     log = launch(resumed, 2, "--steps", "6", "--save-every", "3", "--resume", "auto")
     after = [row for row in log if "loss" in row]
     assert [row["step"] for row in after] == [4, 5, 6]
@@ -108,3 +110,18 @@ def test_consolidated_export_loads_in_one_process(runs):
     model = AutoModel.from_pretrained(root / "two" / "final")
     ids = torch.randint(0, 256, (1, 16))
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_sharded_ema_moves_between_checkpoints(runs, tmp_path):
+    """The 2-process run's EMA target follows its online weights: between steps 3 and 6 it moves
+    (a copy frozen at the initial weights would not), but only a small share of its gap to
+    them (m >= 0.996 each step; a copy of the online weights would close it)."""
+    root, _, _ = runs
+    step3 = model_state(root / "two" / "checkpoints" / "step_00000003", tmp_path)
+    step6 = model_state(root / "two" / "checkpoints" / "step_00000006", tmp_path)
+    targets = [k for k in step6 if k.startswith("target_encoder.")]
+    assert targets
+    norm = lambda pairs: sum((a - b).double().pow(2).sum().item() for a, b in pairs) ** 0.5
+    moved = norm((step6[k], step3[k]) for k in targets)
+    gap = norm((step6["backbone." + k[len("target_encoder."):]], step3[k]) for k in targets)
+    assert 0 < moved < 0.01 * gap, (moved, gap)

@@ -292,6 +292,12 @@ def test_bad_paths_and_checkpoints_are_refused_in_one_line(small_run, tmp_path, 
     (incomplete / "extra_rank0.pt").unlink()
     unfinished = tmp_path / "step_00000004.tmp"
     unfinished.mkdir()
+    truncated, junk = tmp_path / "truncated" / "step_00000002", tmp_path / "junk" / "step_00000002"
+    for copy in (truncated, junk):
+        shutil.copytree(ckpts / "step_00000002", copy)
+    (shards,) = truncated.glob("*.distcp")
+    shards.write_bytes(shards.read_bytes()[:1000])
+    (junk / "extra_rank0.pt").write_text("not a pickle")
     (tmp_path / "afile").write_text("x")
     (tmp_path / "nomodel").mkdir()
     new = ["--out", str(tmp_path / "new")]
@@ -304,6 +310,8 @@ def test_bad_paths_and_checkpoints_are_refused_in_one_line(small_run, tmp_path, 
         (new + ["--resume", str(unfinished)], "an unfinished write (the run was killed while saving)"),
         (new + ["--resume", str(incomplete)], "an incomplete checkpoint (no extra_rank0.pt)"),
         (new + ["--resume", str(small_run)], f"holds some; give one (latest: {ckpts / 'step_00000003'})"),
+        (new + ["--resume", str(truncated)], f"--resume {truncated}: an unreadable checkpoint (EOFError); move it aside"),
+        (new + ["--resume", str(junk)], f"--resume {junk}: an unreadable checkpoint (UnpicklingError"),
         (new + ["--resume", str(ckpts / "step_00000003"), "--method", "diffusion"],
          "the checkpoint's run had other settings (method dllm-jepa -> diffusion"),
         (new + ["--resume", str(ckpts / "step_00000003"), "--tiny-width", "64"], "tiny_width 32 -> 64"),
@@ -324,6 +332,35 @@ def test_resume_with_changed_settings_warns_and_goes_on(small_run, tmp_path, cap
     printed = capsys.readouterr().out
     assert "warning: resuming with changed settings (lr 0.001 -> 0.002)" in printed
     assert [row["step"] for row in steps_of(out)] == [3]
+
+def test_resuming_an_earlier_step_sets_the_later_checkpoints_aside(small_run, tmp_path, capsys):
+    """Resume at step 1 of a run that reached 3: steps 2 and 3 are moved to abandoned/ (not
+    deleted, never picked by --resume auto or pruned); with --keep 1 the checkpoint just
+    written is the one kept."""
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    ckpts = out / "checkpoints"
+    run(out, "--resume", str(ckpts / "step_00000001"), "--steps", "2", "--save-every", "1", "--keep", "1")
+    printed = capsys.readouterr().out
+    (abandoned,) = (ckpts / "abandoned").iterdir()
+    assert sorted(p.name for p in abandoned.iterdir()) == ["step_00000002", "step_00000003"]
+    assert f"note: step_00000003 is past the resumed step 1: moved to {abandoned / 'step_00000003'}" in printed
+    assert [p.name for p in distributed.checkpoint_dirs(ckpts)] == ["step_00000002"]
+    assert distributed.latest_checkpoint(ckpts) == ckpts / "step_00000002"
+    assert [row["step"] for row in steps_of(out)] == [1, 2]
+
+
+def test_checkpoint_pruning_keeps_the_newest(tmp_path):
+    """save_checkpoint's pruning, on folders alone: keep=2 leaves the one written and the
+    newest other; a later-numbered folder never pushes out the one just written."""
+    for step in (1, 2, 3, 9):
+        (tmp_path / f"step_{step:08d}").mkdir()
+    env = distributed.init_distributed("cpu")
+    model = torch.nn.Linear(2, 2)
+    distributed.save_checkpoint(tmp_path, 4, model, torch.optim.SGD(model.parameters()), {}, 2, env)
+    assert [p.name for p in distributed.checkpoint_dirs(tmp_path)] == ["step_00000004", "step_00000009"]
+    distributed.save_checkpoint(tmp_path, 5, model, torch.optim.SGD(model.parameters()), {}, 1, env)
+    assert [p.name for p in distributed.checkpoint_dirs(tmp_path)] == ["step_00000005"]
 
 # -----------------------------------------------------------------------------
 # 3. Crashes: SIGTERM, SIGINT, SIGKILL (also mid-write), resume, compare bit for bit
@@ -531,7 +568,7 @@ def test_poisoned_steps_leave_weights_optimizer_and_ema_untouched(tmp_path, monk
     assert [row["skipped"] for row in log] == [False, False, True, False, True, False, False]
     assert math.isnan(log[2]["loss"]) and math.isfinite(log[4]["loss"]) and not math.isfinite(log[4]["grad_norm"])
     printed = capsys.readouterr().out
-    assert "done: 7 steps" in printed and "(2 skipped as non-finite)" in printed
+    assert "done: step 7 (7 steps in" in printed and "2 skipped as non-finite in all)" in printed
     states = {k: state(out / "checkpoints" / f"step_{k:08d}", tmp_path / str(k)) for k in range(2, 7)}
     assert all({"exp_avg", "exp_avg_sq", "step"} <= set(moments) for moments in states[2]["optim"]["state"].values())
     assert any(key.startswith("target_encoder.") for key in states[2]["model"])

@@ -5,10 +5,10 @@ Training loop, data handling and checkpoints, on a very small tiny model (CPU, o
 """
 
 import json
+import math
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModel, AutoTokenizer
 
@@ -197,3 +197,104 @@ def test_plain_text_rows(tmp_path):
     assert rows.prompt_lengths.tolist() == [1] * 5 and rows.answer_lengths.tolist() == [15] * 5
     with pytest.raises(ValueError, match="fewer than one row"):
         data.tokenize_text(path, tiny_model.make_tokenizer(), 100)
+
+
+def test_learning_rate_schedule_by_hand(tmp_path):
+    """Default warmup: min(30, steps / 10) = 4 steps for 40, linear to the peak 1e-3, then
+    cosine to 0.1 of it: lr(k) = 1e-3 (0.1 + 0.9 (1 + cos(pi (k - 4) / 36)) / 2)."""
+    out, _ = run(tmp_path, "run", "--steps", "40", "--eval-every", "100")
+    lrs = [row["lr"] for row in read_log(out) if "loss" in row]
+    assert json.loads((out / "config.json").read_text())["args"]["warmup_steps"] == 4
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3) and lrs[22] == pytest.approx(0.55e-3)  # half way: cos = 0
+    assert lrs[39] == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 35 / 36))))
+
+
+def test_held_out_evaluation_runs_in_eval_mode(tmp_path, monkeypatch):
+    modes, evaluate = [], train.evaluate
+    def recording_evaluate(model, *args):
+        modes.append(model.training)
+        return evaluate(model, *args)
+    monkeypatch.setattr(train, "evaluate", recording_evaluate)
+    run(tmp_path, "run", "--steps", "2", "--eval-every", "1")
+    assert modes == [False, False, False]  # before step 1, after steps 1 and 2
+
+
+def test_ema_target_follows_the_online_weights_each_step(tmp_path):
+    """After optimizer step k, target <- m_k target + (1 - m_k) online, m_k linear from START to
+    END over --steps: 0.5 -> 0.9 over 2 steps gives m_1 = 0.7, m_2 = 0.9. Checked on the
+    checkpoints of steps 1 and 2, whose backbones are the online weights after those steps."""
+    out, _ = run(tmp_path, "run", "--steps", "2", "--ema-momentum", "0.5", "0.9", "--save-every", "1",
+                 "--eval-every", "100")
+    step1 = checkpoint_state(out / "checkpoints" / "step_00000001", tmp_path)["model"]
+    step2 = checkpoint_state(out / "checkpoints" / "step_00000002", tmp_path)["model"]
+    targets = [k for k in step2 if k.startswith("target_encoder.")]
+    assert len(targets) == len([k for k in step2 if k.startswith("backbone.")]) > 0
+    for key in targets:
+        online = step2["backbone." + key[len("target_encoder."):]]
+        assert torch.allclose(step2[key], 0.9 * step1[key] + 0.1 * online, atol=1e-6, rtol=0), key
+    # and it moved: by a tenth of its gap to the online weights
+    moved = sum((step2[k] - step1[k]).abs().sum().item() for k in targets)
+    assert moved > 1e-3, moved
+
+
+@pytest.mark.parametrize("clip", [0.05, 1e3])
+def test_gradients_are_clipped_to_grad_clip_before_each_step(tmp_path, monkeypatch, clip):
+    """The optimizer steps on gradients of global norm min(grad_norm, --grad-clip), grad_norm
+    (logged) being the norm before clipping: 0.05 is below every step's norm, 1e3 above."""
+    seen, make = [], train.make_optimizer
+
+    def recording_optimizer(model, lr, weight_decay):
+        optimizer = make(model, lr, weight_decay)
+        step = optimizer.step
+
+        def recording_step(*args, **kwargs):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            local = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in grads]
+            seen.append(math.sqrt(sum(g.double().pow(2).sum().item() for g in local)))
+            return step(*args, **kwargs)
+        optimizer.step = recording_step
+        return optimizer
+
+    monkeypatch.setattr(train, "make_optimizer", recording_optimizer)
+    out, _ = run(tmp_path, "run", "--steps", "3", "--grad-clip", str(clip), "--eval-every", "100")
+    logged = [row["grad_norm"] for row in read_log(out) if "loss" in row]
+    assert len(seen) == len(logged) == 3
+    for before, after in zip(logged, seen):
+        assert (before > clip) == (clip < 1)  # each setting is on the side it is meant to test
+        assert after == pytest.approx(min(before, clip), rel=1e-4), (before, after)
+
+
+def test_masks_are_a_function_of_seed_step_and_shard():
+    """The same (seed, step, shard) draws the same masks (exact resume); any other step
+    (-1 = held-out), shard or seed draws other ones."""
+    def masks(seed, step, shard):
+        return torch.rand((8, 32), generator=train.mask_generator(seed, step, shard, "cpu")) < 0.5
+    keys = [(seed, step, shard) for seed in (0, 1, 7) for step in (-1, 0, 1, 2, 100) for shard in (0, 1, 2)]
+    drawn = {key: masks(*key) for key in keys}
+    for key in keys:
+        assert torch.equal(drawn[key], masks(*key)), key
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            assert not torch.equal(drawn[a], drawn[b]), (a, b)
+
+
+def test_held_out_split_is_disjoint_covers_every_row_and_has_the_right_sizes():
+    n = 40
+    row_id = torch.arange(n)
+    rows = data.Tokenized(row_id[:, None].repeat(1, 6), row_id % 3 + 1, row_id % 5 + 1)
+    train_rows, eval_rows = data.split_eval(rows, 0.25, seed=3)
+    train_ids, eval_ids = train_rows.input_ids[:, 0].tolist(), eval_rows.input_ids[:, 0].tolist()
+    assert (len(train_ids), len(eval_ids)) == (30, 10)
+    assert not set(train_ids) & set(eval_ids)
+    assert sorted(train_ids + eval_ids) == list(range(n))
+    assert sorted(eval_ids) != list(range(10))  # drawn from the seed, not the first rows
+    for part in (train_rows, eval_rows):  # each row keeps its own tokens and lengths
+        ids = part.input_ids[:, 0]
+        assert torch.equal(part.input_ids, ids[:, None].repeat(1, 6))
+        assert torch.equal(part.prompt_lengths, ids % 3 + 1) and torch.equal(part.answer_lengths, ids % 5 + 1)
+    assert torch.equal(data.split_eval(rows, 0.25, seed=3)[1].input_ids, eval_rows.input_ids)
+    assert not torch.equal(data.split_eval(rows, 0.25, seed=4)[1].input_ids, eval_rows.input_ids)
+    # at least one row on each side
+    assert [len(p.input_ids) for p in data.split_eval(rows, 0.001, seed=3)] == [39, 1]
+    assert [len(p.input_ids) for p in data.split_eval(rows, 0.999, seed=3)] == [1, 39]
