@@ -34,6 +34,7 @@ forward through generate.aligned_logits, so shifted-logit families (Dream) are s
 
 import argparse
 import csv
+import io
 import json
 import re
 import sqlite3
@@ -66,9 +67,16 @@ class Item:
 
 def read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(data.read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def non_empty(examples: list, path: Path) -> list:
+    """An empty evaluation set would score 0 (or crash later) without saying why."""
+    if not examples:
+        raise ValueError(f"{path}: holds no examples")
+    return examples
 
 
 def spider_schema(tables_path: Path) -> dict[str, str]:
@@ -94,12 +102,13 @@ def spider_messages(question: str, db_id: str, schema: str | None) -> list:
     return [{"role": "user", "content": "\n".join(lines)}]
 
 
-def load_spider(path: Path, tables: Path | None) -> list[Item]:
+def load_spider(path: Path, tables: Path | None, rows=None) -> list[Item]:
     """Spider's own JSON: a list of {question, query, db_id}. tables: tables.json, default
-    the one beside the data file if there is one (the official layout)."""
+    the one beside the data file if there is one (the official layout). rows: the file's
+    JSON when the caller has parsed it already."""
     tables = tables or (path.parent / "tables.json" if (path.parent / "tables.json").is_file() else None)
     schemas = spider_schema(tables) if tables else {}
-    rows = read_json(path)
+    rows = read_json(path) if rows is None else rows
     if not isinstance(rows, list):
         raise ValueError(f"{path}: a Spider file holds a list of examples")
     items = []
@@ -110,7 +119,7 @@ def load_spider(path: Path, tables: Path | None) -> list[Item]:
             raise ValueError(f"{path} item {i}: db_id {row['db_id']!r} is not in {tables}")
         items.append(Item(spider_messages(row["question"], row["db_id"], schemas.get(row["db_id"])),
                           row["query"], row["db_id"]))
-    return items
+    return non_empty(items, path)
 
 
 def load_django(path: Path) -> list[Item]:
@@ -120,12 +129,13 @@ def load_django(path: Path) -> list[Item]:
     for p in (anno, code):
         if not p.is_file():
             raise ValueError(f"{path}: Django data needs both {anno.name} and {code.name}; {p} is missing")
-    descriptions = anno.read_text(encoding="utf-8").splitlines()
-    lines = code.read_text(encoding="utf-8").splitlines()
+    descriptions = data.read_text(anno).splitlines()
+    lines = data.read_text(code).splitlines()
     if len(descriptions) != len(lines):
         raise ValueError(f"{anno} has {len(descriptions)} lines but {code} has {len(lines)}: "
                          "they must be line-aligned")
-    return [Item([{"role": "user", "content": d.strip()}], c.strip()) for d, c in zip(descriptions, lines)]
+    return non_empty([Item([{"role": "user", "content": d.strip()}], c.strip())
+                      for d, c in zip(descriptions, lines)], anno)
 
 
 def load_items(task: str, path: Path, spider_tables: Path | None = None) -> list[Item]:
@@ -138,9 +148,9 @@ def load_items(task: str, path: Path, spider_tables: Path | None = None) -> list
     if task == "django" and path.suffix in (".anno", ".code"):
         return load_django(path)
     if task == "spider" and path.suffix == ".json":
-        head = read_json(path)
-        if isinstance(head, list) and head and isinstance(head[0], dict) and "query" in head[0]:
-            return load_spider(path, spider_tables)
+        rows = read_json(path)
+        if isinstance(rows, list) and rows and isinstance(rows[0], dict) and "query" in rows[0]:
+            return load_spider(path, spider_tables, rows)
     return [Item(ex.prompt, ex.answer) for ex in data.read_examples(path)]
 
 
@@ -188,16 +198,29 @@ def gsm8k_final(text: str) -> str | None:
     return text.rsplit("####", 1)[1].strip().split("\n", 1)[0]
 
 
+def gsm8k_gold(reference: str) -> str:
+    """A GSM8K reference's final answer, normalised: the number after `####`, or the whole
+    reference when it is a bare number. Anything else is refused (ValueError): the first
+    number of a worked solution is an intermediate value, and scoring against it is wrong."""
+    final = gsm8k_final(reference)
+    if final is None and not NUMBER.fullmatch(reference.strip()):
+        raise ValueError(f"the GSM8K reference {reference[:60]!r} has no '#### answer' and is not a bare "
+                         "number; end each reference with '#### <number>'")
+    gold = normalize_number(reference if final is None else final)
+    if gold is None:
+        raise ValueError(f"the GSM8K reference's final answer {final!r} (after ####) is not a number")
+    return gold
+
+
 def gsm8k_correct(prediction: str, reference: str, flexible=False) -> bool:
     """Equal final answers, compared as numbers. strict (LLM-JEPA's protocol): the prediction
     must give its answer after ####. flexible: else its last number counts."""
-    gold = normalize_number(gsm8k_final(reference) or reference)
+    gold = gsm8k_gold(reference)
     final = gsm8k_final(prediction)
     if final is None and flexible:
         numbers = NUMBER.findall(prediction)
         final = numbers[-1] if numbers else None
-    guess = normalize_number(final)
-    return gold is not None and guess == gold
+    return normalize_number(final) == gold
 
 
 def exact_match(prediction: str, reference: str) -> bool:
@@ -238,13 +261,18 @@ def run_sql(db_path: Path, query: str, timeout_s: float = 10.0):
         conn.close()
 
 
+def gold_rows(db_path: Path, reference: str):
+    """The gold query's rows. A failing gold query is the data's fault: an error, not a 0."""
+    try:
+        return run_sql(db_path, reference)
+    except (sqlite3.Error, sqlite3.Warning) as e:  # Warning: e.g. two statements in one query
+        raise ValueError(f"{db_path}: the gold query fails ({e}): {reference}") from None
+
+
 def execution_match(db_path: Path, prediction: str, reference: str) -> bool:
     """Spider's execution accuracy: the two queries return the same rows; as a list when the
     gold query orders its result, else as a multiset. A failing prediction scores 0."""
-    try:
-        gold = run_sql(db_path, reference)
-    except sqlite3.Error as e:
-        raise ValueError(f"{db_path}: the gold query fails ({e}): {reference}") from None
+    gold = gold_rows(db_path, reference)
     try:
         guess = run_sql(db_path, prediction)
     except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError):
@@ -407,9 +435,22 @@ def spider_database(folder: Path, db_id: str | None) -> Path:
     return path
 
 
+def check_references(task: str, items: list[Item], source: Path, spider_db: Path | None = None):
+    """Refuse, before any generation, references the metric cannot score: a GSM8K answer
+    with no final number, a Spider gold query that fails on its database (or has none)."""
+    for i, item in enumerate(items):
+        try:
+            if task == "gsm8k":
+                gsm8k_gold(item.reference)
+            elif task == "spider" and spider_db is not None:
+                gold_rows(spider_database(spider_db, item.db_id), item.reference)
+        except ValueError as e:
+            raise ValueError(f"{source} item {i}: {e}") from None
+
+
 def fit_prompt(ids: list[int], budget: int) -> list[int]:
     """Keep a prompt's last `budget` tokens (its end holds the question and the assistant tag)."""
-    return ids[-budget:] if len(ids) > budget else ids
+    return ids[len(ids) - budget:] if len(ids) > budget else ids  # not ids[-budget:]: -0 keeps all
 
 
 def max_positions(model) -> int | None:
@@ -426,6 +467,9 @@ def evaluate_generation(backbone, task: str, items: list[Item], sampler: Sampler
     limit = max_positions(backbone.model)
     cut = 0
     if limit is not None:
+        if sampler.gen_length >= limit:
+            raise ValueError(f"--gen-length {sampler.gen_length} leaves no room for a prompt in the model's "
+                             f"{limit} positions: give a smaller --gen-length")
         cut = sum(len(p) > limit - sampler.gen_length for p in prompts)
         prompts = [fit_prompt(p, limit - sampler.gen_length) for p in prompts]
     answers = generate_text(backbone, prompts, sampler, batch_size, seed)
@@ -448,12 +492,18 @@ class ProbeConfig:
     batch_size: int = 8
 
 
-def text_windows(path: Path, tokenizer, seq_len: int, windows: int) -> torch.Tensor:
-    """The first `windows` consecutive seq_len-token windows of a text file -> (N, seq_len).
-    Tokenises only a growing prefix of the file, so a large file costs what the windows need."""
+def read_text_file(path: Path) -> str:
+    """The held-out text of the probe and of drift, read (and its UTF-8 checked) before any
+    model loads."""
     if not path.is_file():
         raise ValueError(f"--data {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    return data.read_text(path)
+
+
+def text_windows(text: str, tokenizer, seq_len: int, windows: int, path: Path) -> torch.Tensor:
+    """The first `windows` consecutive seq_len-token windows of `text` (read from `path`,
+    named in errors) -> (N, seq_len). Tokenises only a growing prefix of the text, so a large
+    file costs what the windows need (which is why data.tokenize_text is not used here)."""
     need, chars = seq_len * windows, seq_len * windows * 2
     while True:
         ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
@@ -548,8 +598,7 @@ def read_mmlu_csv(path: Path) -> list[Question]:
     """One subject's CSV: either with the header question,choice0..3,answer (answer 0-3) or
     the original headerless layout (question, A, B, C, D, letter)."""
     subject = re.sub(r"_(dev|val|test)$", "", path.stem)
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(data.read_text(path), newline="")))  # "": quoted newlines stay
     if rows and [c.strip().lower() for c in rows[0]] == ["question", "choice0", "choice1", "choice2", "choice3", "answer"]:
         rows = rows[1:]
     questions = []
@@ -561,7 +610,7 @@ def read_mmlu_csv(path: Path) -> list[Question]:
         if not answer or index < 0:
             raise ValueError(f"{path} row {lineno}: answer {answer!r} is neither 0-3 nor A-D")
         questions.append(Question(subject, row[0], row[1:5], index))
-    return questions
+    return non_empty(questions, path)
 
 
 def load_mmlu(path: Path) -> list[Question]:
@@ -788,7 +837,8 @@ def load(name: str, args):
 
 
 def run(args) -> dict:
-    """One evaluation, as the command line describes it -> a JSON-ready dict."""
+    """One evaluation, as the command line describes it -> a JSON-ready dict. The data are
+    read and checked before the model loads: a bad --data costs seconds, not an 8B load."""
     path = Path(args.data)
     probe = ProbeConfig(args.probe_seq_len, args.probe_windows, args.probe_grid, args.probe_seed,
                         batch_size=args.batch_size)
@@ -796,24 +846,33 @@ def run(args) -> dict:
         raise ValueError("--task drift needs --base (the checkpoint fine-tuning started from)")
     if args.shots and args.task not in ("probe", "drift") and not args.fewshot_data:
         raise ValueError("--shots needs --fewshot-data (where the exemplars come from)")
-    backbone = load(args.model, args)
-    result = {"model": args.model, "task": args.task, "data": str(path)}
     if args.task in GENERATION_TASKS:
-        items = load_items(args.task, path, Path(args.spider_tables) if args.spider_tables else None)[: args.limit]
-        if args.shots:
-            exemplars = load_items(args.task, Path(args.fewshot_data),
-                                   Path(args.spider_tables) if args.spider_tables else None)
-            items = with_shots(items, exemplars, args.shots)
         sampler = SamplerConfig(args.gen_length, args.block_length, args.steps, args.temperature,
                                 args.remasking, args.suppress_eos)
-        result |= evaluate_generation(backbone, args.task, items, sampler, args.batch_size, args.seed,
-                                      Path(args.spider_db) if args.spider_db else None, probe)
+        tables = Path(args.spider_tables) if args.spider_tables else None
+        spider_db = Path(args.spider_db) if args.spider_db else None
+        items = load_items(args.task, path, tables)[: args.limit]
+        check_references(args.task, items, path, spider_db)
+        if args.shots:
+            items = with_shots(items, load_items(args.task, Path(args.fewshot_data), tables), args.shots)
     elif args.task == "mmlu":
         questions = load_mmlu(path)[: args.limit]
         exemplars = load_mmlu(Path(args.fewshot_data)) if args.shots else []
+    else:
+        text = read_text_file(path)
+    backbone = load(args.model, args)
+    result = {"model": args.model, "task": args.task, "data": str(path)}
+    if args.task in GENERATION_TASKS:
+        result |= evaluate_generation(backbone, args.task, items, sampler, args.batch_size, args.seed,
+                                      spider_db, probe)
+    elif args.task == "mmlu":
         result |= mmlu_accuracy(backbone, questions, args.shots, exemplars, args.batch_size)
     else:
-        windows = text_windows(path, backbone.tokenizer, probe.seq_len, probe.windows)
+        limit = max_positions(backbone.model)
+        if limit is not None and probe.seq_len > limit:
+            raise ValueError(f"--probe-seq-len {probe.seq_len} is longer than the model's {limit} positions: "
+                             f"give at most {limit}")
+        windows = text_windows(text, backbone.tokenizer, probe.seq_len, probe.windows, path)
         if args.task == "probe":
             result |= diffusion_probe(backbone, windows, probe)
             if args.base:

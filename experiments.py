@@ -2,7 +2,7 @@
 The DLLM-JEPA paper's experiments at CPU scale, from one command.
 
     python experiments.py --smoke          # the whole pipeline in about two minutes
-    python experiments.py                  # the CPU-scale protocol (about 40 minutes, 2 cores)
+    python experiments.py                  # the CPU-scale protocol (about 20 minutes on 2 cores)
     python experiments.py --tasks nl-rx-synth gsm8k --methods diffusion dllm-jepa --seeds 0 1 2 3 4
 
 What the paper does with LLaDA-8B / Dream-7B, done here with the tiny model of tiny_model.py:
@@ -49,8 +49,9 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 @dataclass
 class Profile:
-    """Sizes of one protocol run. `full` fits 45 minutes on 2 CPU cores; `smoke` checks the
-    pipeline end to end in a couple of minutes (its numbers mean nothing)."""
+    """Sizes of one protocol run. `full` takes about 20 minutes on 2 CPU cores with the
+    default 3 seeds (README.md: 20.6; 38.6 with 6 seeds); `smoke` checks the pipeline end to
+    end in a couple of minutes (its numbers mean nothing)."""
     tiny_width: int = 128          # the tiny model's hidden size
     tiny_layers: int = 4
     base_steps: int = 600          # diffusion pre-training on WikiText-2
@@ -180,13 +181,16 @@ def finetune_argv(profile: Profile, base: Path, train_file: Path, dev_file: Path
 # Stage 3: evaluation
 
 
+def sampler_of(profile: Profile) -> SamplerConfig:
+    return SamplerConfig(profile.gen_length, profile.block_length, profile.gen_steps)
+
+
 def evaluate_model(path: Path, task: str, dev: list[E.Item], ctx: dict, base=None) -> dict:
     """Every measurement of one checkpoint (base=None: the base itself, no drift)."""
     from backbones import load_backbone
     backbone = load_backbone(str(path))
     profile: Profile = ctx["profile"]
-    sampler = SamplerConfig(profile.gen_length, profile.block_length, profile.gen_steps)
-    generation = E.evaluate_generation(backbone, task, dev, sampler, batch_size=min(len(dev), 50),
+    generation = E.evaluate_generation(backbone, task, dev, sampler_of(profile), batch_size=min(len(dev), 50),
                                        probe=ctx["probe"])
     result = {k: v for k, v in generation.items() if k not in ("task", "n", "sampler", "prompts_cut")}
     result["probe_loss"] = E.diffusion_probe(backbone, ctx["windows"], ctx["probe"])["probe_loss"]
@@ -344,6 +348,29 @@ def write_report(out: Path, profile: Profile, args, tables: dict, elapsed: float
 # The protocol
 
 
+def yes_no(text: str) -> bool:
+    """A yes/no override; anything else is refused, never read as "no"."""
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not yes/no (also true/false, 1/0)")
+
+
+def check_profile(profile: Profile):
+    """Refuse bad overrides of the data, sampler, probe and MMLU sizes now, in one line, not
+    after the base has been pre-trained. The training flags are train.py's to check."""
+    for field in ("n_train", "n_dev", "mmlu_questions", "probe_windows", "probe_grid"):
+        if getattr(profile, field) < 1:
+            raise SystemExit(f"error: --{field.replace('_', '-')} {getattr(profile, field)}: must be >= 1")
+    if profile.mmlu_shots < 0:
+        raise SystemExit(f"error: --mmlu-shots {profile.mmlu_shots}: must be >= 0")
+    try:
+        sampler_of(profile)
+    except ValueError as e:  # SamplerConfig names evaluate.py's --steps; here it is --gen-steps
+        raise SystemExit(f"error: {str(e).replace('--steps ', '--gen-steps ')}") from None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -362,7 +389,7 @@ def parse_args(argv=None):
     full, smoke = asdict(PROFILES["full"]), asdict(PROFILES["smoke"])
     for field, default in full.items():
         g.add_argument(f"--{field.replace('_', '-')}", default=None, help=f"full {default}, smoke {smoke[field]}",
-                       type=type(default) if not isinstance(default, bool) else lambda s: s.lower() in ("1", "true", "yes"))
+                       type=yes_no if isinstance(default, bool) else type(default))
     return p.parse_args(argv)
 
 
@@ -373,6 +400,7 @@ def main(argv=None) -> Path:
         torch.set_num_threads(args.threads)
     profile = PROFILES["smoke" if args.smoke else "full"]
     profile = replace(profile, **{k: v for k, v in vars(args).items() if k in asdict(profile) and v is not None})
+    check_profile(profile)
     data_dir, out = Path(args.data_dir), Path(args.out)
     settings = {"profile": asdict(profile), "data_dir": str(data_dir.resolve())}
     if (out / "profile.json").is_file() and json.loads((out / "profile.json").read_text()) != settings:
@@ -389,7 +417,8 @@ def main(argv=None) -> Path:
     base = load_backbone(str(base_path))
     probe = E.ProbeConfig(profile.seq_len, profile.probe_windows, profile.probe_grid)
     ctx = {"profile": profile, "probe": probe,
-           "windows": E.text_windows(heldout_text, base.tokenizer, probe.seq_len, probe.windows),
+           "windows": E.text_windows(E.read_text_file(heldout_text), base.tokenizer, probe.seq_len,
+                                     probe.windows, heldout_text),
            "mmlu": mmlu_subset(data_dir, profile.mmlu_questions),
            "mmlu_dev": E.load_mmlu(require(data_dir / "mmlu" / "dev"))}
     n_blocks = len(base.blocks)

@@ -23,6 +23,7 @@ prompt token lists in, decoded answers out).
 """
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 
 @dataclass
 class SamplerConfig:
-    """LLaDA's knobs. LLaDA-8B-Instruct on GSM8K: gen_length 256, block_length 8, steps 256."""
+    """LLaDA's knobs. LLaDA-8B-Instruct on GSM8K: gen_length 256, block_length 8, steps 256.
+    A bad value raises ValueError naming it as evaluate.py's flag (--gen-length, --steps, ...)."""
     gen_length: int = 128                 # masked positions appended to the prompt
     block_length: int = 32                # positions per semi-autoregressive block
     steps: int | None = None              # denoising steps over the whole canvas; None = gen_length
@@ -40,21 +42,22 @@ class SamplerConfig:
     suppress_eos: bool = False            # forbid EOS inside the canvas
 
     def __post_init__(self):
-        self.steps = self.steps or self.gen_length
+        if self.steps is None:  # not `or`: steps=0 is an error, not a request for the default
+            self.steps = self.gen_length
         for name in ("gen_length", "block_length", "steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.gen_length % self.block_length:
-            raise ValueError(f"gen_length={self.gen_length} is not a multiple of "
-                             f"block_length={self.block_length}")
+            raise ValueError(f"--gen-length {self.gen_length} is not a multiple of "
+                             f"--block-length {self.block_length}")
         blocks = self.gen_length // self.block_length
         if self.steps % blocks:
-            raise ValueError(f"steps={self.steps} cannot be shared evenly by {blocks} blocks "
-                             f"(gen_length / block_length): make it a multiple of {blocks}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0")
+            raise ValueError(f"--steps {self.steps} cannot be shared evenly by {blocks} blocks "
+                             f"(--gen-length / --block-length): make it a multiple of {blocks}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # nan >= 0 is False too
+            raise ValueError(f"--temperature {self.temperature}: must be a finite number >= 0")
         if self.remasking not in ("low_confidence", "random"):
-            raise ValueError(f"remasking={self.remasking!r}: 'low_confidence' or 'random'")
+            raise ValueError(f"--remasking {self.remasking!r}: 'low_confidence' or 'random'")
 
 # -----------------------------------------------------------------------------
 # Pieces
@@ -63,12 +66,12 @@ class SamplerConfig:
 def commit_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     """How many positions each step commits: (B,) masks in a block -> (B, steps).
 
-    Linear schedule: after step s, floor(s * n / steps) positions are decided, the count of
-    masks falling linearly in time as in LLaDA's forward process. Rows sum to n_masked.
+    Linear schedule, as LLaDA's sampler splits it: every step commits n // steps and the first
+    n % steps steps one more (8 over 3: [3, 3, 2]), so the count of masks falls (nearly)
+    linearly in time, as in LLaDA's forward process. Rows sum to n_masked.
     """
-    s = torch.arange(steps + 1, device=n_masked.device)
-    decided = n_masked[:, None] * s[None, :] // steps   # (B, steps + 1)
-    return decided[:, 1:] - decided[:, :-1]
+    step = torch.arange(steps, device=n_masked.device)
+    return n_masked[:, None] // steps + (step[None, :] < n_masked[:, None] % steps)
 
 
 def add_gumbel(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:

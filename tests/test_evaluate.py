@@ -50,6 +50,14 @@ def test_gsm8k_flexible_and_large_numbers():
     assert E.gsm8k_correct("#### 1,000,000", "x\n#### 1000000")
     assert E.gsm8k_final("a #### 3\n#### 5\nextra") == "5"
 
+
+def test_gsm8k_reference_without_marker_must_be_a_bare_number():
+    assert E.gsm8k_correct("#### 16", " 16\n") and E.gsm8k_correct("#### 1000", "1,000")
+    with pytest.raises(ValueError, match="no '#### answer' and is not a bare number"):
+        E.gsm8k_correct("#### 16", "Janet has 16 ducks and earns 18 dollars")  # was: gold 16
+    with pytest.raises(ValueError, match=r"final answer 'many' \(after ####\) is not a number"):
+        E.gsm8k_correct("#### 16", "She has 16.\n#### many")
+
 # -----------------------------------------------------------------------------
 # Exact match, SQL, regexes
 
@@ -73,6 +81,19 @@ def test_sql_normalisation_equal(a, b):
 def test_sql_normalisation_keeps_values():
     assert E.normalize_sql("SELECT a FROM t WHERE n = 'France'") != E.normalize_sql("SELECT a FROM t WHERE n = 'france'")
     assert E.normalize_sql("SELECT a FROM t WHERE x > 5") != E.normalize_sql("SELECT a FROM t WHERE x > 6")
+
+
+def test_fit_prompt_keeps_the_end():
+    assert E.fit_prompt([1, 2, 3], 5) == [1, 2, 3]
+    assert E.fit_prompt([1, 2, 3], 2) == [2, 3]
+    assert E.fit_prompt([1, 2, 3], 0) == []  # ids[-0:] would keep them all
+
+
+def test_generation_needs_room_for_a_prompt(make_model, tokenizer):
+    backbone = backbone_of(make_model(max_position_embeddings=16), tokenizer)
+    items = [E.Item([{"role": "user", "content": "q"}], "a")]
+    with pytest.raises(ValueError, match="--gen-length 16 leaves no room for a prompt in the model's 16 positions"):
+        E.evaluate_generation(backbone, "django", items, E.SamplerConfig(16, 8, 16))
 
 
 def test_execution_accuracy(tmp_path):
@@ -161,6 +182,38 @@ def test_bad_rows_name_file_and_row(tmp_path, name, content, task, match):
         E.load_items(task, tmp_path / name)
 
 
+def test_empty_sets_are_errors(tmp_path):
+    (tmp_path / "e.anno").write_text("")
+    (tmp_path / "e.code").write_text("")
+    with pytest.raises(ValueError, match=r"e.anno: holds no examples"):
+        E.load_items("django", tmp_path / "e.anno")
+    (tmp_path / "sp.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"sp.json: holds no examples"):
+        E.load_spider(tmp_path / "sp.json", None)
+    for content in ("", "question,choice0,choice1,choice2,choice3,answer\n"):
+        (tmp_path / "x_test.csv").write_text(content)
+        with pytest.raises(ValueError, match=r"x_test.csv: holds no examples"):
+            E.load_mmlu(tmp_path)
+
+
+@pytest.mark.parametrize("name,task", [("d.anno", "django"), ("d.code", "django"), ("sp.json", "spider"),
+                                       ("m_test.csv", "mmlu"), ("held.txt", "probe")])
+def test_files_that_are_not_utf8_are_named(tmp_path, name, task):
+    for suffix in (".anno", ".code"):
+        (tmp_path / "d").with_suffix(suffix).write_text("ok\n")
+    (tmp_path / name).write_bytes(b"fine\ncaf\xe9\n")  # Latin-1, not UTF-8
+    load = {"mmlu": E.load_mmlu, "probe": E.read_text_file}.get(task, lambda p: E.load_items(task, p))
+    with pytest.raises(ValueError, match=rf"{name}: not UTF-8 text at line 2"):
+        load(tmp_path / name)
+
+
+def test_mmlu_csv_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "b_test.csv").write_bytes("\ufeffquestion,choice0,choice1,choice2,choice3,answer\n"
+                                          'Q?,a,"b\nb",c,d,3\n'.encode())
+    question, = E.load_mmlu(tmp_path)
+    assert question.answer == 3 and question.choices[1] == "b\nb"
+
+
 def test_django_misaligned_and_missing(tmp_path):
     (tmp_path / "a.anno").write_text("one\ntwo\n")
     (tmp_path / "a.code").write_text("1\n")
@@ -234,10 +287,11 @@ def test_probe_matches_hand_computation(tokenizer):
 def test_text_windows(tmp_path, tokenizer):
     path = tmp_path / "t.txt"
     path.write_text("abcdefghij" * 10)
-    assert E.text_windows(path, tokenizer, 16, 3).shape == (3, 16)
-    assert E.text_windows(path, tokenizer, 16, 100).shape == (6, 16)  # what the file holds
-    with pytest.raises(ValueError, match="fewer than one window"):
-        E.text_windows(path, tokenizer, 1000, 1)
+    text = E.read_text_file(path)
+    assert E.text_windows(text, tokenizer, 16, 3, path).tolist()[1] == list(b"ghijabcdefghijab")  # bytes 16..31
+    assert E.text_windows(text, tokenizer, 16, 100, path).shape == (6, 16)  # what the file holds
+    with pytest.raises(ValueError, match="t.txt: 100 tokens, fewer than one window"):
+        E.text_windows(text, tokenizer, 1000, 1, path)
 
 # -----------------------------------------------------------------------------
 # MMLU
@@ -356,3 +410,44 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
         E.main(["--model", str(checkpoint), "--task", "drift", "--data", str(bad)])
     with pytest.raises(SystemExit, match="no such file"):
         E.main(["--model", str(checkpoint), "--task", "probe", "--data", str(tmp_path / "none.txt")])
+    text = tmp_path / "held.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    with pytest.raises(SystemExit, match="error: --probe-seq-len 200 is longer than the model's 128 positions"):
+        E.main(["--model", str(checkpoint), "--task", "probe", "--data", str(text), "--probe-seq-len", "200"])
+    rows = write_lines(tmp_path / "dev.jsonl", [{"question": "q", "answer": "#### 2"},
+                                                {"question": "q", "answer": "Janet has 16 ducks"}])
+    with pytest.raises(SystemExit, match=r"error: .*dev.jsonl item 1: the GSM8K reference 'Janet has 16 ducks'"):
+        E.main(["--model", str(checkpoint), "--task", "gsm8k", "--data", str(rows)])
+
+
+NO_MODEL = "/nonexistent/model"  # loading it fails: errors below prove the data were checked first
+
+
+@pytest.mark.parametrize("task,name,content,match", [
+    ("gsm8k", "bad.jsonl", "{not json\n", r"bad.jsonl:1: invalid JSON"),
+    ("mmlu", "m_test.csv", "Q?,a,b,c,d,E\n", r"m_test.csv row 1: answer 'E'"),
+    ("probe", "held.txt", None, r"held.txt: no such file"),
+])
+def test_data_are_checked_before_the_model_loads(tmp_path, task, name, content, match):
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    with pytest.raises(SystemExit, match=match):
+        E.main(["--model", NO_MODEL, "--task", task, "--data", str(tmp_path / name)])
+
+
+def test_sampler_flags_are_checked_before_the_model_loads(tmp_path):
+    rows = write_lines(tmp_path / "dev.jsonl", [{"question": "q", "answer": "#### 2"}])
+    with pytest.raises(SystemExit, match="error: --steps 0: must be >= 1"):
+        E.main(["--model", NO_MODEL, "--task", "gsm8k", "--data", str(rows), "--steps", "0"])
+
+
+def test_failing_gold_queries_stop_the_run_before_generation(tmp_path):
+    db = tmp_path / "db" / "shop" / "shop.sqlite"
+    db.parent.mkdir(parents=True)
+    with sqlite3.connect(db) as conn:
+        conn.executescript("CREATE TABLE item(name TEXT, price INT);")
+    spider = tmp_path / "dev.json"
+    spider.write_text(json.dumps([{"question": "q", "query": q, "db_id": "shop"}
+                                  for q in ("SELECT name FROM item", "SELECT nonsense FROM item")]))
+    with pytest.raises(SystemExit, match=r"dev.json item 1: .*shop.sqlite: the gold query fails \(no such column"):
+        E.main(["--model", NO_MODEL, "--task", "spider", "--data", str(spider), "--spider-db", str(tmp_path / "db")])

@@ -86,3 +86,26 @@ def test_pipeline_end_to_end(data_dir, tmp_path):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="wikitext2/valid.txt is missing"):
         X.main(["--smoke", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--n-dev", "0"], "error: --n-dev 0: must be >= 1"),
+    (["--n-train", "0"], "error: --n-train 0: must be >= 1"),
+    (["--mmlu-questions", "0"], "error: --mmlu-questions 0: must be >= 1"),
+    (["--gen-steps", "5"], r"error: --gen-steps 5 cannot be shared evenly by 2 blocks"),
+    (["--block-length", "5"], "error: --gen-length 16 is not a multiple of --block-length 5"),
+])
+def test_bad_overrides_fail_before_anything_runs(tmp_path, flags, match):
+    """The data folder is empty: an error about the flags proves they were checked first."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=match):
+        X.main(["--smoke", "--data-dir", str(tmp_path), "--out", str(out)] + flags)
+    assert not out.exists()
+
+
+def test_yes_no_overrides(capsys):
+    assert X.parse_args(["--system-prompt", "Yes"]).system_prompt is True
+    assert X.parse_args(["--system-prompt", "0"]).system_prompt is False
+    with pytest.raises(SystemExit):
+        X.parse_args(["--system-prompt", "maybe"])  # was: False
+    assert "--system-prompt: 'maybe' is not yes/no" in capsys.readouterr().err

@@ -1,4 +1,7 @@
-"""The LLaDA sampler: schedule, block order, every mask filled, batching, shifted logits."""
+"""The LLaDA sampler: schedule, block order, every mask filled, batching, shifted logits.
+
+Run: python -m pytest tests/test_generate.py -q
+"""
 
 from types import SimpleNamespace
 
@@ -64,6 +67,12 @@ def test_commit_schedule_is_linear_and_complete():
     assert schedule.sum(1).tolist() == n.tolist()
     assert (schedule.max(1).values - schedule.min(1).values).le(1).all()  # evenly spread
     assert schedule[3].tolist() == [8, 8, 8, 8]
+
+
+def test_commit_schedule_gives_leftovers_to_early_steps_as_llada():
+    """LLaDA's get_num_transfer_tokens: n // steps each, the first n % steps steps one more."""
+    assert G.commit_schedule(torch.tensor([8]), 3).tolist() == [[3, 3, 2]]
+    assert G.commit_schedule(torch.tensor([7, 1]), 4).tolist() == [[2, 2, 2, 1], [1, 0, 0, 0]]
 
 
 @pytest.mark.parametrize("remasking,temperature", [("low_confidence", 0.0), ("random", 0.0),
@@ -142,6 +151,25 @@ def test_sampling_is_reproducible_with_a_seed(peaky, tokenizer):
     assert torch.equal(run(0), run(0))
 
 
+def test_sampling_follows_the_seed_at_a_positive_temperature(tokenizer):
+    """Flat logits (every token but the mask id equally likely): at temperature 1 the Gumbel
+    noise alone picks each token, so seeds 0 and 1 give different canvases, each spread over
+    many ids; at temperature 0 argmax's tie goes to id 0, whatever the seed."""
+    model = AlwaysToken(len(tokenizer), 0, 1)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[tokenizer.mask_token_id] = -float("inf")
+    def run(seed, temperature):
+        cfg = G.SamplerConfig(gen_length=16, block_length=8, steps=8, temperature=temperature)
+        return G.generate(model, [[1, 2, 3]], tokenizer.mask_token_id, cfg,
+                          generator=torch.Generator().manual_seed(seed))
+    sample = run(0, 1.0)
+    assert torch.equal(sample, run(0, 1.0))
+    assert not torch.equal(sample, run(1, 1.0))
+    assert len(set(sample.flatten().tolist())) >= 8  # 16 draws from 260 ids: not one argmax
+    assert (run(0, 0.0) == 0).all() and (run(1, 0.0) == 0).all()
+
+
 def test_padding_mask_formats():
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     assert G.padding_mask_for(mask, four_d=False) is mask
@@ -156,11 +184,18 @@ def test_decode_answer_stops_at_eos(tokenizer):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(gen_length=10, block_length=4), "multiple of block_length"),
-    (dict(gen_length=8, block_length=4, steps=3), "shared evenly"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(remasking="best"), "remasking"),
+    (dict(gen_length=10, block_length=4), "--gen-length 10 is not a multiple of --block-length 4"),
+    (dict(gen_length=8, block_length=4, steps=3), "--steps 3 cannot be shared evenly"),
+    (dict(steps=0), r"--steps 0: must be >= 1"),           # not silently gen_length
+    (dict(temperature=-1.0), "--temperature -1.0: must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "--temperature nan"),
+    (dict(temperature=float("inf")), "--temperature inf"),
+    (dict(remasking="best"), "--remasking 'best'"),
 ])
 def test_bad_sampler_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         G.SamplerConfig(**kwargs)
+
+
+def test_steps_default_to_gen_length():
+    assert G.SamplerConfig(gen_length=8, block_length=4).steps == 8
