@@ -87,19 +87,22 @@ def llada_restore_use_cache(config, model_class, stack):
     return "config.use_cache was missing: set to False"
 
 
-def _cpu_if_cuda(x):
-    is_cuda = (isinstance(x, torch.device) and x.type == "cuda"
-               or isinstance(x, str) and x.startswith("cuda"))
-    return torch.device("cpu") if is_cuda else x
+def _is_cuda(x) -> bool:
+    return (isinstance(x, torch.device) and x.type == "cuda"
+            or isinstance(x, str) and x.startswith("cuda"))
 
 
-class _CudaToCpu(TorchFunctionMode):
+class _CudaTo(TorchFunctionMode):
     """While active, torch calls asked to put a tensor on "cuda" (device=..., or a device
-    passed positionally as in tensor.to(device)) put it on the CPU instead."""
+    passed positionally as in tensor.to(device)) put it on `device` instead."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        args = tuple(_cpu_if_cuda(a) for a in args)
-        kwargs = {k: _cpu_if_cuda(v) if k == "device" else v for k, v in (kwargs or {}).items()}
+        args = tuple(self.device if _is_cuda(a) else a for a in args)
+        kwargs = {k: self.device if k == "device" and _is_cuda(v) else v for k, v in (kwargs or {}).items()}
         return func(*args, **kwargs)
 
 
@@ -114,11 +117,14 @@ def llada_build_on_cpu(config, model_class, stack):
     """Newer copies of LLaDAModelLM.__init__ set `init_device = "cuda"` under a comment that
     says CPU, so building fails without a GPU, and with one puts a full fp32 copy of the
     model on every rank's GPU. While the model is built, allocations asked on "cuda" go to
-    the CPU, as the original code intended; the trainer moves and shards it afterwards."""
+    the CPU, as the original code intended (or to the meta device, when only the structure
+    is built: `load_backbone(weights=False)`); the trainer moves and shards it afterwards."""
     if not re.search(r"init_device\s*=\s*[\"']cuda", _source(model_class.__init__)):
         return None
-    stack.enter_context(_CudaToCpu())
-    return f"{model_class.__name__}.__init__ hard-codes init_device='cuda': built on CPU instead"
+    on_meta = torch.get_default_device().type == "meta"
+    stack.enter_context(_CudaTo(torch.device("meta" if on_meta else "cpu")))
+    return (f"{model_class.__name__}.__init__ hard-codes init_device='cuda': built on "
+            f"{'the meta device' if on_meta else 'CPU'} instead")
 
 
 def llada_run_post_init(config, model_class, stack):
@@ -200,8 +206,8 @@ def dream_recompute_rotary(model):
     repaired = 0
     for module in model.modules():
         if not (isinstance(getattr(module, "inv_freq", None), torch.Tensor)
-                and hasattr(module, "rope_init_fn")):
-            continue
+                and hasattr(module, "rope_init_fn")) or module.inv_freq.is_meta:
+            continue  # on the meta device (a structure only), the trainer copies rank 0's buffers
         inv_freq, module.attention_scaling = module.rope_init_fn(
             module.config, module.inv_freq.device, **getattr(module, "rope_kwargs", {}))
         if not torch.equal(module.inv_freq, inv_freq):
@@ -347,8 +353,10 @@ def model_class_of(config, name_or_path: str) -> type:
     return AutoModel._model_mapping[type(config)]
 
 
-def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32) -> Backbone:
-    """A hub id or a local folder: the model, its tokenizer and chat template, its adapter."""
+def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32, weights: bool = True) -> Backbone:
+    """A hub id or a local folder: the model, its tokenizer and chat template, its adapter.
+    weights=False builds the same modules on the meta device (shapes and dtypes, no memory,
+    no weight file read): what the trainer's ranks other than 0 do."""
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
     family = family_of(config)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
@@ -362,8 +370,10 @@ def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32) -> Back
     fixes = []
     with contextlib.ExitStack() as stack:
         model_class = model_class_of(config, name_or_path)
+        if not weights:
+            stack.enter_context(torch.device("meta"))
         fixes += [fix(config, model_class, stack) for fix in family.before]
-        model = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype,
-                                          trust_remote_code=True)
+        model = (AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, trust_remote_code=True)
+                 if weights else AutoModel.from_config(config, dtype=dtype, trust_remote_code=True))
     fixes += [fix(model) for fix in family.after]
     return Backbone(model, tokenizer, family, mask_id, eos_id, [f for f in fixes if f])

@@ -6,6 +6,9 @@ Distributed plumbing for train.py: one code path from a laptop CPU to a GPU clus
 - FSDP2 (`fully_shard`) on each transformer block, then on the root, for the online
   backbone and for each frozen copy (EMA target, L2 anchor); activation checkpointing is
   applied before sharding; optional bf16 mixed precision (fp32 reduction) and CPU offload.
+- Start-up: only rank 0 holds the weights; the other ranks build the model on the meta
+  device and receive their shards from it (`materialize`): one full copy per node, not one
+  per process.
 - Checkpoints: `torch.distributed.checkpoint` (each rank writes its shards) into
   step_XXXXXXXX.tmp, renamed to step_XXXXXXXX once complete, so a kill never leaves a
   half-written latest checkpoint; the last `keep` are kept; .tmp folders a kill left behind
@@ -27,8 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
@@ -91,6 +94,30 @@ def shard_model(model, blocks_of, param_dtype=None, cpu_offload=False, activatio
         fully_shard(module, reshard_after_forward=True, **kwargs)
     fully_shard(model, **kwargs)  # the predictor's parameters live in this root group
     return model
+
+
+def materialize(model, full_state: dict | None, env: Env, cpu_offload: bool = False):
+    """After shard_model, give every rank its shards of rank 0's weights.
+
+    Rank 0 built the model with weights (`full_state`: its state_dict taken before sharding,
+    which keeps the full tensors alive until they are sent); the other ranks built the same
+    modules on the meta device. So a node holds one full copy of the weights at start-up, not
+    one per process. Rank 0 sends each tensor in turn; each rank keeps its own shard.
+    """
+    if env.is_main:
+        if not cpu_offload:
+            model.to(env.device)  # after sharding: only this rank's shards move
+    else:  # allocate (uninitialised) shards and buffers; their values come from rank 0
+        model.to_empty(device="cpu" if cpu_offload else env.device)
+    if env.world_size == 1:
+        return
+    set_model_state_dict(model, full_state if env.is_main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for module in model.modules():  # non-persistent buffers (rotary tables) are in no state dict
+        for name, buffer in module.named_buffers(recurse=False):
+            buffer = buffer.to(env.device)  # the process group's device (CPU offload leaves them on CPU)
+            dist.broadcast(buffer, src=0)
+            setattr(module, name, buffer)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ EMA target, optimizer, step, RNG), and final/ (save_pretrained of the fine-tuned
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -329,11 +330,15 @@ def main(argv=None) -> Path:
     env = distributed.init_distributed(args.device)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
+    # Only rank 0 reads (or initialises) the weights; the other ranks build the same modules on
+    # the meta device, without memory, and receive their shards once sharded (materialize).
+    on_meta = torch.device("meta") if not env.is_main else contextlib.nullcontext()
     try:  # bad files, names or rows: one line that says what and where, no traceback
-        backbone = (new_tiny_backbone(hidden_size=args.tiny_width, num_hidden_layers=args.tiny_layers,
-                                      intermediate_size=round(args.tiny_width * 8 / 3 / 32) * 32,
-                                      max_position_embeddings=max(512, args.seq_len))
-                    if args.model is None else load_backbone(args.model))
+        with on_meta:
+            backbone = (new_tiny_backbone(hidden_size=args.tiny_width, num_hidden_layers=args.tiny_layers,
+                                          intermediate_size=round(args.tiny_width * 8 / 3 / 32) * 32,
+                                          max_position_embeddings=max(512, args.seq_len))
+                        if args.model is None else load_backbone(args.model, weights=env.is_main))
         n_blocks = len(backbone.family.blocks(backbone.model))
         if not -n_blocks - 1 <= args.embed_layer <= n_blocks:
             raise ValueError(f"--embed-layer {args.embed_layer}: the model has {n_blocks} blocks, so hidden "
@@ -350,12 +355,14 @@ def main(argv=None) -> Path:
         raise SystemExit(f"error: {len(eval_rows.input_ids)} held-out rows for {env.world_size} processes; "
                          "give more data or a larger --eval-fraction")
 
-    model = DLLMJEPA(backbone.model, config, backbone.mask_token_id, backbone.family.shift_logits,
-                     blocks_of=backbone.family.blocks)
+    with on_meta:  # the EMA target and anchor copies too
+        model = DLLMJEPA(backbone.model, config, backbone.mask_token_id, backbone.family.shift_logits,
+                         blocks_of=backbone.family.blocks)
+    full_state = model.state_dict() if env.is_main and env.world_size > 1 else None
     distributed.shard_model(model, backbone.family.blocks, param_dtype=dtype if dtype != torch.float32 else None,
                             cpu_offload=args.cpu_offload, activation_checkpointing=args.activation_checkpointing)
-    if not args.cpu_offload:
-        model.to(env.device)  # after sharding: each rank moves only its own shards
+    distributed.materialize(model, full_state, env, args.cpu_offload)
+    del full_state  # rank 0's full copy: freed now that every rank holds its shards
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
 
     out = Path(args.out)

@@ -202,6 +202,15 @@ def test_load_backbone_dtype(tmp_path, tokenizer):
     assert {p.dtype for p in b.model.parameters()} == {torch.bfloat16}
 
 
+def test_load_backbone_without_weights_builds_the_same_modules_on_meta(tmp_path, tokenizer):
+    save_tiny(tmp_path, tokenizer)
+    real, meta = backbones.load_backbone(str(tmp_path)), backbones.load_backbone(str(tmp_path), weights=False)
+    shapes = lambda b: {k: (v.shape, v.dtype) for k, v in b.model.state_dict().items()}
+    assert shapes(meta) == shapes(real)
+    assert all(p.is_meta for p in meta.model.parameters()) and not any(p.is_meta for p in real.model.parameters())
+    assert (meta.mask_token_id, meta.eos_token_id, meta.family) == (real.mask_token_id, real.eos_token_id, real.family)
+
+
 def test_load_backbone_runs_the_familys_fixes_in_order(tmp_path, tokenizer, monkeypatch):
     """`before` fixes run ahead of from_pretrained, and a context they enter stays open
     while it runs; `after` fixes see the loaded model; applied ones are recorded."""
@@ -351,6 +360,14 @@ def test_llada_build_on_cpu_redirects_cuda_allocations():
         assert backbones.llada_build_on_cpu(None, BuildsOnCpu, stack) is None
 
 
+def test_llada_build_on_cpu_goes_to_meta_when_building_without_weights():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.device("meta"))  # as load_backbone(weights=False) does
+        assert "meta device" in backbones.llada_build_on_cpu(None, BuildsOnCuda, stack)
+        model = BuildsOnCuda(SimpleNamespace())
+    assert {model.lin.weight.device.type, model.table.device.type, model.moved.device.type} == {"meta"}
+
+
 def test_llada_tie_weights_accepts_arguments():
     calls = []
 
@@ -428,6 +445,9 @@ def test_dream_recompute_rotary():
         assert rotary.original_inv_freq is rotary.inv_freq
         assert "inv_freq" not in rotary.state_dict()  # still not saved
     assert backbones.dream_recompute_rotary(model) is None  # already right: nothing to report
+    with torch.device("meta"):  # a structure only: its buffers come from rank 0 (distributed.materialize)
+        model = Rotary(config)
+    assert backbones.dream_recompute_rotary(model) is None and model.inv_freq.is_meta
 
 
 def test_dream_refuse_labels():

@@ -1,5 +1,6 @@
 """
-FSDP2 on CPU (gloo): 2 processes against 1, sharded EMA, distributed resume.
+FSDP2 on CPU (gloo): 2 processes against 1, sharded EMA, distributed resume, rank 0's
+weights sent to ranks that built the model on the meta device.
 
     python -m pytest tests/test_distributed.py -q
 
@@ -125,3 +126,45 @@ def test_sharded_ema_moves_between_checkpoints(runs, tmp_path):
     moved = norm((step6[k], step3[k]) for k in targets)
     gap = norm((step6["backbone." + k[len("target_encoder."):]], step3[k]) for k in targets)
     assert 0 < moved < 0.01 * gap, (moved, gap)
+
+
+MATERIALIZE = """
+import contextlib, sys, torch
+import distributed
+from backbones import new_tiny_backbone
+from dllm_jepa import DLLMJEPA, JEPAConfig
+env = distributed.init_distributed("cpu")
+torch.manual_seed(0)
+with contextlib.nullcontext() if env.is_main else torch.device("meta"):
+    b = new_tiny_backbone(hidden_size=32, num_hidden_layers=2)
+    b.model.register_buffer("table", torch.randn(7), persistent=False)  # in no state dict
+    model = DLLMJEPA(b.model, JEPAConfig(), b.mask_token_id, blocks_of=b.family.blocks)
+assert all(p.is_meta for p in model.parameters()) != env.is_main
+full = model.state_dict() if env.is_main else None
+before = {k: v.clone() for k, v in full.items()} if env.is_main else None
+distributed.shard_model(model, b.family.blocks)
+distributed.materialize(model, full, env)
+after = {k: v.full_tensor() for k, v in model.state_dict().items()}
+after.update({"buffer " + k: v for k, v in model.named_buffers()})
+torch.save({"before": before, "after": after}, f"{sys.argv[1]}/rank{env.rank}.pt")
+"""
+
+
+def test_ranks_built_on_meta_receive_rank0s_weights_and_buffers(tmp_path):
+    """Rank 1 builds the model on the meta device (no weights) and must end up with exactly
+    rank 0's parameters (backbone, predictor, EMA target) and non-persistent buffers."""
+    (tmp_path / "materialize.py").write_text(MATERIALIZE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(tmp_path / "materialize.py"), str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert any(k.startswith("target_encoder.") for k in rank0["before"])
+    assert any(k.startswith("predictor.") for k in rank0["before"])
+    for key, value in rank0["before"].items():
+        assert torch.equal(rank0["after"][key], value) and torch.equal(rank1["after"][key], value), key
+    buffers = [k for k in rank0["after"] if k.startswith("buffer ")]
+    assert len(buffers) == 2  # the backbone's and the EMA target's copy
+    for key in buffers:
+        assert torch.equal(rank1["after"][key], rank0["after"][key]), key
