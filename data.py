@@ -222,16 +222,32 @@ def tokenize_examples(examples, tokenizer, seq_len: int) -> Tokenized:
                      truncated, prompts_cut, longest)
 
 
+def text_rows(text: str, tokenizer, seq_len: int, where, flag: str = "--seq-len",
+              max_rows: int | None = None) -> torch.Tensor:
+    """Consecutive seq_len-token rows of plain text -> (N, seq_len), the first `max_rows` of
+    them when given. `where` (the file) and `flag` (the option that set seq_len) name the
+    input in the error. With max_rows only a growing prefix of the text is tokenised, so a
+    large file costs what the rows need, not a full tokenisation."""
+    need = None if max_rows is None else seq_len * max_rows
+    chars = len(text) if need is None else 2 * need
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if need is None or len(ids) >= need or chars >= len(text):
+            break
+        chars *= 2
+    n = len(ids) // seq_len if max_rows is None else min(max_rows, len(ids) // seq_len)
+    if n == 0:
+        raise ValueError(f"{where}: {len(ids)} tokens, fewer than one row of {flag} {seq_len}; "
+                         f"give more text or a smaller {flag}")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
 def tokenize_text(path: Path, tokenizer, seq_len: int) -> Tokenized:
     """Plain text for diffusion pre-training: consecutive seq_len-token chunks. The first token
     of each chunk is a one-token "prompt", so shifted-logit backbones (Dream) always have a
     clean position 0; every other token may be masked and scored."""
-    ids = tokenizer(read_text(path), add_special_tokens=False)["input_ids"]
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"{path}: {len(ids)} tokens, fewer than one row of --seq-len {seq_len}; "
-                         "give more text or a smaller --seq-len")
-    rows = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    rows = text_rows(read_text(path), tokenizer, seq_len, path)
+    n = len(rows)
     return Tokenized(rows, torch.ones(n, dtype=torch.long), torch.full((n,), seq_len - 1))
 
 

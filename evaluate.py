@@ -500,22 +500,6 @@ def read_text_file(path: Path) -> str:
     return data.read_text(path)
 
 
-def text_windows(text: str, tokenizer, seq_len: int, windows: int, path: Path) -> torch.Tensor:
-    """The first `windows` consecutive seq_len-token windows of `text` (read from `path`,
-    named in errors) -> (N, seq_len). Tokenises only a growing prefix of the text, so a large
-    file costs what the windows need (which is why data.tokenize_text is not used here)."""
-    need, chars = seq_len * windows, seq_len * windows * 2
-    while True:
-        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
-        if len(ids) >= need or chars >= len(text):
-            break
-        chars *= 2
-    n = min(windows, len(ids) // seq_len)
-    if n == 0:
-        raise ValueError(f"{path}: {len(ids)} tokens, fewer than one window of {seq_len}")
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-
-
 def probe_masks(shape, config: ProbeConfig):
     """Masks for every grid point, a function of (shape, seed) only: (G, N, T) bool and the
     mask probabilities (G,). Position 0 stays clean, as in data.tokenize_text, so shifted-logit
@@ -598,7 +582,10 @@ def read_mmlu_csv(path: Path) -> list[Question]:
     """One subject's CSV: either with the header question,choice0..3,answer (answer 0-3) or
     the original headerless layout (question, A, B, C, D, letter)."""
     subject = re.sub(r"_(dev|val|test)$", "", path.stem)
-    rows = list(csv.reader(io.StringIO(data.read_text(path), newline="")))  # "": quoted newlines stay
+    try:
+        rows = list(csv.reader(io.StringIO(data.read_text(path), newline="")))  # "": quoted newlines stay
+    except csv.Error as e:  # e.g. a field past csv's size limit: an unclosed quote swallows the file
+        raise ValueError(f"{path}: not a readable CSV file ({e}); check its quotes") from None
     if rows and [c.strip().lower() for c in rows[0]] == ["question", "choice0", "choice1", "choice2", "choice3", "answer"]:
         rows = rows[1:]
     questions = []
@@ -872,7 +859,7 @@ def run(args) -> dict:
         if limit is not None and probe.seq_len > limit:
             raise ValueError(f"--probe-seq-len {probe.seq_len} is longer than the model's {limit} positions: "
                              f"give at most {limit}")
-        windows = text_windows(text, backbone.tokenizer, probe.seq_len, probe.windows, path)
+        windows = data.text_rows(text, backbone.tokenizer, probe.seq_len, path, "--probe-seq-len", probe.windows)
         if args.task == "probe":
             result |= diffusion_probe(backbone, windows, probe)
             if args.base:

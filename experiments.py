@@ -20,7 +20,8 @@ What the paper does with LLaDA-8B / Dream-7B, done here with the tiny model of t
 
 Every stage is cached in --out (a finished run is not redone), so an interrupted run resumes.
 Data come from a folder in the layout of the project's shared/data (see --data-dir); the
-splits are carved with a fixed seed, identical for every method and seed.
+splits are carved with a fixed seed, identical for every method and seed. Every file is read
+and checked before any training: a bad one stops the run at once, in one line.
 """
 
 import argparse
@@ -36,7 +37,9 @@ from pathlib import Path
 
 import torch
 
+import data
 import evaluate as E
+import tiny_model
 from generate import SamplerConfig
 
 METHODS = ("diffusion", "dllm-jepa", "l2-anchor", "two-pass")
@@ -100,9 +103,17 @@ def write_jsonl(path: Path, items: list[E.Item]):
 
 def require(path: Path) -> Path:
     if not path.exists():
-        raise SystemExit(f"error: {path} is missing: point --data-dir at a folder laid out like "
+        raise ValueError(f"{path} is missing: point --data-dir at a folder laid out like "
                          "shared/data (gsm8k/, nl-rx-synth/, spider/, django/, wikitext2/, mmlu/)")
     return path
+
+
+def carve(items: list[E.Item], n_train: int, n_dev: int, source: Path):
+    """(train, dev) from one file's shuffled items: dev first, so it never depends on n_train."""
+    if len(items) <= n_dev:
+        raise ValueError(f"{source}: {len(items)} examples leave none to train on after the "
+                         f"{n_dev} dev examples; give a smaller --n-dev")
+    return items[n_dev:n_dev + n_train], items[:n_dev]
 
 
 def task_splits(task: str, data_dir: Path, n_train: int, n_dev: int, system_prompt: bool):
@@ -110,38 +121,62 @@ def task_splits(task: str, data_dir: Path, n_train: int, n_dev: int, system_prom
     from train (fixed seed) where the folder gives none; GSM8K uses test_dev.jsonl and Django
     its dev files."""
     if task.startswith("nl-rx"):
-        name = task.split("-")[-1]
-        items = shuffled(E.load_items(task, require(data_dir / task / f"{name}_train.jsonl")))
+        path = require(data_dir / task / f"{task.split('-')[-1]}_train.jsonl")
+        items = shuffled(E.load_items(task, path))
         if not system_prompt:
             items = [replace(i, prompt=[m for m in i.prompt if m["role"] != "system"]) for i in items]
-        return items[n_dev:n_dev + n_train], items[:n_dev]
+        return carve(items, n_train, n_dev, path)
     if task == "gsm8k":
         train = shuffled(E.load_items(task, require(data_dir / "gsm8k" / "train.jsonl")))
-        return train[:n_train], E.load_items(task, require(data_dir / "gsm8k" / "test_dev.jsonl"))[:n_dev]
+        dev_path = require(data_dir / "gsm8k" / "test_dev.jsonl")
+        dev = E.load_items(task, dev_path)[:n_dev]
+        E.check_references(task, dev, dev_path)  # a reference with no number would fail at scoring
+        return train[:n_train], dev
     if task == "spider":
-        items = shuffled(E.load_spider(require(data_dir / "spider" / "train_spider.json"),
-                                       require(data_dir / "spider" / "tables.json")))
-        return items[n_dev:n_dev + n_train], items[:n_dev]
+        path = require(data_dir / "spider" / "train_spider.json")
+        return carve(shuffled(E.load_spider(path, require(data_dir / "spider" / "tables.json"))),
+                     n_train, n_dev, path)
     if task == "django":
         train = shuffled(E.load_items(task, require(data_dir / "django" / "train.anno")))
         return train[:n_train], E.load_items(task, require(data_dir / "django" / "dev.anno"))[:n_dev]
     raise ValueError(f"unknown task {task!r}: choose from {TASKS}")
 
 
-def wikitext_split(data_dir: Path, out: Path) -> tuple[Path, Path]:
+def wikitext_split(data_dir: Path) -> tuple[str, str]:
     """WikiText-2's validation text: first 90% of lines to pre-train the base, last 10%
     held out for the probe and CKA (never trained on)."""
-    lines = require(data_dir / "wikitext2" / "valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = data.read_text(require(data_dir / "wikitext2" / "valid.txt")).splitlines(keepends=True)
     cut = int(len(lines) * 0.9)
-    pretrain, heldout = out / "wikitext_pretrain.txt", out / "wikitext_heldout.txt"
-    out.mkdir(parents=True, exist_ok=True)
-    pretrain.write_text("".join(lines[:cut]), encoding="utf-8")
-    heldout.write_text("".join(lines[cut:]), encoding="utf-8")
-    return pretrain, heldout
+    return "".join(lines[:cut]), "".join(lines[cut:])
 
 
 def mmlu_subset(data_dir: Path, n: int) -> list[E.Question]:
     return shuffled(E.load_mmlu(require(data_dir / "mmlu" / "test")))[:n]
+
+
+@dataclass
+class Inputs:
+    """Everything the protocol reads from --data-dir, read and checked before any training."""
+    pretrain_text: str
+    heldout_text: str
+    windows: torch.Tensor       # the held-out probe windows, (N, seq_len) tokens
+    splits: dict                # task -> (train items, dev items)
+    mmlu: list
+    mmlu_dev: list
+
+
+def read_inputs(data_dir: Path, tasks: list[str], profile: Profile) -> Inputs:
+    """Read every file the run needs, so a missing or bad one stops it in seconds, not after
+    the base's pre-training. The probe windows are cut here with the tiny model's tokenizer:
+    the base is always a new tiny model, and that byte-level tokenizer is the one it saves."""
+    pretrain, heldout = wikitext_split(data_dir)
+    windows = data.text_rows(heldout, tiny_model.make_tokenizer(), profile.seq_len,
+                             f"{data_dir / 'wikitext2' / 'valid.txt'} (its held-out last 10%)",
+                             max_rows=profile.probe_windows)
+    splits = {task: task_splits(task, data_dir, profile.n_train, profile.n_dev, profile.system_prompt)
+              for task in tasks}
+    return Inputs(pretrain, heldout, windows, splits, mmlu_subset(data_dir, profile.mmlu_questions),
+                  E.load_mmlu(require(data_dir / "mmlu" / "dev")))
 
 # -----------------------------------------------------------------------------
 # Stage 2: training, through train.py
@@ -395,6 +430,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as e:  # bad data or flags: one line naming them, not a traceback
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(args) -> Path:
+    """The whole protocol -> the path of results.md."""
     t0 = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -406,29 +449,30 @@ def main(argv=None) -> Path:
     if (out / "profile.json").is_file() and json.loads((out / "profile.json").read_text()) != settings:
         raise SystemExit(f"error: {out} holds runs made with other settings (see {out / 'profile.json'}); "
                          "its cached stages would be reused: choose a new --out")
+    inputs = read_inputs(data_dir, args.tasks, profile)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(settings, indent=1))
 
     # 1-2. data, and the pre-trained base
-    pretrain_text, heldout_text = wikitext_split(data_dir, out / "data")
+    pretrain_text = out / "data" / "wikitext_pretrain.txt"
+    pretrain_text.parent.mkdir(parents=True, exist_ok=True)
+    pretrain_text.write_text(inputs.pretrain_text, encoding="utf-8")
+    (out / "data" / "wikitext_heldout.txt").write_text(inputs.heldout_text, encoding="utf-8")  # for the record
+    for task, (train_items, dev) in inputs.splits.items():
+        write_jsonl(out / "data" / task / "train.jsonl", train_items)
+        write_jsonl(out / "data" / task / "dev.jsonl", dev)
     print(f"[{time.time() - t0:5.0f}s] pre-training the base ({profile.base_steps} steps)", flush=True)
     base_path, _ = train_run(out / "base", base_argv(profile, pretrain_text, seed=0))
     from backbones import load_backbone
     base = load_backbone(str(base_path))
     probe = E.ProbeConfig(profile.seq_len, profile.probe_windows, profile.probe_grid)
-    ctx = {"profile": profile, "probe": probe,
-           "windows": E.text_windows(E.read_text_file(heldout_text), base.tokenizer, probe.seq_len,
-                                     probe.windows, heldout_text),
-           "mmlu": mmlu_subset(data_dir, profile.mmlu_questions),
-           "mmlu_dev": E.load_mmlu(require(data_dir / "mmlu" / "dev"))}
+    ctx = {"profile": profile, "probe": probe, "windows": inputs.windows, "mmlu": inputs.mmlu,
+           "mmlu_dev": inputs.mmlu_dev}
     n_blocks = len(base.blocks)
 
     tables, everything = {}, {}
-    for task in args.tasks:
-        train_items, dev = task_splits(task, data_dir, profile.n_train, profile.n_dev, profile.system_prompt)
+    for task, (_, dev) in inputs.splits.items():
         task_dir = out / "data" / task
-        write_jsonl(task_dir / "train.jsonl", train_items)
-        write_jsonl(task_dir / "dev.jsonl", dev)
         base_eval = cached(out / "base" / f"eval_{task}.json",
                            lambda: evaluate_model(base_path, task, dev, ctx))
         runs = {}

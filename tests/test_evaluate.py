@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import backbones
+import data
 import evaluate as E
 
 TINY = backbones.FAMILIES["tiny-dlm"]
@@ -284,14 +285,34 @@ def test_probe_matches_hand_computation(tokenizer):
     assert got == pytest.approx(expected, rel=1e-5)
 
 
-def test_text_windows(tmp_path, tokenizer):
+def test_text_rows_first_windows(tmp_path, tokenizer):
+    """The probe's windows: the first max_rows consecutive rows (data.text_rows, shared with
+    data.tokenize_text, which takes them all)."""
     path = tmp_path / "t.txt"
     path.write_text("abcdefghij" * 10)
     text = E.read_text_file(path)
-    assert E.text_windows(text, tokenizer, 16, 3, path).tolist()[1] == list(b"ghijabcdefghijab")  # bytes 16..31
-    assert E.text_windows(text, tokenizer, 16, 100, path).shape == (6, 16)  # what the file holds
-    with pytest.raises(ValueError, match="t.txt: 100 tokens, fewer than one window"):
-        E.text_windows(text, tokenizer, 1000, 1, path)
+    assert data.text_rows(text, tokenizer, 16, path, max_rows=3).tolist()[1] == list(b"ghijabcdefghijab")  # bytes 16..31
+    assert data.text_rows(text, tokenizer, 16, path, max_rows=100).shape == (6, 16)  # what the file holds
+    with pytest.raises(ValueError, match=r"t.txt: 100 tokens, fewer than one row of --probe-seq-len 1000; "
+                                         r"give more text or a smaller --probe-seq-len$"):
+        data.text_rows(text, tokenizer, 1000, path, "--probe-seq-len", max_rows=1)
+
+
+def test_text_rows_tokenise_a_growing_prefix():
+    """With max_rows, the text is tokenised on 2 x (tokens needed) characters, doubled until
+    enough tokens come out: here 1 token per 4 characters, 40 tokens needed -> 80, then 160
+    characters, never the whole 1000."""
+    seen = []
+
+    def quarter(text, add_special_tokens):
+        seen.append(len(text))
+        return {"input_ids": list(range(len(text) // 4))}
+    rows = data.text_rows("x" * 1000, quarter, 4, "t.txt", max_rows=10)
+    assert seen == [80, 160]
+    assert rows.tolist() == torch.arange(40).view(10, 4).tolist()
+    seen.clear()
+    assert data.text_rows("x" * 1000, quarter, 4, "t.txt").shape == (62, 4)  # no max_rows: all 250 tokens
+    assert seen == [1000]
 
 # -----------------------------------------------------------------------------
 # MMLU
@@ -426,8 +447,10 @@ NO_MODEL = "/nonexistent/model"  # loading it fails: errors below prove the data
 @pytest.mark.parametrize("task,name,content,match", [
     ("gsm8k", "bad.jsonl", "{not json\n", r"bad.jsonl:1: invalid JSON"),
     ("mmlu", "m_test.csv", "Q?,a,b,c,d,E\n", r"m_test.csv row 1: answer 'E'"),
+    ("mmlu", "m_test.csv", 'Q?,a,b,c,d,A\n"unclosed quote' + "x" * 140_000,  # one field past csv's limit
+     r"m_test.csv: not a readable CSV file \(field larger than field limit"),
     ("probe", "held.txt", None, r"held.txt: no such file"),
-])
+], ids=["bad-json", "bad-mmlu-answer", "unreadable-csv", "missing-text"])
 def test_data_are_checked_before_the_model_loads(tmp_path, task, name, content, match):
     if content is not None:
         (tmp_path / name).write_text(content)

@@ -1,10 +1,13 @@
 """The experiment runner: its table format, and the whole pipeline on a tiny made-up corpus."""
 
 import json
+import re
 
 import pytest
 
 import experiments as X
+import tiny_model
+from backbones import load_backbone
 
 
 def test_mean_std_format():
@@ -75,6 +78,10 @@ def test_pipeline_end_to_end(data_dir, tmp_path):
     runs = results["nl-rx-synth"]["runs"]
     assert [len(runs[m]) for m in ("diffusion", "dllm-jepa")] == [2, 2]
     assert {"answer_loss", "probe_loss", "forgetting", "mmlu_0shot", "weight_distance", "cka"} <= set(runs["diffusion"][0])
+    # the probe windows were cut before training with a new tiny model's tokenizer: the base's reads the same
+    heldout = (out / "data" / "wikitext_heldout.txt").read_text()
+    ids = lambda tok: tok(heldout, add_special_tokens=False)["input_ids"]
+    assert ids(load_backbone(str(out / "base" / "final")).tokenizer) == ids(tiny_model.make_tokenizer())
     train_log = out / "nl-rx-synth" / "diffusion" / "seed0" / "train.log"
     stamp = train_log.stat().st_mtime_ns
     X.main(argv)  # a second call reuses every finished stage
@@ -86,6 +93,44 @@ def test_pipeline_end_to_end(data_dir, tmp_path):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="wikitext2/valid.txt is missing"):
         X.main(["--smoke", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+GSM8K_TRAIN = '{"question": "1+1?", "answer": "2 #### 2"}\n'
+
+
+@pytest.mark.parametrize("files, flags, match", [
+    ({"wikitext2/valid.txt": b"caf\xe9\n"}, [], r"wikitext2/valid.txt: not UTF-8 text at line 1 \(byte 0xe9"),
+    ({}, ["--seq-len", "512"], r"valid.txt \(its held-out last 10%\): \d+ tokens, fewer than one row of "
+                               r"--seq-len 512; give more text or a smaller --seq-len"),
+    ({"nl-rx-synth/synth_train.jsonl": b'{"prompt": "q", "answer": "a"}\nnot json\n'}, [],
+     r"synth_train.jsonl:2: invalid JSON"),
+    ({}, ["--n-dev", "40"], r"synth_train.jsonl: 40 examples leave none to train on after the 40 dev "
+                            r"examples; give a smaller --n-dev"),
+    ({}, ["--tasks", "nl-rx-synth", "gsm8k"], r"gsm8k/train.jsonl is missing: point --data-dir at"),
+    ({"gsm8k/train.jsonl": GSM8K_TRAIN.encode(),
+      "gsm8k/test_dev.jsonl": b'{"question": "q", "answer": "Janet has 16 ducks"}\n'}, ["--tasks", "gsm8k"],
+     r"test_dev.jsonl item 0: the GSM8K reference 'Janet has 16 ducks' has no '#### answer'"),
+    ({"mmlu/dev/toy_dev.csv": b"2+2?,3,4,5,6,E\n"}, [], r"toy_dev.csv row 1: answer 'E' is neither 0-3 nor A-D"),
+], ids=["wikitext-not-utf8", "heldout-too-short", "task-bad-json", "n-dev-too-large", "task-file-missing",
+        "gsm8k-bad-reference", "mmlu-bad-answer"])
+def test_bad_data_is_refused_in_one_line_before_any_training(data_dir, tmp_path, monkeypatch, files, flags, match):
+    """Every file is read and checked before the base's pre-training: train_run must never be
+    reached, and nothing is written to --out."""
+    for name, content in files.items():
+        (data_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (data_dir / name).write_bytes(content)
+
+    def no_training(*args):
+        raise AssertionError("training started before the data were checked")
+    monkeypatch.setattr(X, "train_run", no_training)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        X.main(["--smoke", "--data-dir", str(data_dir), "--out", str(out), "--seq-len", "64", "--n-train", "16",
+                "--n-dev", "2", "--probe-windows", "2", "--mmlu-questions", "2"] + flags)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert re.search(match, message), message
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("flags,match", [

@@ -125,6 +125,8 @@ OK = '{"prompt": "q", "answer": "a"}\n'
     ("bad.jsonl", '{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}\n',
      r"bad.jsonl:1: 'messages' must be a list .*e.g."),
     ("bad.jsonl", '{"messages": [{"role": "assistant", "content": "a"}]}\n', r"bad.jsonl:1: 'messages' must"),
+    ("bad.jsonl", '{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]}\n',
+     r"bad.jsonl:1: the last message must have role 'assistant' \(the answer\), got 'user'; end each"),
     ("bad.jsonl", '{"prompt": "\\ud800", "answer": "a"}\n', r"bad.jsonl:1: .*unpaired surrogate"),
     ("bad.jsonl", "[" * 100_000 + "\n", r"bad.jsonl:1: JSON nested too deeply"),
     ("bad.jsonl", '"just a string"\n', r"bad.jsonl:1: expected a JSON object, got str; give"),
@@ -190,12 +192,13 @@ def test_messy_file_trains_and_reports_what_it_skipped_and_cut(tmp_path, capsys)
     (["--data", "{tiny_txt}", "--seq-len", "64"], r"error: .*tiny.txt: 5 tokens, fewer than one row"),
     (["--data", "{csv}"], r"error: --data .*table.csv: unsupported file type; use .jsonl, .json or .txt"),
     (["--data", "{folder}"], r"error: --data .*: not a file"),
+    (["--data", "{missing}"], r"error: --data .*missing.jsonl: no such file"),
 ])
 def test_bad_data_stops_train_with_one_line(tmp_path, capsys, flags, message):
     files = {"all_blank": write(tmp_path, "all_blank.jsonl", '{"prompt": "q", "answer": ""}\n' * 2),
              "latin1_txt": write(tmp_path, "latin1.txt", b"hello\ncaf\xe9\n"),
              "tiny_txt": write(tmp_path, "tiny.txt", "hello"), "csv": write(tmp_path, "table.csv", "a,b\n"),
-             "folder": tmp_path}
+             "folder": tmp_path, "missing": tmp_path / "missing.jsonl"}
     code, line = refusal(capsys, "--out", str(tmp_path / "out"), *[f.format(**files) for f in flags])
     assert code != 0
     assert re.search(message, line), line
@@ -268,6 +271,14 @@ def test_any_text_tokenises_to_a_valid_row(prompt, answer, seq_len):
     (["--ema-momentum", "1.0", "0.5"], "--ema-momentum=[1.0, 0.5]: need 0 <= start <= end <= 1"),
     (["--method", "diffusion", "--target", "ema"], "--target='ema' applies only to"),
     (["--eps", "1"], "--eps=1.0: must lie in [0, 1)"),
+    (["--context-t", "0.5", "0.2"], "--context-t=(0.5, 0.2): low must not exceed high"),
+    (["--target-t", "0.0", "0.5"], "--target-t=(0.0, 0.5): t must lie in (0, 1]"),
+    (["--jepa-lambda", "-1"], "--jepa-lambda=-1.0: must be >= 0"),
+    (["--method", "two-pass", "--target", "online"],
+     "--target='online' applies only to --method='dllm-jepa' (two-pass has no separate target encoder)"),
+    (["--steps", "0"], "--steps 0: must be >= 1"),
+    (["--eval-fraction", "1.5"], "--eval-fraction 1.5: must lie in (0, 1)"),
+    (["--method", "magic"], "argument --method: invalid choice: 'magic'"),
 ] + ([(["--device", "cuda"], "--device cuda: no CUDA device"),
       (["--cpu-offload"], "--cpu-offload: needs a CUDA device")] if not torch.cuda.is_available() else []))
 def test_bad_flags_are_refused_in_one_line(capsys, tmp_path, flags, message):

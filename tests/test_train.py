@@ -96,49 +96,7 @@ def test_every_method_trains(tmp_path, method):
 
 
 # -----------------------------------------------------------------------------
-# Bad flags and bad data: one clear line, naming the flag / file and line
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--context-t", "0.5", "0.2"], "--context-t"),
-    (["--target-t", "0.0", "0.5"], "--target-t"),
-    (["--jepa-lambda", "-1"], "--jepa-lambda"),
-    (["--method", "two-pass", "--target", "online"], "--target"),
-    (["--steps", "0"], "--steps"),
-    (["--eval-fraction", "1.5"], "--eval-fraction"),
-    (["--method", "magic"], "--method"),
-])
-def test_bad_flags_name_the_flag(flags, message, capsys, tmp_path):
-    with pytest.raises(SystemExit) as e:
-        train.main(SMALL + ["--out", str(tmp_path)] + flags)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("content, message", [
-    ('{"question": "q", "answer": "a"}\nnot json\n', "bad.jsonl:2: invalid JSON"),
-    ('{"question": "q"}\n', "bad.jsonl:1: no usable fields"),
-    ('{"question": 3, "answer": "a"}\n', "bad.jsonl:1: fields 'question' and 'answer' must be strings"),
-    ('{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]}\n',
-     "bad.jsonl:1: the last message must have role 'assistant'"),
-    ('{"messages": "hello"}\n', "bad.jsonl:1: 'messages' must be a list"),
-    ("[1, 2]\n", "bad.jsonl:1: expected a JSON object"),
-    ("\n\n", "bad.jsonl: holds no examples"),
-])
-def test_bad_rows_are_reported_with_file_and_line(tmp_path, content, message):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(content)
-    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
-        data.read_examples(path)
-
-
-def test_bad_data_file_stops_train_with_one_line(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_bytes(b'{"question": "caf\xe9", "answer": "a"}\n')  # Latin-1, not UTF-8
-    with pytest.raises(SystemExit, match="bad.jsonl: not UTF-8"):
-        train.main(SMALL + ["--out", str(tmp_path / "out"), "--data", str(path)])
-    with pytest.raises(SystemExit, match="no such file"):
-        train.main(SMALL + ["--out", str(tmp_path / "out"), "--data", str(tmp_path / "missing.jsonl")])
+# Row shapes read (bad flags and bad rows: tests/test_reliability.py)
 
 
 def test_accepted_row_shapes(tmp_path):
