@@ -94,15 +94,19 @@ def _is_cuda(x) -> bool:
 
 class _CudaTo(TorchFunctionMode):
     """While active, torch calls asked to put a tensor on "cuda" (device=..., or a device
-    passed positionally as in tensor.to(device)) put it on `device` instead."""
+    passed positionally as in tensor.to(device)) put it on `device` instead. A device object
+    made with torch.device("cuda") names the CPU: code passes it to torch.autocast (which has
+    no meta backend) and builds small caches on it that must hold values (LLaDA's rotary
+    sin/cos tables, which are no buffers, so no state dict or broadcast carries them)."""
 
     def __init__(self, device: torch.device):
         super().__init__()
         self.device = device
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        args = tuple(self.device if _is_cuda(a) else a for a in args)
-        kwargs = {k: self.device if k == "device" and _is_cuda(v) else v for k, v in (kwargs or {}).items()}
+        to = torch.device("cpu") if func is torch.device else self.device
+        args = tuple(to if _is_cuda(a) else a for a in args)
+        kwargs = {k: to if k == "device" and _is_cuda(v) else v for k, v in (kwargs or {}).items()}
         return func(*args, **kwargs)
 
 

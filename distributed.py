@@ -96,13 +96,25 @@ def shard_model(model, blocks_of, param_dtype=None, cpu_offload=False, activatio
     return model
 
 
+def weights_to_send(model) -> dict:
+    """Rank 0's weights to send (take them before sharding): the state dict without the
+    second name of a module registered twice (LLaDA's `ff_out` is its `wte` when weight_tying),
+    which set_model_state_dict neither expects nor fills."""
+    return {key: value for key, value in model.state_dict().items() if key not in aliased_keys(model)}
+
+
+def aliased_keys(model) -> set[str]:
+    modules = dict(model.named_modules())  # each module once, under its first name
+    return {key for key in model.state_dict(keep_vars=True) if key.rpartition(".")[0] not in modules}
+
+
 def materialize(model, full_state: dict | None, env: Env, cpu_offload: bool = False):
     """After shard_model, give every rank its shards of rank 0's weights.
 
-    Rank 0 built the model with weights (`full_state`: its state_dict taken before sharding,
-    which keeps the full tensors alive until they are sent); the other ranks built the same
-    modules on the meta device. So a node holds one full copy of the weights at start-up, not
-    one per process. Rank 0 sends each tensor in turn; each rank keeps its own shard.
+    Rank 0 built the model with weights (`full_state`: weights_to_send(model), taken before
+    sharding, which keeps the full tensors alive until they are sent); the other ranks built
+    the same modules on the meta device. So a node holds one full copy of the weights at
+    start-up, not one per process. Rank 0 sends each tensor in turn; each rank keeps its shard.
     """
     if env.is_main:
         if not cpu_offload:
@@ -111,8 +123,12 @@ def materialize(model, full_state: dict | None, env: Env, cpu_offload: bool = Fa
         model.to_empty(device="cpu" if cpu_offload else env.device)
     if env.world_size == 1:
         return
-    set_model_state_dict(model, full_state if env.is_main else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # strict=False: a module's second name gets no tensor; any other key left unfilled would
+    # leave uninitialised memory in the model, so it is an error
+    missing, _ = set_model_state_dict(model, full_state if env.is_main else {}, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    if unfilled := sorted(set(missing) - aliased_keys(model)):
+        raise RuntimeError(f"rank {env.rank}: rank 0 sent no weights for {', '.join(unfilled[:3])}")
     for module in model.modules():  # non-persistent buffers (rotary tables) are in no state dict
         for name, buffer in module.named_buffers(recurse=False):
             buffer = buffer.to(env.device)  # the process group's device (CPU offload leaves them on CPU)
@@ -257,6 +273,8 @@ def export_pretrained(backbone, tokenizer, out_dir: Path, env: Env, metadata: di
     .tmp folder renamed once complete, as checkpoints are)."""
     state = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True,
                                                                     cpu_offload=True))
+    for key in aliased_keys(backbone):  # save a module registered twice once: tie_weights re-ties on load
+        state.pop(key, None)
     if env.is_main:
         final, out_dir = out_dir, out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -358,7 +358,7 @@ def main(argv=None) -> Path:
     with on_meta:  # the EMA target and anchor copies too
         model = DLLMJEPA(backbone.model, config, backbone.mask_token_id, backbone.family.shift_logits,
                          blocks_of=backbone.family.blocks)
-    full_state = model.state_dict() if env.is_main and env.world_size > 1 else None
+    full_state = distributed.weights_to_send(model) if env.is_main and env.world_size > 1 else None
     distributed.shard_model(model, backbone.family.blocks, param_dtype=dtype if dtype != torch.float32 else None,
                             cpu_offload=args.cpu_offload, activation_checkpointing=args.activation_checkpointing)
     distributed.materialize(model, full_state, env, args.cpu_offload)

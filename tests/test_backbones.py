@@ -360,12 +360,25 @@ def test_llada_build_on_cpu_redirects_cuda_allocations():
         assert backbones.llada_build_on_cpu(None, BuildsOnCpu, stack) is None
 
 
+class BuildsLikeLLaDA(BuildsOnCuda):
+    def __init__(self, config):
+        nn.Module.__init__(self)
+        config.init_device = "cuda"
+        self.lin = nn.Linear(2, 2, device=config.init_device)
+        device = torch.device(config.init_device)  # LLaDA's rotary cache: autocast, then a small table
+        with torch.autocast(device.type, enabled=False):
+            self.table = torch.arange(4, device=device).float()
+
+
 def test_llada_build_on_cpu_goes_to_meta_when_building_without_weights():
+    """Weights go to the meta device; a torch.device("cuda") names the CPU, so that autocast
+    (no meta backend) works and LLaDA's rotary cache, which no state dict carries, holds values."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.device("meta"))  # as load_backbone(weights=False) does
-        assert "meta device" in backbones.llada_build_on_cpu(None, BuildsOnCuda, stack)
-        model = BuildsOnCuda(SimpleNamespace())
-    assert {model.lin.weight.device.type, model.table.device.type, model.moved.device.type} == {"meta"}
+        assert "meta device" in backbones.llada_build_on_cpu(None, BuildsLikeLLaDA, stack)
+        model = BuildsLikeLLaDA(SimpleNamespace())
+    assert model.lin.weight.is_meta
+    assert torch.equal(model.table, torch.arange(4.0))
 
 
 def test_llada_tie_weights_accepts_arguments():

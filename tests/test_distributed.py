@@ -137,14 +137,17 @@ env = distributed.init_distributed("cpu")
 torch.manual_seed(0)
 with contextlib.nullcontext() if env.is_main else torch.device("meta"):
     b = new_tiny_backbone(hidden_size=32, num_hidden_layers=2)
+    b.model.lm_head.weight = b.model.embed.weight  # a tied head: one parameter in two modules
     b.model.register_buffer("table", torch.randn(7), persistent=False)  # in no state dict
+    b.model.alias = b.model.embed  # one module under two names, as LLaDA's ff_out = wte when tied
     model = DLLMJEPA(b.model, JEPAConfig(), b.mask_token_id, blocks_of=b.family.blocks)
 assert all(p.is_meta for p in model.parameters()) != env.is_main
-full = model.state_dict() if env.is_main else None
+full = distributed.weights_to_send(model) if env.is_main else None
 before = {k: v.clone() for k, v in full.items()} if env.is_main else None
 distributed.shard_model(model, b.family.blocks)
 distributed.materialize(model, full, env)
 after = {k: v.full_tensor() for k, v in model.state_dict().items()}
+assert model.backbone.lm_head.weight is model.backbone.embed.weight
 after.update({"buffer " + k: v for k, v in model.named_buffers()})
 torch.save({"before": before, "after": after}, f"{sys.argv[1]}/rank{env.rank}.pt")
 """
@@ -152,7 +155,8 @@ torch.save({"before": before, "after": after}, f"{sys.argv[1]}/rank{env.rank}.pt
 
 def test_ranks_built_on_meta_receive_rank0s_weights_and_buffers(tmp_path):
     """Rank 1 builds the model on the meta device (no weights) and must end up with exactly
-    rank 0's parameters (backbone, predictor, EMA target) and non-persistent buffers."""
+    rank 0's parameters (backbone, predictor, EMA target) and non-persistent buffers, with a
+    tied head and a module registered under two names (LLaDA with weight_tying)."""
     (tmp_path / "materialize.py").write_text(MATERIALIZE)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -168,3 +172,23 @@ def test_ranks_built_on_meta_receive_rank0s_weights_and_buffers(tmp_path):
     assert len(buffers) == 2  # the backbone's and the EMA target's copy
     for key in buffers:
         assert torch.equal(rank1["after"][key], rank0["after"][key]), key
+
+
+def test_export_saves_a_module_registered_twice_once(tmp_path):
+    """LLaDA's tie_weights registers its embedding a second time as the head (ff_out);
+    save_pretrained refuses two names for one tensor, so the export keeps the first name only
+    (from_pretrained runs tie_weights again)."""
+    from safetensors import safe_open
+
+    import distributed
+    from backbones import new_tiny_backbone
+    from dllm_jepa import DLLMJEPA, JEPAConfig
+    env = distributed.init_distributed("cpu")
+    b = new_tiny_backbone(hidden_size=32, num_hidden_layers=2)
+    b.model.alias = b.model.embed
+    model = distributed.shard_model(DLLMJEPA(b.model, JEPAConfig(method="diffusion"), b.mask_token_id),
+                                    b.family.blocks)
+    distributed.export_pretrained(model.backbone, b.tokenizer, tmp_path / "final", env, {})
+    with safe_open(tmp_path / "final" / "model.safetensors", "pt") as saved:
+        assert "embed.weight" in saved.keys() and "alias.weight" not in saved.keys()
+        assert torch.equal(saved.get_tensor("embed.weight"), b.model.embed.weight.full_tensor())
