@@ -7,7 +7,9 @@ Fine-tune a masked-diffusion LM with DLLM-JEPA (or a baseline) from the command 
         --data train.jsonl --dtype bfloat16 --activation-checkpointing --seq-len 1024
 
 One code path: the model is always wrapped by FSDP2 (a one-process group when not under
-torchrun), so the run that teaches on a laptop is the run that shards LLaDA-8B.
+torchrun), so the run that teaches on a laptop is the run that shards LLaDA-8B. Only rank
+0 loads the weights; the other ranks build the model on the meta device and receive their
+shards from it.
 Each step, in order (as in I-JEPA's train loop):
   1. target view forward, no grad (inside DLLMJEPA.forward)
   2. context view forward: diffusion loss + JEPA loss
@@ -355,7 +357,7 @@ def main(argv=None) -> Path:
         raise SystemExit(f"error: {len(eval_rows.input_ids)} held-out rows for {env.world_size} processes; "
                          "give more data or a larger --eval-fraction")
 
-    with on_meta:  # the EMA target and anchor copies too
+    with on_meta:  # the predictor and the EMA target and anchor copies too
         model = DLLMJEPA(backbone.model, config, backbone.mask_token_id, backbone.family.shift_logits,
                          blocks_of=backbone.family.blocks)
     full_state = distributed.weights_to_send(model) if env.is_main and env.world_size > 1 else None
