@@ -8,7 +8,8 @@ Distributed plumbing for train.py: one code path from a laptop CPU to a GPU clus
   applied before sharding; optional bf16 mixed precision (fp32 reduction) and CPU offload.
 - Start-up: only rank 0 holds the weights; the other ranks build the model on the meta
   device and receive their shards from it (`materialize`): one full copy per node, not one
-  per process.
+  per process. They wait for rank 0's loading on a gloo group with a 2-hour timeout (NCCL's
+  default is 10 minutes), and a loading error on any rank stops all with its line.
 - Checkpoints: `torch.distributed.checkpoint` (each rank writes its shards) into
   step_XXXXXXXX.tmp, renamed to step_XXXXXXXX once complete, so a kill never leaves a
   half-written latest checkpoint; the last `keep` are kept; .tmp folders a kill left behind
@@ -24,6 +25,7 @@ import pickle
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -36,11 +38,17 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.utils.checkpoint import checkpoint
 
 
+# Rank 0 reads the weights (perhaps downloading them first) while the other ranks only build
+# shapes; they wait for it on a gloo group with this timeout, not on NCCL's default 10 minutes.
+START_UP_TIMEOUT = timedelta(hours=2)
+
+
 @dataclass
 class Env:
     rank: int
     world_size: int
     device: torch.device
+    start_up: dist.ProcessGroup  # gloo, START_UP_TIMEOUT: where ranks wait for rank 0's loading
 
     @property
     def is_main(self) -> bool:
@@ -64,7 +72,16 @@ def init_distributed(device: str) -> Env:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     return Env(dist.get_rank(), dist.get_world_size(),
-               torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+               torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+               dist.new_group(backend="gloo", timeout=START_UP_TIMEOUT))
+
+
+def agreed_error(error: str | None, env: Env) -> str | None:
+    """Wait for every rank; return the first error any rank met (None if none), so that all
+    stop together with the same line, none left waiting for a rank that has exited."""
+    errors = [None] * env.world_size
+    dist.all_gather_object(errors, error, group=env.start_up)
+    return next(filter(None, errors), None)
 
 
 def checkpoint_activations(block: torch.nn.Module):
@@ -100,7 +117,8 @@ def weights_to_send(model) -> dict:
     """Rank 0's weights to send (take them before sharding): the state dict without the
     second name of a module registered twice (LLaDA's `ff_out` is its `wte` when weight_tying),
     which set_model_state_dict neither expects nor fills."""
-    return {key: value for key, value in model.state_dict().items() if key not in aliased_keys(model)}
+    aliases = aliased_keys(model)
+    return {key: value for key, value in model.state_dict().items() if key not in aliases}
 
 
 def aliased_keys(model) -> set[str]:
@@ -116,24 +134,45 @@ def materialize(model, full_state: dict | None, env: Env, cpu_offload: bool = Fa
     the same modules on the meta device. So a node holds one full copy of the weights at
     start-up, not one per process. Rank 0 sends each tensor in turn; each rank keeps its shard.
     """
-    if env.is_main:
+    if env.world_size == 1:
         if not cpu_offload:
             model.to(env.device)  # after sharding: only this rank's shards move
+        return
+    # plain attributes that name a buffer (Dream's rotary original_inv_freq) must follow it
+    buffer_attributes = [(module, attribute, name) for module in model.modules()
+                         for name, buffer in module.named_buffers(recurse=False)
+                         for attribute, value in vars(module).items() if value is buffer]
+    if env.is_main:
+        if not cpu_offload:
+            model.to(env.device)
     else:  # allocate (uninitialised) shards and buffers; their values come from rank 0
         model.to_empty(device="cpu" if cpu_offload else env.device)
-    if env.world_size == 1:
-        return
-    # strict=False: a module's second name gets no tensor; any other key left unfilled would
-    # leave uninitialised memory in the model, so it is an error
-    missing, _ = set_model_state_dict(model, full_state if env.is_main else {}, options=StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=True, strict=False))
-    if unfilled := sorted(set(missing) - aliased_keys(model)):
-        raise RuntimeError(f"rank {env.rank}: rank 0 sent no weights for {', '.join(unfilled[:3])}")
+    check_same_tensors(model, full_state, env)
+    set_model_state_dict(model, full_state if env.is_main else {}, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True, strict=False))  # strict: aliases get nothing
     for module in model.modules():  # non-persistent buffers (rotary tables) are in no state dict
         for name, buffer in module.named_buffers(recurse=False):
             buffer = buffer.to(env.device)  # the process group's device (CPU offload leaves them on CPU)
             dist.broadcast(buffer, src=0)
             setattr(module, name, buffer)
+    for module, attribute, name in buffer_attributes:
+        setattr(module, attribute, getattr(module, name))
+
+
+def check_same_tensors(model, full_state: dict | None, env: Env):
+    """Every rank must expect exactly the tensors rank 0 sends: set_model_state_dict with
+    strict=False would leave one it was not sent as to_empty's uninitialised memory. Raises
+    on every rank together."""
+    spec = lambda state: {key: (tuple(value.shape), value.dtype) for key, value in state.items()}
+    sent = [spec(full_state) if env.is_main else None]
+    dist.broadcast_object_list(sent, src=0, group=env.start_up)
+    aliases = aliased_keys(model)
+    here = {key: value for key, value in spec(model.state_dict()).items() if key not in aliases}
+    differ = sorted(key for key in sent[0].keys() | here.keys() if sent[0].get(key) != here.get(key))
+    first = differ[0] if differ else None
+    if error := agreed_error(differ and (f"{first}: rank 0 sends {sent[0].get(first, 'nothing')}, rank {env.rank} "
+                                         f"expects {here.get(first, 'nothing')} ({len(differ)} tensors differ)"), env):
+        raise RuntimeError(error)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -335,6 +335,7 @@ def main(argv=None) -> Path:
     # Only rank 0 reads (or initialises) the weights; the other ranks build the same modules on
     # the meta device, without memory, and receive their shards once sharded (materialize).
     on_meta = torch.device("meta") if not env.is_main else contextlib.nullcontext()
+    error = None
     try:  # bad files, names or rows: one line that says what and where, no traceback
         with on_meta:
             backbone = (new_tiny_backbone(hidden_size=args.tiny_width, num_hidden_layers=args.tiny_layers,
@@ -347,7 +348,9 @@ def main(argv=None) -> Path:
                              f"states 0..{n_blocks} (or {-n_blocks - 1}..-1)")
         train_rows, eval_rows = load_data(args, backbone.tokenizer, env.is_main)
     except (ValueError, OSError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from None
+        error = f"error: {e}"
+    if error := distributed.agreed_error(error, env):  # the other ranks wait here for rank 0's loading
+        raise SystemExit(error)
     max_positions = getattr(backbone.model.config, "max_position_embeddings", None)
     if env.is_main and max_positions and args.seq_len > max_positions:
         print(f"warning: --seq-len {args.seq_len} exceeds the model's max_position_embeddings {max_positions}")

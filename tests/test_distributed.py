@@ -139,29 +139,37 @@ with contextlib.nullcontext() if env.is_main else torch.device("meta"):
     b = new_tiny_backbone(hidden_size=32, num_hidden_layers=2)
     b.model.lm_head.weight = b.model.embed.weight  # a tied head: one parameter in two modules
     b.model.register_buffer("table", torch.randn(7), persistent=False)  # in no state dict
+    b.model.table_alias = b.model.table  # a plain attribute naming the buffer (Dream's original_inv_freq)
     b.model.alias = b.model.embed  # one module under two names, as LLaDA's ff_out = wte when tied
     model = DLLMJEPA(b.model, JEPAConfig(), b.mask_token_id, blocks_of=b.family.blocks)
 assert all(p.is_meta for p in model.parameters()) != env.is_main
 full = distributed.weights_to_send(model) if env.is_main else None
 before = {k: v.clone() for k, v in full.items()} if env.is_main else None
+if env.is_main and sys.argv[2] == "send-less":
+    del full["backbone.norm.weight"]
 distributed.shard_model(model, b.family.blocks)
 distributed.materialize(model, full, env)
 after = {k: v.full_tensor() for k, v in model.state_dict().items()}
 assert model.backbone.lm_head.weight is model.backbone.embed.weight
+assert model.backbone.table_alias is model.backbone.table
 after.update({"buffer " + k: v for k, v in model.named_buffers()})
 torch.save({"before": before, "after": after}, f"{sys.argv[1]}/rank{env.rank}.pt")
 """
+
+
+def run_materialize(tmp_path, mode):
+    (tmp_path / "materialize.py").write_text(MATERIALIZE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "materialize.py"), str(tmp_path), mode],
+                          capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_ranks_built_on_meta_receive_rank0s_weights_and_buffers(tmp_path):
     """Rank 1 builds the model on the meta device (no weights) and must end up with exactly
     rank 0's parameters (backbone, predictor, EMA target) and non-persistent buffers, with a
     tied head and a module registered under two names (LLaDA with weight_tying)."""
-    (tmp_path / "materialize.py").write_text(MATERIALIZE)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(tmp_path / "materialize.py"), str(tmp_path)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = run_materialize(tmp_path, "all")
     assert result.returncode == 0, result.stderr[-4000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert any(k.startswith("target_encoder.") for k in rank0["before"])
@@ -172,6 +180,33 @@ def test_ranks_built_on_meta_receive_rank0s_weights_and_buffers(tmp_path):
     assert len(buffers) == 2  # the backbone's and the EMA target's copy
     for key in buffers:
         assert torch.equal(rank1["after"][key], rank0["after"][key]), key
+
+
+def test_a_weight_rank0_does_not_send_stops_every_rank(tmp_path):
+    """Otherwise rank 1 would train on to_empty's uninitialised memory."""
+    result = run_materialize(tmp_path, "send-less")
+    assert result.returncode != 0
+    message = ("RuntimeError: backbone.norm.weight: rank 0 sends nothing, rank 0 expects ((32,), torch.float32) "
+               "(1 tensors differ)")
+    assert result.stderr.count(message) == 2, result.stderr[-4000:]  # both ranks stop, with the same line
+
+
+def test_a_load_error_on_rank0_alone_stops_every_rank_in_one_line(tmp_path, tokenizer):
+    """Only rank 0 reads the weight file; the others, which build on meta, must not wait for
+    it forever but stop with rank 0's line."""
+    from backbones import new_tiny_backbone
+    b = new_tiny_backbone(hidden_size=32, num_hidden_layers=2)
+    b.model.save_pretrained(tmp_path / "model")
+    b.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").unlink()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), "--model", str(tmp_path / "model"), "--seq-len", "64", "--steps", "1",
+           "--builtin-size", "100", "--no-progress", "--out", str(tmp_path / "out")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    message = f"error: Error no file named model.safetensors, or pytorch_model.bin, found in directory {tmp_path / 'model'}."
+    assert result.returncode != 0 and result.stderr.count(message) == 2, result.stderr[-4000:]  # one per rank
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
 
 
 def test_export_saves_a_module_registered_twice_once(tmp_path):
