@@ -251,13 +251,38 @@ def tokenize_text(path: Path, tokenizer, seq_len: int) -> Tokenized:
     return Tokenized(rows, torch.ones(n, dtype=torch.long), torch.full((n,), seq_len - 1))
 
 
-def split_eval(data: Tokenized, fraction: float, seed: int) -> tuple[Tokenized, Tokenized]:
-    """A held-out split drawn once from the seed (at least one row each side)."""
-    n = len(data.input_ids)
+def split_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of a training and a held-out split, drawn once from the seed (at least one
+    row each side)."""
     n_eval = min(max(1, int(n * fraction)), n - 1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    pick = lambda idx: Tokenized(data.input_ids[idx], data.prompt_lengths[idx], data.answer_lengths[idx])
-    return pick(order[n_eval:]), pick(order[:n_eval])
+    return order[n_eval:], order[:n_eval]
+
+
+def select(rows: Tokenized, idx) -> Tokenized:
+    return Tokenized(rows.input_ids[idx], rows.prompt_lengths[idx], rows.answer_lengths[idx])
+
+
+CANVASES = ("random", "batch", "fixed")
+
+
+def canvas_length(prompt_lengths, answer_lengths, seq_len: int, canvas: str, rng: random.Random) -> int:
+    """How many columns a micro-batch keeps: its rows (EOS-padded to seq_len) are cut there.
+
+    The canvas is what the sampler fills at generation time: `[prompt | answer | EOS ...]`
+    ending at some column. If every training canvas ends at seq_len ("fixed"), the model can
+    learn where an answer ends from the distance to the canvas's end, a cue generation on
+    `prompt + gen_length` breaks. "batch": cut at the batch's longest row (LLaDA's SFT pads
+    each mini-batch to its longest). "random" (default): a length drawn uniformly between the
+    batch's longest row and seq_len, so any canvas in that range was seen in training. `rng`
+    is seeded from (seed, step, shard) by the caller: a pure function, exact on resume.
+    """
+    longest = int((prompt_lengths + answer_lengths).max())
+    if canvas == "fixed":
+        return seq_len
+    if canvas == "batch":
+        return longest
+    return rng.randint(longest, seq_len)
 
 
 def batch_rows(step: int, n_rows: int, global_batch: int, seed: int) -> torch.Tensor:

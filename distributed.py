@@ -11,14 +11,23 @@ Distributed plumbing for train.py: one code path from a laptop CPU to a GPU clus
   per process. They wait for rank 0's loading on a gloo group with a 2-hour timeout (NCCL's
   default is 10 minutes), and a loading error on any rank stops all with its line.
 - Checkpoints: `torch.distributed.checkpoint` (each rank writes its shards) into
-  step_XXXXXXXX.tmp, renamed to step_XXXXXXXX once complete, so a kill never leaves a
-  half-written latest checkpoint; the last `keep` are kept; .tmp folders a kill left behind
-  are never loaded and are removed when the next run starts; resuming an earlier step moves
-  the later ones into checkpoints/abandoned/.
-- Export: the online backbone gathered to rank 0 and written with save_pretrained, so
-  `from_pretrained` loads it in one process.
+  step_XXXXXXXX.tmp, sealed with manifest.json (every file's size and sha256; each rank
+  hashes the files it wrote, rank 0 writes it last), renamed to step_XXXXXXXX once complete,
+  so a kill never leaves a half-written latest checkpoint. Loading compares the files with the
+  manifest first (bit rot, a bad copy: one line naming the file and the other checkpoints);
+  checkpoints written before manifests load unchecked. The last `keep` are kept; a pruned one
+  is renamed step_XXXXXXXX.deleting before its files go, so a kill mid-deletion never leaves a
+  complete-looking half; .tmp and .deleting folders a kill left behind are never loaded and are
+  removed when the next run starts; resuming an earlier step moves the later ones into
+  checkpoints/abandoned/. A failed write (a full disk) on any rank stops all with one
+  ValueError line: the path, the space needed and free, the last complete checkpoint.
+- Export: the online backbone gathered to rank 0 and written with save_pretrained into
+  final.tmp, renamed final once complete, so `from_pretrained` loads it in one process.
 """
 
+import contextlib
+import hashlib
+import json
 import os
 import re
 import pickle
@@ -31,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
@@ -101,8 +111,8 @@ def shard_model(model, blocks_of, param_dtype=None, cpu_offload=False, activatio
     kwargs = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else None)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     for module in (model.backbone, model.target_encoder, model.anchor):
-        if module is None:
-            continue
+        if module is None or next(module.parameters(), None) is None:
+            continue  # absent, or owns no weights (lora.EMAAdapterTarget runs the backbone's blocks)
         frozen = module is not model.backbone
         for block in blocks_of(module):
             if activation_checkpointing and not frozen:
@@ -193,18 +203,37 @@ def barrier():
     dist.barrier()
 
 # -----------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints and export: written to a .tmp folder, sealed with a manifest, renamed when complete
+
+MANIFEST = "manifest.json"  # every other file's size and sha256, written last: the checkpoint's seal
+# What a failed write raises from deep inside torch and safetensors: a full disk is an OSError
+# (inside dcp's CheckpointException), a RuntimeError from torch.save's zip writer, or a SafetensorError.
+WRITE_ERRORS = (OSError, RuntimeError, CheckpointException, SafetensorError)
+READ_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, CheckpointException)
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints under root, oldest first (a .tmp folder is an unfinished write)."""
+    """Checkpoints under root, oldest first (a .tmp folder is an unfinished write, a .deleting
+    one a pruned checkpoint whose deletion a kill may have cut short: neither counts)."""
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if re.fullmatch(r"step_\d{8}", p.name))
 
 
+def is_complete(path: Path) -> bool:
+    """dcp's .metadata and rank 0's extra state are there (both written before the rename)."""
+    return (path / ".metadata").is_file() and (path / "extra_rank0.pt").is_file()
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under root, or None."""
+    return next((path for path in reversed(checkpoint_dirs(root)) if is_complete(path)), None)
+
+
 def check_checkpoint(path: Path):
-    """Raise ValueError (one line, with what to do) unless `path` is a complete checkpoint."""
+    """Raise ValueError (one line, with what to do) unless `path` is a complete checkpoint whose
+    files have the names and sizes its manifest lists (cheap: no file is read; load_checkpoint
+    also compares their bytes)."""
     latest = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
     if latest is not None:  # a run folder or its checkpoints/ folder
         raise ValueError(f"{path}: is not a checkpoint but holds some; give one (latest: {latest}) "
@@ -218,14 +247,212 @@ def check_checkpoint(path: Path):
     if missing:
         raise ValueError(f"{path}: an incomplete checkpoint (no {', '.join(missing)}); give a "
                          "complete step_XXXXXXXX folder or --resume auto")
+    if problem := manifest_problem(path, read_manifest(path)):
+        raise ValueError(damaged(path, problem))
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under root, or None."""
-    for path in reversed(checkpoint_dirs(root)):
-        if (path / ".metadata").is_file() and (path / "extra_rank0.pt").is_file():
-            return path
+def read_manifest(path: Path) -> dict[str, tuple[int, str]] | None:
+    """The manifest as {file: (bytes, sha256)}; None for a checkpoint written before manifests
+    existed (it loads unchecked, as it always did)."""
+    file = path / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        return {name: (int(entry["bytes"]), str(entry["sha256"]))
+                for name, entry in json.loads(file.read_text())["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(damaged(path, f"{MANIFEST}: unreadable ({type(e).__name__})")) from None
+
+
+def manifest_problem(path: Path, manifest: dict | None, hashed=()) -> str | None:
+    """The first way the folder differs from its manifest, as 'file: what is wrong' (None: it
+    matches, or there is no manifest): a missing file, one the write did not make, another size,
+    or (for the files named in `hashed`; reading them all is the costly part) other bytes."""
+    if manifest is None:
+        return None
+    present = {p.name for p in path.iterdir()} - {MANIFEST}
+    problems = (
+        [f"{name}: missing (the manifest lists it)" for name in sorted(manifest.keys() - present)]
+        + [f"{name}: not in the manifest (the checkpoint's write did not make it)"
+           for name in sorted(present - manifest.keys())])
+    if problems:
+        return problems[0]
+    for name in sorted(manifest):
+        size, written = (path / name).stat().st_size, manifest[name][0]
+        if size != written:
+            return f"{name}: {size} bytes, written as {written} ({'truncated' if size < written else 'grown'})"
+    for name in sorted(hashed):
+        if sha256_of(path / name) != manifest[name][1]:
+            return f"{name}: its bytes changed since it was written: their sha256 differs from the manifest's"
     return None
+
+
+def sha256_of(file: Path) -> str:
+    """sha256 of a file, read in 8 MiB pieces (about 2 GB/s: a few seconds per rank's shard)."""
+    digest, buffer = hashlib.sha256(), bytearray(8 << 20)
+    with open(file, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(memoryview(buffer)[:n])
+    return digest.hexdigest()
+
+
+def owner(name: str, world_size: int) -> int:
+    """The rank that hashes a checkpoint file: the one that wrote it (dcp's __<rank>_<i>.distcp,
+    extra_rank<rank>.pt), so the work is shared and each rank reads its own bytes (on a save,
+    still in its page cache); rank 0 takes the rest (.metadata)."""
+    match = re.fullmatch(r"__(\d+)_\d+\.distcp|extra_rank(\d+)\.pt", name)
+    return int(match[1] or match[2]) % world_size if match else 0
+
+
+def damaged(path: Path, problem: str) -> str:
+    """One line for a checkpoint whose file `problem` names is not as written."""
+    return f"{path}: an unreadable checkpoint ({problem}); move it aside and {resume_hint(path)}"
+
+
+def unreadable(path: Path, error: BaseException) -> str:
+    """One line for a checkpoint that exists but cannot be read (truncated, overwritten)."""
+    return f"{path}: an unreadable checkpoint ({cause(error)}); move it aside and {resume_hint(path)}"
+
+
+def resume_hint(path: Path) -> str:
+    """Where to resume from instead of `path`: the other complete checkpoints beside it."""
+    others = [p.name for p in checkpoint_dirs(path.parent) if p != path and is_complete(p)]
+    if not others:
+        return f"resume from an older step_XXXXXXXX (there is no other in {path.parent})"
+    return f"resume from another in {path.parent} ({', '.join(others)}; --resume auto takes the newest)"
+
+
+def cause(error: BaseException) -> str:
+    """'Type: first line' of an error, unwrapping dcp's CheckpointException (each failed rank's
+    error and stack) to the error underneath, e.g. 'OSError: [Errno 28] No space left on device'."""
+    if isinstance(error, CheckpointException):
+        failure = next(iter(error.failures.values()), (error,))
+        error = failure[0] if isinstance(failure, tuple) else failure
+    detail = (str(error).splitlines() or [""])[0]
+    return f"{type(error).__name__}{': ' + detail if detail else ''}"
+
+
+def attempt(write, env: Env) -> str | None:
+    """Run this rank's part of a write; its failure as one line (None: it succeeded), for
+    agreed_error, so every rank stops together instead of waiting at a barrier for one that failed."""
+    try:
+        write()
+    except WRITE_ERRORS as e:
+        return f"rank {env.rank}: {cause(e)}" if env.world_size > 1 else cause(e)
+    return None
+
+
+def checkpoint_extra(path: Path, rank: int = 0) -> dict:
+    """A checkpoint's small per-rank state: step, RNG, run config."""
+    extra_file = path / f"extra_rank{rank}.pt"
+    if not extra_file.exists():
+        raise ValueError(f"{path}: has no {extra_file.name}; it was written by a run with a "
+                         "different number of processes (resume with the same world size)")
+    try:
+        return torch.load(extra_file, weights_only=False)
+    except READ_ERRORS as e:
+        raise ValueError(unreadable(path, e)) from None
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, extra: dict, keep: int, env: Env):
+    """Write model (with predictor, EMA target, anchor) and optimizer shards and each rank's extra
+    state into step_X.tmp, seal it with the manifest, then rename it step_X and prune the oldest.
+
+    A kill leaves a .tmp folder, never a half-written step_X. A failed write on any rank (a full
+    disk) stops every rank with the same ValueError line, after the .tmp folder is removed."""
+    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    error = agreed_error(attempt(lambda: fresh_folder(tmp), env) if env.is_main else None, env)
+    if not error:
+        error = agreed_error(attempt(lambda: write_state(tmp, state, extra, env), env), env)
+    if not error:
+        error = seal(tmp, env)
+    if not error and env.is_main:
+        error = attempt(lambda: replace_folder(tmp, final), env)
+    if error := agreed_error(error, env):
+        message = None
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            message = write_failed(final, "the checkpoint", error, tensor_bytes(state) * env.world_size, root)
+        raise ValueError(agreed_error(message, env))
+    if env.is_main:
+        for old in [path for path in checkpoint_dirs(root) if path != final][:1 - keep or None]:
+            discard(old)  # the keep - 1 newest others stay, and this one
+    dist.barrier()
+    return final
+
+
+def fresh_folder(path: Path):
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def write_state(tmp: Path, state: dict, extra: dict, env: Env):
+    """This rank's files: its dcp shard (dcp fsyncs it; rank 0 also writes .metadata) and its
+    extra state (RNG; dropout's random state on a GPU), flushed to disk before the rename."""
+    dcp.save(state, checkpoint_id=str(tmp))
+    extra_file = tmp / f"extra_rank{env.rank}.pt"
+    torch.save({"rng": torch.get_rng_state(), **extra,
+                "cuda_rng": torch.cuda.get_rng_state() if env.device.type == "cuda" else None}, extra_file)
+    fsync(extra_file)
+
+
+def seal(folder: Path, env: Env) -> str | None:
+    """Write the manifest, once every rank has written its files: each rank hashes the files it
+    wrote (owner), rank 0 writes the sizes and hashes of all down. Returns a failure line or None."""
+    names = [sorted(p.name for p in folder.iterdir()) if env.is_main else None]
+    dist.broadcast_object_list(names, src=0, group=env.start_up)
+    mine = {}
+    error = attempt(lambda: mine.update({name: {"bytes": (folder / name).stat().st_size,
+                                                "sha256": sha256_of(folder / name)}
+                                         for name in names[0] if owner(name, env.world_size) == env.rank}), env)
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, (mine, error), group=env.start_up)
+    if error := next(filter(None, (e for _, e in gathered)), None):
+        return error
+    if env.is_main:
+        files = {name: entry for entries, _ in gathered for name, entry in sorted(entries.items())}
+        return attempt(lambda: write_synced(folder / MANIFEST, json.dumps(
+            {"format": 1, "files": dict(sorted(files.items()))}, indent=1) + "\n"), env)
+    return None
+
+
+def verify_checkpoint(path: Path, env: Env):
+    """Raise ValueError, the same line on every rank, if a file differs from the manifest
+    (missing, not in it, another size, other bytes: bit rot, a bad copy). Each rank hashes the
+    files its rank wrote. A checkpoint without a manifest (older code) passes."""
+    try:
+        manifest = read_manifest(path)
+        mine = [name for name in manifest or () if owner(name, env.world_size) == env.rank]
+        problem = manifest_problem(path, manifest, hashed=mine)
+        error = problem and damaged(path, problem)
+    except ValueError as e:
+        error = str(e)
+    except OSError as e:
+        error = unreadable(path, e)
+    if error := agreed_error(error, env):
+        raise ValueError(error)
+
+
+def load_checkpoint(path: Path, model, optimizer, env: Env) -> dict:
+    """Verify the files against the manifest, then restore shards in place; returns the rank's
+    extra state (step, rng, ...)."""
+    verify_checkpoint(path, env)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except READ_ERRORS as e:
+        raise ValueError(unreadable(path, e)) from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    extra = checkpoint_extra(path, env.rank)
+    torch.set_rng_state(extra.pop("rng"))
+    cuda_rng = extra.pop("cuda_rng", None)  # dropout's random state on a GPU (masks use their own generators)
+    if cuda_rng is not None and env.device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_rng)
+    return extra
 
 
 def set_aside_later(root: Path, step: int) -> list[Path]:
@@ -240,99 +467,145 @@ def set_aside_later(root: Path, step: int) -> list[Path]:
 
 
 def remove_unfinished(root: Path):
-    """Delete the .tmp folders of checkpoint writes that a kill interrupted (rank 0)."""
-    for path in root.glob("step_*.tmp") if root.is_dir() else []:
+    """Delete what a kill interrupted (rank 0): .tmp folders of checkpoint writes, and .deleting
+    folders of pruned checkpoints whose deletion it cut short."""
+    for path in [*root.glob("step_*.tmp"), *root.glob("step_*.deleting")] if root.is_dir() else []:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def checkpoint_extra(path: Path, rank: int = 0) -> dict:
-    """A checkpoint's small per-rank state: step, RNG, run config."""
-    extra_file = path / f"extra_rank{rank}.pt"
-    if not extra_file.exists():
-        raise ValueError(f"{path}: has no {extra_file.name}; it was written by a run with a "
-                         "different number of processes (resume with the same world size)")
-    try:
-        return torch.load(extra_file, weights_only=False)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
-        raise ValueError(unreadable(path, e)) from None
+def discard(path: Path):
+    """Delete a folder, renaming it out of the checkpoint namespace first (to X.deleting), so a
+    kill mid-deletion never leaves a half-deleted folder under a name that looks complete."""
+    doomed = path.with_name(path.name + ".deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
-def unreadable(path: Path, error: BaseException) -> str:
-    """One line for a checkpoint that exists but cannot be read (truncated, overwritten)."""
-    if isinstance(error, CheckpointException):  # dcp wraps each rank's error as (error, stack)
-        failure = next(iter(error.failures.values()), (error,))
-        error = failure[0] if isinstance(failure, tuple) else failure
-    detail = (str(error).splitlines() or [""])[0]
-    return (f"{path}: an unreadable checkpoint ({type(error).__name__}{': ' + detail if detail else ''}); "
-            "move it aside and resume from an older step_XXXXXXXX")
+def replace_folder(new: Path, final: Path):
+    """Put the complete folder `new` in the place of `final` by renames only: at every moment
+    `final` is whole (the old or the new one) or absent, never half-written or half-deleted."""
+    doomed = final.with_name(final.name + ".deleting")
+    if final.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+        final.rename(doomed)
+    new.rename(final)
+    fsync(final.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, extra: dict, keep: int, env: Env):
-    """Write model (with predictor, EMA target, anchor) and optimizer shards, then rename."""
-    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
-    if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    torch.save({"rng": torch.get_rng_state(), **extra,
-                "cuda_rng": torch.cuda.get_rng_state() if env.device.type == "cuda" else None},
-               tmp / f"extra_rank{env.rank}.pt")
-    dist.barrier()
-    if env.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # atomic: readers see a complete checkpoint or none
-        for old in [path for path in checkpoint_dirs(root) if path != final][:1 - keep or None]:
-            shutil.rmtree(old, ignore_errors=True)  # the keep - 1 newest others stay, and this one
-    dist.barrier()
-    return final
-
-
-def load_checkpoint(path: Path, model, optimizer, env: Env) -> dict:
-    """Restore shards in place; returns the rank's extra state (step, rng, ...)."""
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    try:
-        dcp.load(state, checkpoint_id=str(path))
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, CheckpointException) as e:
-        raise ValueError(unreadable(path, e)) from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
-    extra = checkpoint_extra(path, env.rank)
-    torch.set_rng_state(extra.pop("rng"))
-    cuda_rng = extra.pop("cuda_rng", None)  # dropout's random state on a GPU (masks use their own generators)
-    if cuda_rng is not None and env.device.type == "cuda":
-        torch.cuda.set_rng_state(cuda_rng)
-    return extra
-
-
-def export_pretrained(backbone, tokenizer, out_dir: Path, env: Env, metadata: dict):
-    """Gather the online backbone's full weights on rank 0 and save_pretrained them (into a
-    .tmp folder renamed once complete, as checkpoints are)."""
+def export_pretrained(backbone, tokenizer, out_dir: Path, env: Env, metadata: dict,
+                      checkpoints: Path | None = None, transform=None):
+    """Gather the online backbone's full weights on rank 0 and save_pretrained them into
+    out_dir.tmp, renamed to out_dir once complete: a kill or a full disk never leaves a
+    half-written out_dir. A failed write stops every rank with one ValueError line naming the
+    last complete checkpoint (in `checkpoints`, by default out_dir's sibling checkpoints/).
+    transform: full state -> the state to save (lora.merged_state: the adapter merged in)."""
     state = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True,
                                                                     cpu_offload=True))
     for key in aliased_keys(backbone):  # save a module registered twice once: tie_weights re-ties on load
         state.pop(key, None)
+    if transform is not None:
+        state = transform(state)
+    tmp, message = out_dir.with_name(out_dir.name + ".tmp"), None
     if env.is_main:
-        final, out_dir = out_dir, out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
-        # fully_shard swapped the class for a generated FSDP<Name>; save_pretrained would record
-        # that class (and torch's files) as the remote code to load, so save as the original.
-        sharded_class = type(backbone)
-        backbone.__class__ = next(c for c in sharded_class.__bases__ if c is not FSDPModule)
-        try:
-            backbone.save_pretrained(out_dir, state_dict=state)
-        finally:
-            backbone.__class__ = sharded_class
-        tokenizer.save_pretrained(out_dir)
-        (out_dir / "training_config.json").write_text(metadata_json(metadata))
-        shutil.rmtree(final, ignore_errors=True)
-        out_dir.rename(final)
-    dist.barrier()
+        error = attempt(lambda: write_pretrained(backbone, tokenizer, state, tmp, metadata), env)
+        error = error or attempt(lambda: replace_folder(tmp, out_dir), env)
+        if error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            message = write_failed(out_dir, "the exported model", error, tensor_bytes(state),
+                                   checkpoints or out_dir.parent / "checkpoints")
+    if message := agreed_error(message, env):
+        raise ValueError(message)
+
+
+def write_pretrained(backbone, tokenizer, state: dict, folder: Path, metadata: dict):
+    """save_pretrained into a fresh `folder` (rank 0), every file flushed to disk."""
+    fresh_folder(folder)
+    # fully_shard swapped the class for a generated FSDP<Name>; save_pretrained would record
+    # that class (and torch's files) as the remote code to load, so save as the original.
+    sharded_class = type(backbone)
+    backbone.__class__ = next(c for c in sharded_class.__bases__ if c is not FSDPModule)
+    try:
+        backbone.save_pretrained(folder, state_dict=state)
+    finally:
+        backbone.__class__ = sharded_class
+    tokenizer.save_pretrained(folder)
+    (folder / "training_config.json").write_text(metadata_json(metadata))
+    for file in folder.rglob("*"):
+        if file.is_file():
+            fsync(file)
+
+
+def write_failed(path: Path, what: str, error: str, needed: int, checkpoints: Path) -> str:
+    """One line for a write that failed (a full disk): what, why, the space it needs and the
+    space left, and the checkpoint to resume from once there is room."""
+    free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+    latest = latest_checkpoint(checkpoints)
+    then = (f"the last complete checkpoint is {latest}: free some space, then --resume auto continues from it"
+            if latest else f"there is no complete checkpoint in {checkpoints} yet: free some space and start again")
+    return (f"{path}: could not write {what} ({error}); it needs about {human(needed)}, {human(free)} "
+            f"are free there; the half-written {path.name}.tmp was removed; {then}")
+
+
+def tensor_bytes(state) -> int:
+    """Bytes of the tensors in a (nested) state dict: this rank's shards of sharded ones."""
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(value) for value in state)
+    return 0
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def atomic_write_text(path: Path, text: str):
+    """Replace a file's content all at once (config.json, log.jsonl rewritten on resume): write a
+    sibling .tmp file, fsync it, os.replace it over `path`, so a reader or a kill sees the old
+    content or the new, never a cut one. A failed write (a full disk) leaves the old content and
+    raises ValueError with one line."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write_synced(tmp, text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(next(p for p in path.parents if p.exists())).free
+        raise ValueError(f"{path}: could not write ({cause(e)}); {human(free)} are free there; "
+                         "its previous content is unchanged") from None
+    fsync(path.parent)
+
+
+def write_synced(path: Path, text: str):
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync(path: Path):
+    """Flush a file's bytes (or a folder's entries) to the disk, so that a rename publishing them
+    cannot survive a power cut without them. Some filesystems refuse a folder's fsync: harmless."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
 
 
 def metadata_json(metadata: dict) -> str:
-    import json
     return json.dumps(metadata, indent=2, default=str) + "\n"

@@ -4,11 +4,13 @@ DLLM-JEPA: a JEPA objective for fine-tuning masked-diffusion language models.
 This file is the method, top to bottom; everything else (data, the command line, sharding)
 lives elsewhere. It holds:
 1. the forward masking process of LLaDA (Nie et al., 2025, "Large Language Diffusion Models"),
-2. the masked-diffusion SFT loss (LLaDA's form, and a token-normalised variant),
+2. the masked-diffusion SFT loss (LLaDA's form, and a token-normalised variant), and the
+   same loss and argmax accuracy on the real answer tokens (what scored EOS padding hides),
 3. the two-rate view construction: one sequence, a lightly masked *context* view and a
    heavily masked *target* view, nested by default,
 4. the predictor: a small residual MLP from context embeddings to target embeddings,
 5. the JEPA distance: cosine (default) or smooth-L1 on layer-normalised targets,
+   and the collapse check the paper reports: the effective rank of pooled embeddings,
 6. the target encoder: an EMA copy of the backbone (I-JEPA, Assran et al., 2023) or the
    online model itself under no_grad,
 7. the single-pass update: ONE gradient-carrying forward of the context view gives both the
@@ -51,16 +53,20 @@ METHODS = {
 }
 
 # Ranges (low, high) of the diffusion time t of each view; t ~ U[low, high] per sequence.
-# Our choice of values:
+# The paper names a "Wide-t" configuration without (to us) saying what it is; two readings:
 # - narrow: the fixed rates a public reproduction reads from the paper (context 0.2,
 #   target 0.7). The diffusion loss is then trained at t = 0.2 only.
-# - wide ("Wide-t"): the context t spans (almost) LLaDA's whole U(0, 1], so the diffusion
-#   loss is exactly the baseline's and the denoiser still learns to start from full masks;
-#   the target is drawn from [max(0.5, t_context), 1]: never lighter than the context and
-#   always hiding at least half the answer, so predicting it needs content, not copying.
+# - wide-pair: a secondary summary's reading of "Wide-t": a wider pair of fixed rates,
+#   context 0.1, target 0.9. The diffusion loss is trained at t = 0.1 only.
+# - wide-range (our reading, and our default): the context t spans (almost) LLaDA's whole
+#   U(0, 1], so the diffusion loss is exactly the baseline's and the denoiser still learns to
+#   start from full masks; the target is drawn from [max(0.5, t_context), 1]: never lighter
+#   than the context and always hiding at least half the answer, so predicting it needs
+#   content, not copying.
 VIEW_PRESETS = {
     "narrow": dict(context_t=(0.2, 0.2), target_t=(0.7, 0.7)),
-    "wide": dict(context_t=(0.01, 1.0), target_t=(0.5, 1.0)),
+    "wide-pair": dict(context_t=(0.1, 0.1), target_t=(0.9, 0.9)),
+    "wide-range": dict(context_t=(0.01, 1.0), target_t=(0.5, 1.0)),
 }
 
 
@@ -73,7 +79,7 @@ class JEPAConfig:
     pad_is_answer: bool = True          # LLaDA SFT: EOS padding is masked and scored as answer
     loss_norm: str = "answer"           # "answer": / answer length per row (LLaDA SFT); "token": / all scored tokens
     # views
-    views: str = "wide"                 # a VIEW_PRESETS name
+    views: str = "wide-range"           # a VIEW_PRESETS name
     context_t: tuple | None = None      # (low, high) of the context view's t; None = preset
     target_t: tuple | None = None       # (low, high) of the target view's t; None = preset
     nested: bool = True                 # target mask is a superset of the context mask
@@ -175,13 +181,30 @@ def diffusion_loss(logits, input_ids, masked, p, scored, loss_norm="answer", shi
     shift: logits[:, i] predicts token i + 1 (Dream); read so, not shifted in a (B, T, V)
     copy (position 0 is prompt, never masked).
     """
-    picked = logits[:, :-1][masked[:, 1:]] if shift else logits[masked]               # (M, V)
-    ce = F.cross_entropy(picked.float(), input_ids[masked], reduction="none")          # (M,)
+    ce = F.cross_entropy(masked_logits(logits, masked, shift).float(), input_ids[masked],
+                         reduction="none")                                               # (M,)
     weighted = torch.zeros(masked.shape, device=ce.device, dtype=ce.dtype)
     weighted[masked] = ce / p[:, None].expand_as(masked)[masked]                         # (B, T)
     if loss_norm == "answer":
         return (weighted.sum(1) / scored.sum(1).clamp(min=1)).mean()
     return weighted.sum() / scored.sum().clamp(min=1)
+
+def masked_logits(logits, masked, shift=False):
+    """Logits (M, V) of the masked positions (B, T) in row-major order; with shift, position
+    i's prediction is read from output i - 1 (Dream)."""
+    return logits[:, :-1][masked[:, 1:]] if shift else logits[masked]
+
+
+@torch.no_grad()
+def answer_metrics(logits, input_ids, masked, p, answer, shift=False):
+    """What the diffusion loss hides when EOS padding is scored: the same loss on the real
+    answer tokens only (padding excluded; LLaDA's per-row normalisation by answer length),
+    and the share of masked answer tokens whose argmax is right (teacher-forced accuracy:
+    every other token is given). Both 0-d tensors (0 when no answer token is masked)."""
+    hidden = masked & answer
+    loss = diffusion_loss(logits, input_ids, hidden, p, answer, "answer", shift)
+    right = masked_logits(logits, hidden, shift).argmax(-1) == input_ids[hidden]
+    return loss, right.float().sum() / max(right.numel(), 1)
 
 # -----------------------------------------------------------------------------
 # 3. Two-rate views
@@ -282,6 +305,21 @@ def jepa_loss(prediction, target, weights, distance):
     return (d * weights).sum() / weights.sum().clamp(min=1)
 
 # -----------------------------------------------------------------------------
+# 5b. The collapse check
+
+
+@torch.no_grad()
+def effective_rank(z: torch.Tensor) -> float:
+    """Effective rank of embeddings z (N, C) (Roy & Vetterli, 2007; RankMe, Garrido et al.,
+    2023): exp of the entropy of the singular values normalised to sum 1. It is 1 when every
+    embedding lies on one line (a collapsed encoder) and min(N, C) when they spread evenly
+    over that many directions; the paper reports it staying high under DLLM-JEPA."""
+    s = torch.linalg.svdvals(z.reshape(-1, z.shape[-1]).double())
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+# -----------------------------------------------------------------------------
 # 6. Target encoder: EMA schedule
 
 
@@ -299,6 +337,11 @@ class JEPAOutput:
     diffusion: torch.Tensor       # masked-diffusion loss of the context view
     jepa: torch.Tensor            # JEPA distance (0 for methods without a target pass)
     anchor: torch.Tensor          # mu * ||theta - theta_base||^2 (0 unless l2-anchor)
+    # diagnostics, without gradient
+    answer_loss: torch.Tensor     # diffusion loss on the real answer tokens (padding excluded)
+    answer_accuracy: torch.Tensor # argmax accuracy on the masked answer tokens
+    embedding: torch.Tensor       # pooled context embedding (B, C), for effective_rank (answer mean
+                                  # when pooling="token")
 
 
 class DLLMJEPA(nn.Module):
@@ -311,13 +354,19 @@ class DLLMJEPA(nn.Module):
     reads it so (position 0, always prompt, is never scored).
     blocks_of: model -> its blocks in order (backbones.Family.blocks), so that a target pass
     can stop at block l < L; without it, target passes only skip the LM head.
+    target_encoder: an EMA target built elsewhere instead of a frozen copy of the backbone
+    (lora.EMAAdapterTarget: the backbone run with an EMA copy of its LoRA adapter), called like
+    the backbone; its `ema_pairs()` names the (EMA, online) tensors update_target lerps.
+    anchor_fn: backbone -> ||theta - theta_base||^2 without a frozen copy (lora.lora_delta_sq:
+    the adapter's exact weight change); None: against a frozen copy of the backbone.
     """
 
     def __init__(self, backbone: nn.Module, config: JEPAConfig, mask_token_id: int | None = None,
-                 shift_logits: bool = False, blocks_of=None):
+                 shift_logits: bool = False, blocks_of=None, target_encoder: nn.Module | None = None,
+                 anchor_fn=None):
         super().__init__()
         self.backbone, self.config, self.shift_logits = backbone, config, shift_logits
-        self.blocks_of = blocks_of
+        self.blocks_of, self.anchor_fn = blocks_of, anchor_fn
         self.mask_token_id = (mask_token_id if mask_token_id is not None
                               else backbone.config.mask_token_id)
         spec = config.method_spec
@@ -326,9 +375,13 @@ class DLLMJEPA(nn.Module):
                           .to(embeddings.weight.dtype) if spec["target_pass"] else None)
         # Frozen copies, registered as submodules so they are saved, moved and sharded with
         # the backbone. The EMA target and the anchor are never in the optimizer.
-        self.target_encoder = (frozen_copy(backbone)
-                               if config.target_kind == "ema" else None)
-        self.anchor = frozen_copy(backbone) if spec["anchor"] else None
+        check(target_encoder is None or config.target_kind == "ema",
+              f"a target_encoder is given but {config.method} has no EMA target (target={config.target!r})")
+        check(anchor_fn is None or spec["anchor"], f"an anchor_fn is given but {config.method} has no anchor")
+        if config.target_kind == "ema" and target_encoder is None:
+            target_encoder = frozen_copy(backbone)
+        self.target_encoder = target_encoder
+        self.anchor = frozen_copy(backbone) if spec["anchor"] and anchor_fn is None else None
 
     def encode(self, model, ids, logits=True):
         """One forward pass -> (logits as the model gives them, hidden states at embed_layer).
@@ -394,15 +447,22 @@ class DLLMJEPA(nn.Module):
         logits, hidden = self.encode(self.backbone, context.ids)
         diffusion = diffusion_loss(logits, input_ids, context.masked, context.p, scored, cfg.loss_norm,
                                    self.shift_logits)
+        context_region = self.pool_region(context, answer, content)
+        with torch.set_grad_enabled(spec["target_pass"] and torch.is_grad_enabled()):
+            z_context = embed(hidden, context_region, cfg.pooling)  # every method: the collapse check
         if spec["target_pass"]:
-            context_region = self.pool_region(context, answer, content)
-            prediction = self.predictor(embed(hidden, context_region, cfg.pooling))
+            prediction = self.predictor(z_context)
             weights = (answer if cfg.pooling == "token"  # rows (or tokens) with both sides defined
                        else context_region.any(1) & target_region.any(1))
             jepa = jepa_loss(prediction, z_target, weights, cfg.distance)
         if spec["anchor"]:
-            anchor = cfg.anchor_mu * l2_distance(self.backbone, self.anchor)
-        return JEPAOutput(diffusion + cfg.jepa_lambda * jepa + anchor, diffusion, jepa, anchor)
+            anchor = cfg.anchor_mu * (self.anchor_fn(self.backbone) if self.anchor_fn
+                                      else l2_distance(self.backbone, self.anchor))
+        answer_loss, answer_accuracy = answer_metrics(logits, input_ids, context.masked, context.p, answer,
+                                                      self.shift_logits)
+        pooled = z_context if cfg.pooling != "token" else embed(hidden, answer, "answer")
+        return JEPAOutput(diffusion + cfg.jepa_lambda * jepa + anchor, diffusion, jepa, anchor,
+                          answer_loss, answer_accuracy, pooled.detach())
 
     @torch.no_grad()
     def update_target(self, step: int, total_steps: int):
@@ -410,8 +470,11 @@ class DLLMJEPA(nn.Module):
         if self.target_encoder is None:
             return
         m = ema_momentum(step, total_steps, *self.config.ema_momentum)
-        target = list(self.target_encoder.parameters())
-        online = [p.detach() for p in self.backbone.parameters()]
+        if hasattr(self.target_encoder, "ema_pairs"):  # built elsewhere: it names its tensors
+            target, online = self.target_encoder.ema_pairs()
+        else:
+            target = list(self.target_encoder.parameters())
+            online = [p.detach() for p in self.backbone.parameters()]
         torch._foreach_lerp_(target, online, 1.0 - m)
 
     def trainable_parameters(self):
@@ -449,9 +512,14 @@ def forward_until(model: nn.Module, ids, stop_at: nn.Module) -> torch.Tensor:
         hidden = stop.args[0]
     finally:
         handle.remove()
+    finish_stopped_forward(model, hidden)
+    return hidden
+
+
+def finish_stopped_forward(model: nn.Module, hidden: torch.Tensor):
+    """Run FSDP2's post-forward hook of `model` that a StopForward skipped (nothing otherwise)."""
     if isinstance(model, FSDPModule):
         model._get_fsdp_state()._post_forward(model, (), hidden)
-    return hidden
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -51,7 +51,7 @@ import data
 from dllm_jepa import answer_regions, diffusion_loss, mask_probability
 from generate import SamplerConfig, aligned_logits, conventions, generate_text, left_pad
 
-GENERATION_TASKS = ("gsm8k", "nl-rx-synth", "nl-rx-turk", "spider", "django")
+GENERATION_TASKS = ("exact", "gsm8k", "nl-rx-synth", "nl-rx-turk", "spider", "django")
 TASKS = GENERATION_TASKS + ("probe", "mmlu", "drift")
 
 # -----------------------------------------------------------------------------
@@ -457,6 +457,21 @@ def max_positions(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "max_sequence_length", None)
 
 
+def generate_sharded(backbone, prompts: list, sampler: SamplerConfig, batch_size: int, rank: int = 0,
+                     world_size: int = 1, seed: int = 0) -> list[str]:
+    """generate_text over several processes: rank r answers the r-th of `world_size` equal
+    shares (the last padded with repeats, so every rank runs the same forwards, as a sharded
+    model needs) and every rank returns all answers, in order."""
+    share = -(-len(prompts) // world_size)
+    mine = prompts[rank * share:(rank + 1) * share]
+    answers = generate_text(backbone, mine + [prompts[0]] * (share - len(mine)), sampler, batch_size, seed)
+    if world_size > 1:
+        gathered = [None] * world_size
+        torch.distributed.all_gather_object(gathered, answers)
+        answers = [a for part in gathered for a in part]
+    return answers[:len(prompts)]
+
+
 def evaluate_generation(backbone, task: str, items: list[Item], sampler: SamplerConfig,
                         batch_size=8, seed=0, spider_db: Path | None = None,
                         probe: "ProbeConfig | None" = None) -> dict:
@@ -780,7 +795,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("task and data")
     g.add_argument("--task", required=True, choices=TASKS,
                    help="a generation task, probe (held-out diffusion loss), mmlu, or drift (from --base)")
-    g.add_argument("--data", required=True, help="gsm8k: .jsonl (question/answer); nl-rx-*: .jsonl (chat "
+    g.add_argument("--data", required=True, help="exact: any .jsonl/.json train.py reads (e.g. a run's "
+                   "held_out.jsonl), scored by exact match; gsm8k: .jsonl (question/answer); nl-rx-*: .jsonl (chat "
                    "messages); spider: Spider's .json or .jsonl; django: X.anno (with X.code beside it) or .jsonl; "
                    "probe/drift: a plain-text file; mmlu: a .csv or a folder of them")
     g.add_argument("--limit", type=int, default=None, help="use only the first N examples")
@@ -792,8 +808,11 @@ def parse_args(argv=None):
     g.add_argument("--spider-db", default=None, help="Spider's database folder (DIR/<db_id>/<db_id>.sqlite): "
                    "adds execution accuracy")
     g = p.add_argument_group("generation (LLaDA sampler, generate.py)")
-    g.add_argument("--gen-length", type=int, default=128, help="masked positions after the prompt")
-    g.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block size")
+    g.add_argument("--gen-length", type=int, default=None,
+                   help="masked positions after the prompt; default: for a train.py model, the canvas it was "
+                        "trained on (its --seq-len minus the longest prompt), else 128")
+    g.add_argument("--block-length", type=int, default=None,
+                   help="semi-autoregressive block size; default: --gen-length for a train.py model, else 32")
     g.add_argument("--steps", type=int, default=None, help="default: --gen-length (one token per step)")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (LLM-JEPA's protocol)")
     g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
@@ -810,6 +829,33 @@ def parse_args(argv=None):
     g.add_argument("--out", default=None, help="write the results as JSON here (default: print only)")
     g.add_argument("--plot", default=None, help="drift: PNG path (default: beside --out)")
     return p, p.parse_args(argv)
+
+
+def trained_seq_len(model: str) -> int | None:
+    """The longest canvas a train.py model was fine-tuned on (--seq-len in the training_config.json
+    its final/ holds); None for any other model."""
+    try:
+        return int(json.loads((Path(model) / "training_config.json").read_text())["args"]["seq_len"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def canvas_for(backbone, items: list[Item], sampler_args: dict, trained: int | None) -> SamplerConfig:
+    """The sampler, with the canvas the model was trained on when it is known: --gen-length
+    defaults to its --seq-len minus the longest prompt (one block, one token per step), as
+    train.py's final generation does; a canvas longer than any trained one gets a warning."""
+    longest = max(len(data.prompt_ids(backbone.tokenizer, item.prompt)) for item in items)
+    if sampler_args["gen_length"] is None:
+        if trained - longest < 1:
+            raise ValueError(f"the longest prompt ({longest} tokens) fills the model's trained canvas ({trained}); "
+                             "give --gen-length")
+        sampler_args = sampler_args | {"gen_length": trained - longest,
+                                       "block_length": sampler_args["block_length"] or trained - longest}
+    elif trained is not None and longest + sampler_args["gen_length"] > trained:
+        print(f"warning: prompt + --gen-length reaches {longest + sampler_args['gen_length']} tokens, past the "
+              f"longest canvas the model was trained on ({trained}): answers may not end where they should; "
+              f"--gen-length {max(1, trained - longest)} stays inside it", file=sys.stderr)
+    return SamplerConfig(**sampler_args)
 
 
 def pick_device(name: str) -> str:
@@ -834,8 +880,13 @@ def run(args) -> dict:
     if args.shots and args.task not in ("probe", "drift") and not args.fewshot_data:
         raise ValueError("--shots needs --fewshot-data (where the exemplars come from)")
     if args.task in GENERATION_TASKS:
-        sampler = SamplerConfig(args.gen_length, args.block_length, args.steps, args.temperature,
-                                args.remasking, args.suppress_eos)
+        trained = trained_seq_len(args.model)
+        default = 128 if trained is None else None  # None: from the trained canvas, once prompts are known
+        sampler_args = dict(gen_length=args.gen_length or default, steps=args.steps, temperature=args.temperature,
+                            remasking=args.remasking, suppress_eos=args.suppress_eos,
+                            block_length=args.block_length or (32 if trained is None else args.gen_length))
+        if sampler_args["gen_length"] is not None:  # flags checked before the model loads
+            SamplerConfig(**sampler_args)
         tables = Path(args.spider_tables) if args.spider_tables else None
         spider_db = Path(args.spider_db) if args.spider_db else None
         items = load_items(args.task, path, tables)[: args.limit]
@@ -850,6 +901,7 @@ def run(args) -> dict:
     backbone = load(args.model, args)
     result = {"model": args.model, "task": args.task, "data": str(path)}
     if args.task in GENERATION_TASKS:
+        sampler = canvas_for(backbone, items, sampler_args, trained)
         result |= evaluate_generation(backbone, args.task, items, sampler, args.batch_size, args.seed,
                                       spider_db, probe)
     elif args.task == "mmlu":

@@ -64,7 +64,7 @@ class Profile:
     steps: int = 400               # fine-tuning steps per run
     batch_size: int = 16
     lr: float = 5e-4               # fine-tuning peak lr (the base is tiny: 1e-5 would barely move it)
-    views: str = "wide"            # the paper's "dual win" preset
+    views: str = "wide-range"      # our reading of the paper's "Wide-t" (its "dual win")
     n_train: int = 6000            # training examples carved per task
     n_dev: int = 100               # dev examples, generated and scored
     gen_length: int = 48           # sampler: canvas, blocks, steps

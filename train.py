@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import re
 import signal
 import sys
@@ -37,8 +38,10 @@ from transformers.utils import logging as hf_logging
 
 import data
 import distributed
+import evaluate
 from backbones import load_backbone, new_tiny_backbone
-from dllm_jepa import DLLMJEPA, METHODS, VIEW_PRESETS, JEPAConfig
+from dllm_jepa import DLLMJEPA, METHODS, VIEW_PRESETS, JEPAConfig, effective_rank
+from generate import SamplerConfig
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -67,12 +70,16 @@ def parse_args(argv=None):
     g.add_argument("--split", default="train", help="split of a hub dataset")
     g.add_argument("--eval-data", default=None, help="held-out file; default: carve --eval-fraction")
     g.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of --data")
-    g.add_argument("--seq-len", type=int, default=32, help="tokens per row (prompt + answer + EOS padding)")
+    g.add_argument("--seq-len", type=int, default=32,
+                   help="longest canvas: tokens per row (prompt + answer + EOS padding)")
+    g.add_argument("--canvas", default="random", choices=data.CANVASES,
+                   help="canvas length of each micro-batch: random (between its longest row and --seq-len), "
+                        "batch (its longest row, LLaDA's SFT) or fixed (--seq-len)")
     g.add_argument("--builtin-size", type=int, default=4000, help="examples in the built-in task")
     g = p.add_argument_group("objective (see dllm_jepa.JEPAConfig)")
     g.add_argument("--method", default="dllm-jepa", choices=list(METHODS),
                    help="dllm-jepa (4F), two-pass (LLM-JEPA's 6F), diffusion (baseline), l2-anchor")
-    g.add_argument("--views", default="wide", choices=list(VIEW_PRESETS),
+    g.add_argument("--views", default="wide-range", choices=list(VIEW_PRESETS),
                    help="preset of the two masking-rate ranges")
     g.add_argument("--context-t", type=float, nargs=2, metavar=("LOW", "HIGH"), help="override the preset")
     g.add_argument("--target-t", type=float, nargs=2, metavar=("LOW", "HIGH"), help="override the preset")
@@ -121,6 +128,9 @@ def parse_args(argv=None):
     g.add_argument("--resume", default=None,
                    help="'auto' (latest checkpoint in --out, if any) or a checkpoint folder")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs a line per eval)")
+    g.add_argument("--final-eval", type=int, default=None,
+                   help="held-out examples answered with the sampler after training, scored by exact match "
+                        "(default: 200 for --data builtin, else 0; evaluate.py scores task metrics)")
     return p, p.parse_args(argv)
 
 
@@ -143,6 +153,7 @@ def validate(args):
         bad = [v for v in (value if isinstance(value, (list, tuple)) else [value])
                if isinstance(v, float) and not math.isfinite(v) and (flag, v) != ("grad_clip", math.inf)]
         need(not bad, f"--{flag.replace('_', '-')} {bad[0] if bad else ''}: must be a finite number")
+    need(args.final_eval is None or args.final_eval >= 0, f"--final-eval {args.final_eval}: must be >= 0")
     need(args.seq_len >= 2, f"--seq-len {args.seq_len}: must be >= 2 (a prompt token and an answer token)")
     need(0 <= args.seed < 2 ** 27, f"--seed {args.seed}: must lie in [0, 2**27) (masks are seeded from it)")
     need(0 < args.eval_fraction < 1, f"--eval-fraction {args.eval_fraction}: must lie in (0, 1)")
@@ -219,7 +230,26 @@ def trim_log(path: Path, step: int):
             continue
         if row.get("step", 0) < step or (row.get("step") == step and "loss" in row):
             rows.append(line + "\n")
-    path.write_text("".join(rows))
+    distributed.atomic_write_text(path, "".join(rows))  # a kill here leaves the old log or the new
+
+
+def prepare_output(out: Path, resume: Path | None, start_step: int, run_config: dict, eval_examples):
+    """Rank 0 lays out --out: clears what a kill left, trims the log to the resumed step (later
+    checkpoints set aside), writes config.json and the held-out examples (held_out.jsonl, for
+    evaluate.py), each file written whole or not at all."""
+    out.mkdir(parents=True, exist_ok=True)
+    distributed.remove_unfinished(out / "checkpoints")  # left by a kill while saving
+    if resume:
+        trim_log(out / "log.jsonl", start_step)
+        for path in distributed.set_aside_later(out / "checkpoints", start_step):
+            print(f"note: {path.name} is past the resumed step {start_step}: moved to {path}")
+    else:
+        (out / "log.jsonl").unlink(missing_ok=True)
+    distributed.atomic_write_text(out / "config.json", distributed.metadata_json(run_config))
+    if eval_examples:
+        distributed.atomic_write_text(out / "held_out.jsonl", "".join(
+            json.dumps({"messages": ex.prompt + [{"role": "assistant", "content": ex.answer}]}) + "\n"
+            for ex in eval_examples))
 
 
 def make_optimizer(model: DLLMJEPA, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -239,14 +269,15 @@ def lr_at(step, args):
 
 
 def load_data(args, tokenizer, is_main):
-    """Tokenised train and held-out rows. Malformed rows stop with file:line (data.py); what
-    was skipped or cut is reported at the end."""
+    """Tokenised train and held-out rows, and the held-out examples (prompt and answer text,
+    for the final generation; None for plain text). Malformed rows stop with file:line
+    (data.py); what was skipped or cut is reported at the end."""
     notes = []
 
     def read(source):
         path = Path(source)
         if path.suffix == ".txt":
-            return data.tokenize_text(path, tokenizer, args.seq_len)
+            return data.tokenize_text(path, tokenizer, args.seq_len), None
         if source == "builtin":
             examples = data.builtin_task(args.builtin_size, args.seed)
         else:
@@ -262,23 +293,30 @@ def load_data(args, tokenizer, is_main):
             notes.append(f"warning: {source}: {rows.truncated} of {len(examples)} examples were longer than "
                          f"--seq-len {args.seq_len} and were cut ({rows.prompts_cut} at the prompt's start; "
                          f"answers kept at least in part); --seq-len {rows.longest} keeps all whole")
-        return rows
+        return rows, examples
 
-    train_rows = read(args.data)
+    train_rows, train_examples = read(args.data)
     if args.eval_data:
-        eval_rows = read(args.eval_data)
+        eval_rows, eval_examples = read(args.eval_data)
     else:
         if len(train_rows.input_ids) < 2:
             raise ValueError(f"--data {args.data}: one example cannot be split; add --eval-data")
-        train_rows, eval_rows = data.split_eval(train_rows, args.eval_fraction, args.seed)
+        train_idx, eval_idx = data.split_indices(len(train_rows.input_ids), args.eval_fraction, args.seed)
+        train_rows, eval_rows = data.select(train_rows, train_idx), data.select(train_rows, eval_idx)
+        eval_examples = train_examples and [train_examples[i] for i in eval_idx.tolist()]
     for note in filter(None, notes if is_main else []):
         print(note)
-    return train_rows, eval_rows
+    return train_rows, eval_rows, eval_examples
 
 
-def rows_to(rows, idx, device):
-    return (rows.input_ids[idx].to(device), rows.prompt_lengths[idx].to(device),
-            rows.answer_lengths[idx].to(device))
+def micro_batch(rows, idx, args, step, shard, device):
+    """Rows `idx` cut to their canvas (data.canvas_length), on the device: (input_ids, prompt
+    lengths, answer lengths). The canvas length, like the masks, is a pure function of
+    (seed, step, shard), drawn from a stream of its own."""
+    prompt_lengths, answer_lengths = rows.prompt_lengths[idx], rows.answer_lengths[idx]
+    canvas = data.canvas_length(prompt_lengths, answer_lengths, args.seq_len, args.canvas,
+                                random.Random(f"canvas {args.seed} {step} {shard}"))
+    return rows.input_ids[idx, :canvas].to(device), prompt_lengths.to(device), answer_lengths.to(device)
 
 
 def mask_generator(seed, step, shard, device):
@@ -287,31 +325,59 @@ def mask_generator(seed, step, shard, device):
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 65_537 + shard)
 
 
+PARTS = ("diffusion", "jepa", "anchor", "answer_loss", "answer_accuracy")
+
+
 def loss_parts(output) -> torch.Tensor:
-    return torch.stack([output.diffusion, output.jepa, output.anchor]).detach().float()
+    return torch.stack([getattr(output, name) for name in PARTS]).detach().float()
 
 
 def reduce_parts(parts: torch.Tensor, config: JEPAConfig, world_size: int) -> dict:
-    """Average diffusion and JEPA over ranks; sum the anchor, of which each rank holds the
+    """Average every part over ranks but the anchor, which is summed: each rank holds the
     share of its own parameter shards."""
-    diffusion, jepa, anchor = (distributed.all_reduce_sum(parts) / torch.tensor([world_size, world_size, 1],
-                                                                                device=parts.device)).tolist()
-    return {"loss": diffusion + config.jepa_lambda * jepa + anchor, "diffusion": diffusion, "jepa": jepa,
-            "anchor": anchor}
+    per_rank = torch.tensor([1 if name == "anchor" else world_size for name in PARTS], device=parts.device)
+    values = dict(zip(PARTS, (distributed.all_reduce_sum(parts) / per_rank).tolist()))
+    return {"loss": values["diffusion"] + config.jepa_lambda * values["jepa"] + values["anchor"], **values}
 
 
 @torch.no_grad()
-def evaluate(model, eval_rows, args, env):
-    """Held-out loss parts on fixed masks: chunk c (rows c*B..c*B+B-1) always gets the masks of
-    seed (seed, -1, c), whatever the step or the number of processes, so evaluations compare."""
+def held_out_eval(model, eval_rows, args, env):
+    """Held-out loss parts, answer-token loss and accuracy, and the effective rank of the
+    pooled embeddings (the paper's collapse check), on fixed masks and canvases: chunk c (rows
+    c*B..c*B+B-1) always gets those of (seed, -1, c), whatever the step or the number of
+    processes, so evaluations compare."""
     n_chunks = min(args.eval_batches, len(eval_rows.input_ids) // args.batch_size)
     n_chunks = max(n_chunks - n_chunks % env.world_size, env.world_size)  # every rank runs every forward
-    totals = torch.zeros(3, device=env.device)
+    totals = torch.zeros(len(PARTS), device=env.device)
+    embeddings = None  # (n_chunks, B, C): each rank fills its chunks, a sum gathers them
     for chunk in range(env.rank, n_chunks, env.world_size):
         rows = torch.arange(chunk * args.batch_size, (chunk + 1) * args.batch_size) % len(eval_rows.input_ids)
-        out = model(*rows_to(eval_rows, rows, env.device), generator=mask_generator(args.seed, -1, chunk, env.device))
+        out = model(*micro_batch(eval_rows, rows, args, -1, chunk, env.device),
+                    generator=mask_generator(args.seed, -1, chunk, env.device))
         totals += loss_parts(out)
-    return reduce_parts(totals * env.world_size / n_chunks, model.config, env.world_size)
+        if embeddings is None:
+            embeddings = out.embedding.new_zeros((n_chunks, *out.embedding.shape), dtype=torch.float32)
+        embeddings[chunk] = out.embedding.float()
+    held_out = reduce_parts(totals * env.world_size / n_chunks, model.config, env.world_size)
+    return held_out | {"embedding_rank": effective_rank(distributed.all_reduce_sum(embeddings).flatten(0, 1))}
+
+
+def final_generation(backbone, examples, args, env) -> dict | None:
+    """Answer held-out examples with the sampler and score exact match: what the model can
+    do, which the loss does not show. The canvas is the longest one trained (--seq-len): each
+    prompt is followed by --seq-len minus the longest prompt masks, one block, one token per
+    step. Every rank answers an equal share (FSDP runs every forward on all ranks)."""
+    examples = examples[:args.final_eval]
+    prompts = [data.prompt_ids(backbone.tokenizer, ex.prompt) for ex in examples]
+    gen_length = args.seq_len - max(map(len, prompts))
+    if gen_length < 1:
+        return {"skipped": f"the longest held-out prompt fills --seq-len {args.seq_len}: no room for an answer"}
+    sampler = SamplerConfig(gen_length=gen_length, block_length=gen_length, steps=gen_length)
+    answers = evaluate.generate_sharded(backbone, prompts, sampler, args.batch_size, env.rank, env.world_size)
+    right = [evaluate.exact_match(a, ex.answer) for a, ex in zip(answers, examples)]
+    return {"exact_match": sum(right) / len(right), "n": len(right), "gen_length": gen_length,
+            "samples": [{"prompt": ex.prompt[-1]["content"], "answer": a, "reference": ex.answer, "right": r}
+                        for ex, a, r in zip(examples, answers, right)]}
 
 
 def main(argv=None) -> Path:
@@ -346,7 +412,7 @@ def main(argv=None) -> Path:
         if not -n_blocks - 1 <= args.embed_layer <= n_blocks:
             raise ValueError(f"--embed-layer {args.embed_layer}: the model has {n_blocks} blocks, so hidden "
                              f"states 0..{n_blocks} (or {-n_blocks - 1}..-1)")
-        train_rows, eval_rows = load_data(args, backbone.tokenizer, env.is_main)
+        train_rows, eval_rows, eval_examples = load_data(args, backbone.tokenizer, env.is_main)
     except (ValueError, OSError, ImportError) as e:
         error = f"error: {e}"
     if error := distributed.agreed_error(error, env):  # the other ranks wait here for rank 0's loading
@@ -355,6 +421,7 @@ def main(argv=None) -> Path:
     if env.is_main and max_positions and args.seq_len > max_positions:
         print(f"warning: --seq-len {args.seq_len} exceeds the model's max_position_embeddings {max_positions}")
     args.lr = args.lr or (1e-3 if args.model is None else 1e-5)
+    args.final_eval = (200 if args.data == "builtin" else 0) if args.final_eval is None else args.final_eval
     args.warmup_steps = min(30, args.steps // 10) if args.warmup_steps is None else args.warmup_steps
     if len(eval_rows.input_ids) < env.world_size:
         raise SystemExit(f"error: {len(eval_rows.input_ids)} held-out rows for {env.world_size} processes; "
@@ -391,17 +458,15 @@ def main(argv=None) -> Path:
         if start_step > args.steps:
             raise SystemExit(f"error: --resume {resume}: the checkpoint is at step {start_step}, past "
                              f"--steps {args.steps}; raise --steps to train on")
+    error = None
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        distributed.remove_unfinished(out / "checkpoints")  # left by a kill while saving
-        if resume:
-            trim_log(out / "log.jsonl", start_step)
-            for path in distributed.set_aside_later(out / "checkpoints", start_step):
-                print(f"note: {path.name} is past the resumed step {start_step}: moved to {path}")
-        else:
-            (out / "log.jsonl").unlink(missing_ok=True)
-        (out / "config.json.tmp").write_text(distributed.metadata_json(run_config))
-        (out / "config.json.tmp").replace(out / "config.json")
+        try:
+            prepare_output(out, resume, start_step, run_config, eval_examples)
+        except (ValueError, OSError) as e:
+            error = f"error: {e}"
+    if error := distributed.agreed_error(error, env):  # the other ranks must not wait at a barrier
+        raise SystemExit(error)
+    if env.is_main:
         print(json.dumps(run_config, indent=2, default=str))
         if args.resume == "auto" and resume is None:
             print(f"note: --resume auto: no checkpoint in {out / 'checkpoints'}; starting fresh")
@@ -434,7 +499,7 @@ def main(argv=None) -> Path:
 
     def log_eval(step):
         model.eval()  # dropout off (LLaDA, Dream and the tiny model have none; others may)
-        held_out = evaluate(model, eval_rows, args, env)
+        held_out = held_out_eval(model, eval_rows, args, env)
         if env.is_main:
             log.write(json.dumps({"step": step, "held_out": held_out}) + "\n")
             tqdm.write(f"step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
@@ -444,11 +509,11 @@ def main(argv=None) -> Path:
         for step in bar:
             model.train()
             rows = data.batch_rows(step, len(train_rows.input_ids), global_batch, args.seed)
-            parts = torch.zeros(3, device=env.device)
+            parts = torch.zeros(len(PARTS), device=env.device)
             for micro in range(args.grad_accum):
                 shard = env.rank * args.grad_accum + micro
                 idx = rows[shard * args.batch_size:(shard + 1) * args.batch_size]
-                output = model(*rows_to(train_rows, idx, env.device),
+                output = model(*micro_batch(train_rows, idx, args, step, shard, env.device),
                                generator=mask_generator(args.seed, step, shard, env.device))
                 (output.loss / args.grad_accum).backward()  # FSDP averages over ranks: the global mean
                 parts += loss_parts(output) / args.grad_accum
@@ -456,7 +521,7 @@ def main(argv=None) -> Path:
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             parts = reduce_parts(parts, config, env.world_size)
             done = step + 1
-            if torch.isfinite(grad_norm) and all(math.isfinite(v) for v in parts.values()):
+            if torch.isfinite(grad_norm) and math.isfinite(parts["loss"]):
                 bad_in_a_row = 0
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, args)
@@ -465,7 +530,8 @@ def main(argv=None) -> Path:
             else:  # skip: weights, optimizer moments and EMA stay exactly as they were
                 bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
             optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()} | {"lr": f"{lr_at(step, args):.1e}"})
+            bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "diffusion", "jepa", "answer_loss")}
+                            | {"lr": f"{lr_at(step, args):.1e}"})
             if env.is_main:
                 log.write(json.dumps({"step": done, **parts, "lr": lr_at(step, args),
                                       "grad_norm": grad_norm.item(), "skipped": bad_in_a_row > 0}) + "\n")
@@ -477,7 +543,10 @@ def main(argv=None) -> Path:
                 log_eval(done)
             stop = distributed.agreed_signal(stop_signal[0] if stop_signal else 0, env.device)  # all ranks stop together
             if done % args.save_every == 0 or done == args.steps or stop:
-                path = save(done)
+                try:
+                    path = save(done)
+                except ValueError as e:  # disk full, no permission: every rank stops with the same line
+                    raise SystemExit(f"error: {e}") from None
                 if stop:
                     if env.is_main:
                         print(f"stopped by signal {stop} after step {done}; continue with --resume auto "
@@ -491,10 +560,29 @@ def main(argv=None) -> Path:
             log.close()
 
     final = out / "final"
-    distributed.export_pretrained(model.backbone, backbone.tokenizer, final, env, run_config)
+    try:
+        distributed.export_pretrained(model.backbone, backbone.tokenizer, final, env, run_config)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    generated = final_generation(backbone, eval_examples, args, env) if args.final_eval and eval_examples else None
+    summary = ""
+    if env.is_main and generated:
+        samples = generated.pop("samples", [])
+        with open(out / "log.jsonl", "a") as log:
+            log.write(json.dumps({"step": args.steps, "final_eval": generated}) + "\n")
+        if "exact_match" in generated:
+            (out / "final_eval.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+            print(f"held-out answers, generated ({generated['gen_length']} masks after each prompt):")
+            for sample in samples[:6]:
+                print(f"  {'right' if sample['right'] else 'WRONG'}  {sample['prompt']!r} -> {sample['answer']!r}"
+                      f" (reference {sample['reference']!r})")
+            summary = (f"; held-out exact match {generated['exact_match']:.1%} of {generated['n']} "
+                       f"(all answers: {out / 'final_eval.jsonl'})")
+        else:
+            print(f"warning: no final generation: {generated['skipped']}")
     if env.is_main:
         print(f"done: step {args.steps} ({args.steps - start_step} steps in {time.time() - t0:.0f}s here; "
-              f"{skipped} skipped as non-finite in all)")
+              f"{skipped} skipped as non-finite in all){summary}")
         print(f"fine-tuned model: {final} (load with transformers AutoModel.from_pretrained after "
               f"`import tiny_model` for the tiny one); resumable checkpoints: {out / 'checkpoints'}")
     return final

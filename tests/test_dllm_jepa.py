@@ -440,10 +440,10 @@ def test_sample_times_spread_over_the_range():
 
 
 def test_presets():
-    narrow, wide = JEPAConfig(views="narrow"), JEPAConfig(views="wide")
+    narrow, wide = JEPAConfig(views="narrow"), JEPAConfig(views="wide-range")
     assert narrow.context_range == (0.2, 0.2) and narrow.target_range == (0.7, 0.7)
-    assert wide.context_range == dj.VIEW_PRESETS["wide"]["context_t"]
-    assert JEPAConfig().views == "wide"
+    assert wide.context_range == dj.VIEW_PRESETS["wide-range"]["context_t"]
+    assert JEPAConfig().views == "wide-range"
     tc, tt = dj.sample_times(100, narrow.context_range, narrow.target_range, "cpu", gen(17))
     assert torch.allclose(tc, torch.full((100,), 0.2)) and torch.allclose(tt, torch.full((100,), 0.7))
     # an explicit range overrides the preset, the other view keeps it
@@ -452,7 +452,7 @@ def test_presets():
 
 
 def test_replace_views_applies_the_new_preset():
-    cfg = dataclasses.replace(JEPAConfig(views="wide"), views="narrow")
+    cfg = dataclasses.replace(JEPAConfig(views="wide-range"), views="narrow")
     assert cfg.context_range == (0.2, 0.2) and cfg.target_range == (0.7, 0.7)
 
 

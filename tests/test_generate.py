@@ -1,14 +1,23 @@
-"""The LLaDA sampler: schedule, block order, every mask filled, batching, shifted logits.
+"""The LLaDA sampler: schedule, block order, every mask filled, batching, shifted logits;
+the command line: answers equal generate_text's, --show's frames, prompt files, bad inputs.
 
 Run: python -m pytest tests/test_generate.py -q
 """
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
+import backbones
+import data
 import generate as G
 
 
@@ -199,3 +208,268 @@ def test_bad_sampler_config(kwargs, match):
 
 def test_steps_default_to_gen_length():
     assert G.SamplerConfig(gen_length=8, block_length=4).steps == 8
+
+
+def test_on_step_sees_every_committing_step(peaky, tokenizer):
+    """The hook runs once per forward (one per step that commits something: 16 steps for 8
+    masks per block skip the 8 that have none), after the commit; the last call is the output."""
+    recorder, seen = Recorder(peaky), []
+    cfg = G.SamplerConfig(gen_length=16, block_length=8, steps=32)
+    out = G.generate(recorder, [[1, 2, 3]], tokenizer.mask_token_id, cfg,
+                     on_step=lambda canvas: seen.append(canvas.clone()))
+    assert len(seen) == len(recorder.calls) == 16
+    masks = [int((c == tokenizer.mask_token_id).sum()) for c in seen]
+    assert masks == list(range(15, -1, -1))
+    assert torch.equal(seen[-1], out)
+
+# -----------------------------------------------------------------------------
+# The command line
+
+CLI_SAMPLER = ["--gen-length", "16", "--block-length", "8", "--steps", "16"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny model (128 positions) with large weights, as train.py's final/ folder."""
+    path = tmp_path_factory.mktemp("model")
+    torch.manual_seed(1)
+    backbone = backbones.new_tiny_backbone(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=64, max_position_embeddings=128,
+                                           initializer_range=0.3)
+    backbone.model.save_pretrained(path)
+    backbone.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return backbones.load_backbone(str(model_dir))
+
+
+def expected_answers(backbone, message_lists, cfg, batch_size=8, seed=0):
+    ids = [data.prompt_ids(backbone.tokenizer, m) for m in message_lists]
+    return G.generate_text(backbone, ids, cfg, batch_size, seed)
+
+
+def user(text, system=None):
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
+def cli(argv, capsys):
+    """main(argv) -> (exit code, stdout, stderr) as the shell would see them."""
+    try:
+        G.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    if isinstance(code, str):  # SystemExit("error: ...") prints it and exits 1
+        code, err = 1, err + code + "\n"
+    return code, out, err
+
+
+@pytest.mark.parametrize("flags,system", [
+    ([], None),
+    (["--temperature", "1.0", "--remasking", "random", "--seed", "3", "--batch-size", "1"], None),
+    (["--suppress-eos", "--batch-size", "2"], "be brief"),
+])
+def test_cli_prints_generate_texts_answers(model_dir, loaded, capsys, flags, system):
+    texts = ["reverse abc", "hello there", "add 1 2"]
+    argv = ["--model", model_dir, *CLI_SAMPLER, *flags] + [a for t in texts for a in ("--prompt", t)]
+    argv += ["--system", system] if system else []
+    code, out, err = cli(argv, capsys)
+    assert code == 0, err
+    cfg = G.SamplerConfig(16, 8, 16, temperature=1.0 if "--temperature" in flags else 0.0,
+                          remasking="random" if "random" in flags else "low_confidence",
+                          suppress_eos="--suppress-eos" in flags)
+    batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 8
+    seed = 3 if "--seed" in flags else 0
+    answers = expected_answers(loaded, [user(t, system) for t in texts], cfg, batch, seed)
+    assert out == "".join(a + "\n" for a in answers)
+    code, out, _ = cli(argv + ["--jsonl"], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["answer"] for r in rows] == answers
+    assert [(r["source"], r["prompt"]) for r in rows] == [(f"--prompt {i}", t) for i, t in enumerate(texts, 1)]
+
+
+def frames_of(out):
+    return [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("[1] step ")]
+
+
+def test_show_draws_each_committing_step(model_dir, loaded, capsys):
+    """16 masks, 2 blocks, 32 steps: 16 steps commit one token each (the other 16 have none
+    left and are skipped). With EOS suppressed every mask is visible: 15, 14, ..., 0."""
+    argv = ["--model", model_dir, "--prompt", "sort dcba", "--gen-length", "16", "--block-length", "8",
+            "--steps", "32", "--suppress-eos", "--show"]
+    code, out, err = cli(argv, capsys)
+    assert code == 0, err
+    frames = frames_of(out)
+    [answer] = expected_answers(loaded, [user("sort dcba")], G.SamplerConfig(16, 8, 32, suppress_eos=True))
+    assert len(frames) == 16
+    assert [f.count("░") for f in frames] == list(range(15, -1, -1))
+    assert out.splitlines()[:16] == [f"[1] step {n}: {f}" for n, f in enumerate(frames, 1)]
+    assert frames[-1] == G.visible(answer)
+    assert out.endswith(answer + "\n")
+
+
+def test_show_with_eos_and_a_batch(model_dir, loaded, capsys):
+    """EOS allowed: a committed EOS ends the text, so the masks shown never increase; every
+    prompt of the batch has a line per step, and its last frame is its answer."""
+    texts = ["reverse abc", "hello there"]
+    code, out, err = cli(["--model", model_dir, *CLI_SAMPLER, "--show", "--prompt", texts[0],
+                          "--prompt", texts[1]], capsys)
+    assert code == 0, err
+    answers = expected_answers(loaded, [user(t) for t in texts], G.SamplerConfig(16, 8, 16))
+    for i, answer in enumerate(answers, 1):
+        frames = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith(f"[{i}] step ")]
+        assert len(frames) == 16
+        masks = [f.count("░") for f in frames]
+        assert masks == sorted(masks, reverse=True) and masks[-1] == 0
+        assert frames[-1] == G.visible(answer)
+
+
+class Terminal:
+    """A stream that says it is a terminal and records what is written."""
+    encoding = "utf-8"
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_show_redraws_in_place_on_a_terminal(loaded, monkeypatch):
+    """On a terminal each frame moves the cursor back over the previous one (counting wrapped
+    rows) and erases it; a new batch starts below the last."""
+    monkeypatch.setattr(G.shutil, "get_terminal_size", lambda: SimpleNamespace(columns=10))
+    screen, frames = Terminal(), []
+    show = G.Show(loaded, screen)
+    def hook(first, canvases):
+        frames.append(first)
+        show(first, canvases)
+    ids = [data.prompt_ids(loaded.tokenizer, user(t)) for t in ["a", "b", "c"]]
+    G.generate_text(loaded, ids, G.SamplerConfig(8, 8, 8, suppress_eos=True), batch_size=2, on_step=hook)
+    assert frames == [0] * 8 + [2] * 8
+    # "[1] step 1: " + 8 cells > 10 columns: 2 rows per line, 2 lines in the first batch's frame
+    # ("[1] step 8: " is 12 columns and the answer may be wider: at least 2 rows each)
+    redraws = [int(n) for n in re.findall(r"\x1b\[(\d+)F\x1b\[J", screen.text)]
+    assert len(redraws) == 7 + 7 and all(n >= 4 for n in redraws[:7]) and all(n >= 2 for n in redraws[7:])
+    assert redraws[0] == 4 and redraws[7] == 2
+    last = screen.text.rsplit("\x1b[J", 1)[1]
+    assert last.startswith("[3] step 8: ") and "░" not in last
+
+
+def test_render_canvas_cuts_at_the_first_stop(tokenizer):
+    ids = tokenizer("ab")["input_ids"]
+    mask, eos = tokenizer.mask_token_id, tokenizer.eos_token_id
+    canvas = ids + [mask, mask] + tokenizer("\nc")["input_ids"] + [eos, mask]
+    assert G.render_canvas(tokenizer, canvas, mask, {eos}, "_") == "ab__\\nc"  # one line
+
+
+def test_prompt_file_formats(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_bytes(b"first question\r\n\n  \nsecond {\"not\": json}\n")
+    assert [(p.messages, p.where) for p in G.read_prompts(txt)] == [
+        (user("first question"), f"{txt}:1"), (user('second {"not": json}'), f"{txt}:4")]
+    rows = [{"prompt": "p"}, {"question": "q", "answer": "a"}, "s",
+            {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "m"},
+                          {"role": "assistant", "content": "the reference, dropped"}]}]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]))
+    expected = [user("p"), user("q"), user("s"), user("m", "sys")]
+    got = G.read_prompts(jsonl)
+    assert [p.messages for p in got] == expected
+    assert [p.where for p in got] == [f"{jsonl}:{n}" for n in (1, 2, 4, 5)]
+    js = tmp_path / "p.json"
+    js.write_text(json.dumps(rows))
+    assert [p.messages for p in G.read_prompts(js)] == expected
+
+
+def test_cli_prompts_file_and_system(model_dir, loaded, capsys, tmp_path):
+    """--prompt comes first, then the file's prompts in order; --system goes before each
+    prompt that has no system message of its own; batches of 2."""
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "add 1 2"}) + "\n"
+                    + json.dumps({"messages": [{"role": "system", "content": "own"},
+                                               {"role": "user", "content": "sort cba"}]}) + "\n"
+                    + json.dumps({"prompt": "reverse xyz"}) + "\n")
+    code, out, err = cli(["--model", model_dir, *CLI_SAMPLER, "--prompt", "hi", "--prompts-file", path,
+                          "--system", "terse", "--batch-size", "2", "--jsonl"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    messages = [user("hi", "terse"), user("add 1 2", "terse"), user("sort cba", "own"), user("reverse xyz", "terse")]
+    assert [r["answer"] for r in rows] == expected_answers(loaded, messages, G.SamplerConfig(16, 8, 16), 2)
+    assert [r["source"] for r in rows] == ["--prompt 1", f"{path}:1", f"{path}:2", f"{path}:3"]
+
+
+BAD_FILES = {
+    "empty.txt": b"",
+    "blank.txt": b"\n  \n",
+    "bad.jsonl": b'{"prompt": "ok"}\n{"prompt": oops}\n',
+    "fields.jsonl": b'{"prompt": "ok"}\n{"text": "no"}\n',
+    "number.jsonl": b'{"prompt": 3}\n',
+    "answer_only.jsonl": b'{"messages": [{"role": "assistant", "content": "a"}]}\n',
+    "blank.jsonl": b'{"prompt": "  "}\n',
+    "latin1.txt": b"ok\ncaf\xe9\n",
+    "dict.json": b'{"prompt": "not a list"}',
+    "long.txt": b"ok\n" + b"x" * 120 + b"\n",
+    "badcfg/config.json": b'{"model_type": "nonsense"}',
+}
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    ([], 2, "give --prompt TEXT (repeatable) or --prompts-file FILE"),
+    (["--prompt", "ok", "--prompt", " "], 2, "--prompt 2 is blank"),
+    (["--prompt", "ok", "--system", ""], 2, "--system is blank"),
+    (["--prompt", "ok", "--batch-size", "0"], 2, "--batch-size 0: must be >= 1"),
+    (["--prompt", "ok", "--steps", "0"], 2, "--steps 0: must be >= 1"),
+    (["--prompt", "ok", "--gen-length", "12", "--block-length", "8"], 2,
+     "--gen-length 12 is not a multiple of --block-length 8"),
+    (["--prompt", "ok", "--remasking", "best"], 2, "argument --remasking: invalid choice"),
+    (["--prompt", "ok", "--gen-length", "oops"], 2, "argument --gen-length: invalid int value"),
+    (["--prompt", "ok"], 2, "--gen-length 128 leaves no room for a prompt in the model's 128 positions"),
+    (["--prompt", "x" * 120, *CLI_SAMPLER], 2, "--prompt 1: the prompt is 122 tokens and --gen-length 16 more"),
+    (["--prompts-file", "{tmp}/none.txt", *CLI_SAMPLER], 1, "--prompts-file {tmp}/none.txt: no such file"),
+    (["--prompts-file", "{tmp}/empty.txt", *CLI_SAMPLER], 1, "--prompts-file {tmp}/empty.txt: holds no prompts"),
+    (["--prompts-file", "{tmp}/blank.txt", *CLI_SAMPLER], 1, "--prompts-file {tmp}/blank.txt: holds no prompts"),
+    (["--prompts-file", "{tmp}/bad.jsonl", *CLI_SAMPLER], 1, "{tmp}/bad.jsonl:2: invalid JSON"),
+    (["--prompts-file", "{tmp}/fields.jsonl", *CLI_SAMPLER], 1,
+     "{tmp}/fields.jsonl:2: no 'prompt', 'question' or 'messages' field (found ['text'])"),
+    (["--prompts-file", "{tmp}/number.jsonl", *CLI_SAMPLER], 1, "{tmp}/number.jsonl:1: 'prompt' must be a string"),
+    (["--prompts-file", "{tmp}/answer_only.jsonl", *CLI_SAMPLER], 1, "answer_only.jsonl:1: 'messages' holds only"),
+    (["--prompts-file", "{tmp}/blank.jsonl", *CLI_SAMPLER], 1, "{tmp}/blank.jsonl:1: the prompt is blank"),
+    (["--prompts-file", "{tmp}/latin1.txt", *CLI_SAMPLER], 1, "{tmp}/latin1.txt: not UTF-8 text at line 2"),
+    (["--prompts-file", "{tmp}/dict.json", *CLI_SAMPLER], 1, "{tmp}/dict.json: a .json file must hold a list"),
+    (["--prompts-file", "{tmp}/long.txt", *CLI_SAMPLER], 1, "{tmp}/long.txt:2: the prompt is 122 tokens"),
+    (["--model", "{tmp}/missing", "--prompt", "ok"], 1, "--model {tmp}/missing: no such folder"),
+    (["--model", "{tmp}", "--prompt", "ok"], 1, "--model {tmp}: no config.json in the folder"),
+    (["--model", "{tmp}/badcfg", "--prompt", "ok"], 1, "--model {tmp}/badcfg: cannot read its config"),
+])
+def test_bad_input_is_one_error_line(model_dir, capsys, tmp_path, argv, code, message):
+    for name, content in BAD_FILES.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--model" not in argv:
+        argv = ["--model", model_dir] + argv
+    got, out, err = cli(argv, capsys)
+    *before, last = err.strip().splitlines()
+    assert (got, out) == (code, "")
+    assert last.startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in last, last
+    assert all(line.startswith("Loading weights") for line in before), before  # progress, if any
+
+
+def test_script_error_is_one_line_and_status_1(model_dir, tmp_path):
+    """The real entry point (one subprocess: in-process calls cover the rest): a bad file is
+    exactly one line on stderr, nothing on stdout, exit status 1."""
+    bad = subprocess.run([sys.executable, "generate.py", "--model", str(model_dir), "--prompts-file",
+                          str(tmp_path / "none.jsonl")], capture_output=True, text=True,
+                         cwd=Path(G.__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert (bad.returncode, bad.stdout, bad.stderr) == (1, "", f"error: --prompts-file {tmp_path}/none.jsonl: no such file\n")

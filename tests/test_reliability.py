@@ -306,6 +306,7 @@ def test_bad_paths_and_checkpoints_are_refused_in_one_line(small_run, tmp_path, 
     truncated, junk = tmp_path / "truncated" / "step_00000002", tmp_path / "junk" / "step_00000002"
     for copy in (truncated, junk):
         shutil.copytree(ckpts / "step_00000002", copy)
+        (copy / "manifest.json").unlink()  # as written before manifests (test_integrity checks those)
     (shards,) = truncated.glob("*.distcp")
     shards.write_bytes(shards.read_bytes()[:1000])
     (junk / "extra_rank0.pt").write_text("not a pickle")

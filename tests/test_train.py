@@ -169,11 +169,11 @@ def test_learning_rate_schedule_by_hand(tmp_path):
 
 
 def test_held_out_evaluation_runs_in_eval_mode(tmp_path, monkeypatch):
-    modes, evaluate = [], train.evaluate
+    modes, evaluate = [], train.held_out_eval
     def recording_evaluate(model, *args):
         modes.append(model.training)
         return evaluate(model, *args)
-    monkeypatch.setattr(train, "evaluate", recording_evaluate)
+    monkeypatch.setattr(train, "held_out_eval", recording_evaluate)
     run(tmp_path, "run", "--steps", "2", "--eval-every", "1")
     assert modes == [False, False, False]  # before step 1, after steps 1 and 2
 
@@ -237,11 +237,15 @@ def test_masks_are_a_function_of_seed_step_and_shard():
             assert not torch.equal(drawn[a], drawn[b]), (a, b)
 
 
+def split_eval(rows, fraction, seed):
+    return [data.select(rows, idx) for idx in data.split_indices(len(rows.input_ids), fraction, seed)]
+
+
 def test_held_out_split_is_disjoint_covers_every_row_and_has_the_right_sizes():
     n = 40
     row_id = torch.arange(n)
     rows = data.Tokenized(row_id[:, None].repeat(1, 6), row_id % 3 + 1, row_id % 5 + 1)
-    train_rows, eval_rows = data.split_eval(rows, 0.25, seed=3)
+    train_rows, eval_rows = split_eval(rows, 0.25, seed=3)
     train_ids, eval_ids = train_rows.input_ids[:, 0].tolist(), eval_rows.input_ids[:, 0].tolist()
     assert (len(train_ids), len(eval_ids)) == (30, 10)
     assert not set(train_ids) & set(eval_ids)
@@ -251,8 +255,8 @@ def test_held_out_split_is_disjoint_covers_every_row_and_has_the_right_sizes():
         ids = part.input_ids[:, 0]
         assert torch.equal(part.input_ids, ids[:, None].repeat(1, 6))
         assert torch.equal(part.prompt_lengths, ids % 3 + 1) and torch.equal(part.answer_lengths, ids % 5 + 1)
-    assert torch.equal(data.split_eval(rows, 0.25, seed=3)[1].input_ids, eval_rows.input_ids)
-    assert not torch.equal(data.split_eval(rows, 0.25, seed=4)[1].input_ids, eval_rows.input_ids)
+    assert torch.equal(split_eval(rows, 0.25, seed=3)[1].input_ids, eval_rows.input_ids)
+    assert not torch.equal(split_eval(rows, 0.25, seed=4)[1].input_ids, eval_rows.input_ids)
     # at least one row on each side
-    assert [len(p.input_ids) for p in data.split_eval(rows, 0.001, seed=3)] == [39, 1]
-    assert [len(p.input_ids) for p in data.split_eval(rows, 0.999, seed=3)] == [1, 39]
+    assert [len(p.input_ids) for p in split_eval(rows, 0.001, seed=3)] == [39, 1]
+    assert [len(p.input_ids) for p in split_eval(rows, 0.999, seed=3)] == [1, 39]
