@@ -30,13 +30,20 @@ under 5.x that fails on LLaDA (its `_set_gradient_checkpointing` override predat
 import contextlib
 import functools
 import inspect
+import json
+import logging
 import re
+import shutil
+import struct
+import sys
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -58,6 +65,9 @@ class Family:
     chat_template: str | None = None                # only for tokenizers without one (-Base)
     before: tuple[BeforeFix, ...] = ()
     after: tuple[AfterFix, ...] = ()
+    # What an export ships so that plain AutoModel.from_pretrained(trust_remote_code=True) loads
+    # it under 5.x: a file of remote_fixes/ and the auto_map entry (module.Class) it subclasses.
+    remote_fixes: tuple[str, str] | None = None
 
 
 @dataclass
@@ -68,6 +78,7 @@ class Backbone:
     mask_token_id: int
     eos_token_id: int                               # ends an answer and pads the canvas after it
     fixes: list[str] = field(default_factory=list)  # what load_backbone repaired, for the log
+    saved_dtype: torch.dtype | None = None          # the checkpoint's weights' dtype (None: unknown/new)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -203,6 +214,25 @@ def dream_tied_weights_as_dict(config, model_class, stack):
     return f"{model_class.__name__}._tied_weights_keys was a list: made a dict"
 
 
+def dream_generation_config_accepts_arguments(config, model_class, stack):
+    """DreamModel.from_pretrained always reads a DreamGenerationConfig, whose `validate(self,
+    is_init=False)` 5.x calls with `user_set_attributes=` (TypeError: no Dream checkpoint with a
+    generation_config.json loaded). Accept and ignore the new arguments; Dream's validate does
+    nothing either way."""
+    generation_config = getattr(sys.modules.get(model_class.__module__), "DreamGenerationConfig", None)
+    validate = getattr(generation_config, "validate", None)
+    if (validate is None or getattr(validate, "accepts_arguments", False)
+            or any(p.kind is p.VAR_KEYWORD for p in inspect.signature(validate).parameters.values())):
+        return None
+
+    @functools.wraps(validate)
+    def validate_ignoring_arguments(self, is_init=False, **kwargs):
+        return validate(self, is_init)
+    validate_ignoring_arguments.accepts_arguments = True
+    generation_config.validate = validate_ignoring_arguments
+    return "DreamGenerationConfig.validate() takes no 5.x arguments: now ignores them"
+
+
 def dream_recompute_rotary(model):
     """`inv_freq` is a non-persistent buffer: not in the checkpoint, and 5.x builds the model
     on the meta device, so after from_pretrained it holds uninitialised memory and the
@@ -265,12 +295,15 @@ FAMILIES = {
         "llada", blocks=llada_blocks, published_mask_token_id=126336,
         chat_template=LLADA_CHAT_TEMPLATE,
         before=(llada_restore_use_cache, llada_build_on_cpu, llada_tie_weights_accepts_arguments,
-                llada_run_post_init)),
+                llada_run_post_init),
+        remote_fixes=("llada_transformers5.py", "modeling_llada.LLaDAModelLM")),
     "Dream": Family(
         "dream", blocks=lambda m: m.model.layers, shift_logits=True,
         published_mask_token_id=151666, chat_template=DREAM_CHAT_TEMPLATE,
-        before=(dream_register_default_rope, dream_tied_weights_as_dict),
-        after=(dream_recompute_rotary, dream_refuse_labels)),
+        before=(dream_register_default_rope, dream_tied_weights_as_dict,
+                dream_generation_config_accepts_arguments),
+        after=(dream_recompute_rotary, dream_refuse_labels),
+        remote_fixes=("dream_transformers5.py", "modeling_dream.DreamModel")),
 }
 
 
@@ -344,6 +377,63 @@ def new_tiny_backbone(**overrides) -> Backbone:
                     tokenizer.eos_token_id)
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def saved_dtype_of(config, name_or_path: str, read_weights: bool = True) -> torch.dtype | None:
+    """The dtype the checkpoint stores its weights in (what an export writes by default): its
+    config's `dtype` (config.json's "dtype" or "torch_dtype"), else that of the first floating
+    tensor in its safetensors (only the file's header is read; a hub checkpoint's only when
+    read_weights, i.e. when its files are fetched anyway). None when neither tells."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    path, files = Path(name_or_path).expanduser(), []
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+    elif read_weights:
+        from transformers.utils import cached_file
+        with contextlib.suppress(Exception):  # none there, offline: unknown
+            index = cached_file(name_or_path, "model.safetensors.index.json",
+                                _raise_exceptions_for_missing_entries=False)
+            name = (next(iter(json.loads(Path(index).read_text())["weight_map"].values()))
+                    if index else "model.safetensors")
+            files = [Path(f) for f in [cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False)] if f]
+    for file in files:
+        with contextlib.suppress(OSError, ValueError, struct.error):
+            with open(file, "rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+            for entry in header.values():
+                if isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES:
+                    return SAFETENSORS_DTYPES[entry["dtype"]]
+    return None
+
+
+def install_remote_fixes(folder: Path, family: Family) -> str | None:
+    """After save_pretrained of a LLaDA or Dream model into `folder`: copy the family's file of
+    remote_fixes/ beside the checkpoint's own modeling code and point config.json's auto_map
+    (AutoModel and any entry naming the same class) at its subclass, so that plain
+    `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads it under transformers 5.
+    Returns the auto_map entry now used, or None when the family needs none or the folder's
+    code is not the published one this repairs (then backbones.load_backbone(folder) loads it)."""
+    if family.remote_fixes is None:
+        return None
+    file, published = family.remote_fixes
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text())
+    auto_map = config.get("auto_map") or {}
+    ours = f"{Path(file).stem}.{published.rpartition('.')[2]}"
+    module = published.partition(".")[0]
+    if auto_map.get("AutoModel") not in (published, ours) or not (Path(folder) / f"{module}.py").is_file():
+        return None
+    shutil.copyfile(Path(__file__).resolve().parent / "remote_fixes" / file, Path(folder) / file)
+    config["auto_map"] = {key: ours if value in (published, ours) else value for key, value in auto_map.items()}
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return ours
+
+
 def model_class_of(config, name_or_path: str) -> type:
     """The class AutoModel will build: the checkpoint's remote code (config.auto_map), or a
     class registered with AutoModel (the tiny model)."""
@@ -360,7 +450,94 @@ def model_class_of(config, name_or_path: str) -> type:
 def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32, weights: bool = True) -> Backbone:
     """A hub id or a local folder: the model, its tokenizer and chat template, its adapter.
     weights=False builds the same modules on the meta device (shapes and dtypes, no memory,
-    no weight file read): what the trainer's ranks other than 0 do."""
+    no weight file read): what the trainer's ranks other than 0 do.
+
+    A damaged folder raises ValueError with one line naming it and what is wrong (a truncated
+    or foreign weight file, a config.json whose sizes do not match the weights, a missing or
+    broken tokenizer or JSON file), not a SafetensorError or size-mismatch traceback; the key
+    table transformers logs before such an error is held back (logged as usual on success)."""
+    with held_load_reports() as reports:
+        try:
+            backbone = read_backbone(name_or_path, dtype, weights)
+        except (SafetensorError, RuntimeError, OSError, ValueError) as e:
+            line = load_error(name_or_path, e, reports)
+            if line is None:
+                raise
+            raise ValueError(line) from None
+    for record in reports:  # loaded: the report (missing or unexpected keys) is shown as usual
+        logging.getLogger(record.name).handle(record)
+    return backbone
+
+
+@contextlib.contextmanager
+def held_load_reports():
+    """Hold the records transformers' from_pretrained logs (its LOAD REPORT key table)."""
+    logger, held = logging.getLogger("transformers.modeling_utils"), []
+
+    def hold(record):
+        held.append(record)
+        return False
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
+
+
+def load_error(name_or_path: str, error: BaseException, reports: list) -> str | None:
+    """One line for a model that could not be loaded: what is wrong and where; None to let
+    the error through unchanged (one-line errors that already say it, programming errors)."""
+    folder = Path(name_or_path).expanduser()
+    local = folder.is_dir()
+    where = str(name_or_path)
+    detail = " ".join(str(error).split())
+    if isinstance(error, SafetensorError):
+        broken = [f.name for f in sorted(folder.glob("*.safetensors")) if not readable_safetensors(f)] if local else []
+        what = f"{', '.join(broken)} {'is' if len(broken) == 1 else 'are'}" if broken else "its weight file is"
+        return (f"{where}: {what} damaged: truncated or not a safetensors file ({detail}); copy or export "
+                "the model again")
+    if isinstance(error, RuntimeError) and not isinstance(error, OSError) and "mismatch" in str(error):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(r.getMessage() for r in reports))
+        rows = sorted(re.findall(r"^\s*(\S+)\s*\|\s*MISMATCH\b.*?ckpt: torch\.Size\(\[([^\]]*)\]\) vs "
+                                 r"model:\s*torch\.Size\(\[([^\]]*)\]\)", text, re.M))  # by name: stable
+        example = (f": {rows[0][0]} is [{rows[0][1]}] in the weights but [{rows[0][2]}] by config.json"
+                   + (f" ({len(rows)} tensors differ)" if len(rows) > 1 else "")) if rows else ""
+        return (f"{where}: config.json does not match the weights{example}; the folder's config.json belongs "
+                "to another model or was edited: restore the one saved with these weights")
+    broken_json = next(((f, e) for f in sorted(folder.glob("*.json")) for e in [json_problem(f)] if e), None) \
+        if local and isinstance(error, (OSError, ValueError)) else None
+    if broken_json:
+        return (f"{where}: {broken_json[0].name} is not valid JSON ({broken_json[1]}); restore it from the "
+                "model's original files")
+    if local and isinstance(error, ValueError) and re.search(r"instantiate .*tokenizer", str(error), re.S):
+        present = sorted(f.name for f in folder.iterdir() if "token" in f.name or f.suffix == ".model")
+        return (f"{where}: no usable tokenizer ({'its files: ' + ', '.join(present) if present else 'no tokenizer files'}"
+                "; tokenizer.json is needed): save the tokenizer into the folder (tokenizer.save_pretrained) or "
+                "copy the files of the model it came from")
+    if isinstance(error, OSError) and "\n" in str(error).strip():
+        return f"{where}: {detail}"  # transformers' several-line messages, in one line
+    return None
+
+
+def readable_safetensors(path: Path) -> bool:
+    try:
+        with safe_open(path, "pt") as f:
+            f.keys()
+        return True
+    except (SafetensorError, OSError):
+        return False
+
+
+def json_problem(path: Path) -> str | None:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return " ".join(str(e).split())
+    return None
+
+
+def read_backbone(name_or_path: str, dtype: torch.dtype = torch.float32, weights: bool = True) -> Backbone:
+    """load_backbone without its error lines."""
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
     family = family_of(config)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
@@ -371,13 +548,20 @@ def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32, weights
     if tokenizer.pad_token is None:  # LLaDA's SFT recipe pads with EOS
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(eos_id)
 
+    saved_dtype = saved_dtype_of(config, name_or_path, weights)  # before from_pretrained sets config.dtype
     fixes = []
     with contextlib.ExitStack() as stack:
         model_class = model_class_of(config, name_or_path)
         if not weights:
             stack.enter_context(torch.device("meta"))
         fixes += [fix(config, model_class, stack) for fix in family.before]
+        # AutoModel must build the class the fixes saw: importing a remote modeling file registers
+        # its own class for the config class (LLaDA's does), which AutoModel would then prefer to
+        # this checkpoint's auto_map (an export's remote_fixes subclass, after a base in-process)
+        AutoModel.register(type(config), model_class, exist_ok=True)
+        if "AutoModel" in (getattr(config, "auto_map", None) or {}):  # remote code: save_pretrained
+            model_class.register_for_auto_class("AutoModel")  # copies its files, as AutoModel's own path does
         model = (AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, trust_remote_code=True)
                  if weights else AutoModel.from_config(config, dtype=dtype, trust_remote_code=True))
     fixes += [fix(model) for fix in family.after]
-    return Backbone(model, tokenizer, family, mask_id, eos_id, [f for f in fixes if f])
+    return Backbone(model, tokenizer, family, mask_id, eos_id, [f for f in fixes if f], saved_dtype)

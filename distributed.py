@@ -22,16 +22,23 @@ Distributed plumbing for train.py: one code path from a laptop CPU to a GPU clus
   checkpoints/abandoned/. A failed write (a full disk) on any rank stops all with one
   ValueError line: the path, the space needed and free, the last complete checkpoint.
 - Export: the online backbone gathered to rank 0 and written with save_pretrained into
-  final.tmp, renamed final once complete, so `from_pretrained` loads it in one process.
+  final.tmp, renamed final once complete, so `from_pretrained` loads it in one process; in
+  the dtype asked for (train.py: the loaded checkpoint's), config.json saying which, with a
+  transform of the state (LoRA: the adapter merged in) and files added before the rename.
 """
 
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import pickle
 import shutil
+import signal
+import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -495,21 +502,27 @@ def replace_folder(new: Path, final: Path):
 
 
 def export_pretrained(backbone, tokenizer, out_dir: Path, env: Env, metadata: dict,
-                      checkpoints: Path | None = None, transform=None):
+                      checkpoints: Path | None = None, transform=None, dtype: torch.dtype | None = None,
+                      finish=None):
     """Gather the online backbone's full weights on rank 0 and save_pretrained them into
     out_dir.tmp, renamed to out_dir once complete: a kill or a full disk never leaves a
     half-written out_dir. A failed write stops every rank with one ValueError line naming the
     last complete checkpoint (in `checkpoints`, by default out_dir's sibling checkpoints/).
-    transform: full state -> the state to save (lora.merged_state: the adapter merged in)."""
+    transform: full state -> the state to save (lora.merged_state: the adapter merged in).
+    dtype: the floating tensors are written in it (None: as they are); config.json says which.
+    finish: called on rank 0 with the folder before it is renamed, to add files (an adapter)."""
     state = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True,
                                                                     cpu_offload=True))
     for key in aliased_keys(backbone):  # save a module registered twice once: tie_weights re-ties on load
         state.pop(key, None)
     if transform is not None:
         state = transform(state)
+    for key, value in state.items() if dtype is not None else ():  # one tensor at a time: no second full copy
+        if value.is_floating_point():
+            state[key] = value.to(dtype)
     tmp, message = out_dir.with_name(out_dir.name + ".tmp"), None
     if env.is_main:
-        error = attempt(lambda: write_pretrained(backbone, tokenizer, state, tmp, metadata), env)
+        error = attempt(lambda: write_pretrained(backbone, tokenizer, state, tmp, metadata, finish), env)
         error = error or attempt(lambda: replace_folder(tmp, out_dir), env)
         if error:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -519,19 +532,28 @@ def export_pretrained(backbone, tokenizer, out_dir: Path, env: Env, metadata: di
         raise ValueError(message)
 
 
-def write_pretrained(backbone, tokenizer, state: dict, folder: Path, metadata: dict):
-    """save_pretrained into a fresh `folder` (rank 0), every file flushed to disk."""
+def write_pretrained(backbone, tokenizer, state: dict, folder: Path, metadata: dict, finish=None):
+    """save_pretrained into a fresh `folder` (rank 0), every file flushed to disk; config.json's
+    dtype is the one the weights are written in (save_pretrained records the live model's)."""
     fresh_folder(folder)
     # fully_shard swapped the class for a generated FSDP<Name>; save_pretrained would record
     # that class (and torch's files) as the remote code to load, so save as the original.
     sharded_class = type(backbone)
     backbone.__class__ = next(c for c in sharded_class.__bases__ if c is not FSDPModule)
+    dtypes = {value.dtype for value in state.values() if value.is_floating_point()}  # save_pretrained empties state
     try:
         backbone.save_pretrained(folder, state_dict=state)
     finally:
         backbone.__class__ = sharded_class
+    if len(dtypes) == 1:
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("torch_dtype", None)
+        config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(folder)
     (folder / "training_config.json").write_text(metadata_json(metadata))
+    if finish is not None:
+        finish(folder)
     for file in folder.rglob("*"):
         if file.is_file():
             fsync(file)
@@ -608,4 +630,207 @@ def fsync(path: Path):
 
 
 def metadata_json(metadata: dict) -> str:
-    return json.dumps(metadata, indent=2, default=str) + "\n"
+    return strict_json(metadata, indent=2) + "\n"  # NaN/inf as strings: valid JSON
+
+# -----------------------------------------------------------------------------
+# Before anything loads (issue 15): inputs never written over, outputs writable, ranks holding
+# the same run, strict JSON, a second signal that stops a process stuck in a collective
+
+
+def strict_json(obj, **kwargs) -> str:
+    """json.dumps that strict parsers accept: a non-finite float (a skipped step's NaN loss, an
+    infinite gradient norm, --grad-clip inf) is written as the string "NaN", "Infinity" or
+    "-Infinity" (Python's spelling: float() reads it back), never as bare NaN/Infinity, which
+    are not JSON (RFC 8259) and which json.loads(..., parse_constant=...) and JSON.parse refuse."""
+    return json.dumps(finite_floats(obj), allow_nan=False, default=str, **kwargs)
+
+
+def finite_floats(obj):
+    """obj with every non-finite float, at any depth of dicts, lists and tuples, as a string."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else "Infinity" if obj > 0 else "-Infinity"
+    if isinstance(obj, dict):
+        return {key: finite_floats(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_floats(value) for value in obj]
+    return obj
+
+
+def real_path(path) -> Path:
+    """The absolute path with links resolved, for comparing two names of one place."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def output_overlap(out, out_flag: str, inputs) -> str | None:
+    """One line if the output path `out` is, lies inside or contains one of `inputs` ((flag,
+    path) pairs; a None path is skipped): writing there would overwrite or mix with an input.
+    None if every input lies apart from it."""
+    where = real_path(out)
+    for flag, path in inputs:
+        if path is None:
+            continue
+        other = real_path(path)
+        relation = ("is" if where == other else "lies inside" if other in where.parents
+                    else "contains" if where in other.parents else None)
+        if relation:
+            return (f"{out_flag} {out}: {relation} {flag} {path}; the outputs would be written over "
+                    f"or among the inputs: give an {out_flag} apart from them")
+    return None
+
+
+def is_model_folder(path: Path) -> bool:
+    """A save_pretrained folder: config.json beside weight files."""
+    return (path / "config.json").is_file() and any(
+        (path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json",
+                                             "pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """A checkpoint (step_XXXXXXXX, also its .tmp/.deleting forms) or a run's checkpoints/ folder."""
+    if re.fullmatch(r"step_\d{8}(\.tmp|\.deleting)?", path.name):
+        return (path / ".metadata").exists() or (path / MANIFEST).exists() or path.parent.name == "checkpoints"
+    return path.name == "checkpoints" and bool(checkpoint_dirs(path))
+
+
+def inside_other_files(out, out_flag: str) -> str | None:
+    """One line if `out` is or lies inside a model folder or a run's checkpoint (files another
+    run or another tool owns); None otherwise."""
+    where = real_path(out)
+    for folder in (where, *where.parents):
+        what = ("the model folder" if is_model_folder(folder) else
+                "the checkpoint folder" if is_checkpoint_folder(folder) else None)
+        if what:
+            return (f"{out_flag} {out}: {'is' if folder == where else 'lies inside'} {what} {folder}; "
+                    f"writing there would damage it: give an {out_flag} outside it")
+    return None
+
+
+def check_writable(path, flag: str, folder: bool = True):
+    """Raise ValueError, one line naming the flag, unless `path` can be written: a folder
+    (folder=True) or a file. Nothing is created: the nearest existing folder at or above it must
+    be a folder (not a file in the way) that accepts a new file (a probe file is made there and
+    removed): a read-only place, a full permission denial or a file in the way is found before
+    anything loads, not when the first result is written."""
+    path = Path(path).expanduser()
+    if os.path.lexists(path):
+        if not path.exists():
+            raise ValueError(f"{flag} {path}: is a link to nothing; remove it or give another {flag}")
+        if folder and not path.is_dir():
+            raise ValueError(f"{flag} {path}: is a file, not a folder")
+        if not folder and path.is_dir():
+            raise ValueError(f"{flag} {path}: is a folder; give a file name (e.g. {path / 'results.json'})")
+    start = path if folder else path.parent
+    existing = next(p for p in (start, *start.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is {'a link to nothing' if not existing.exists() else 'a file'}"
+                         f", so no folder can be made there; give another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {existing} ({cause(e)}); give another {flag}") from None
+
+
+def check_same_run(fingerprint: dict, env: Env):
+    """Every rank compares its fingerprint of the run ({part: (hash, summary)}: settings,
+    training rows, held-out rows, model) with rank 0's, on the gloo start-up group, before any
+    collective depends on them: ranks that read other data (another file of the same name on
+    another node, another row count) would otherwise wait for each other forever. Raises
+    ValueError with the same line on every rank."""
+    if env.world_size == 1:
+        return
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, fingerprint, group=env.start_up)
+    first = gathered[0]
+    for rank, other in enumerate(gathered):
+        differ = [part for part in first if other.get(part) != first[part]]
+        if differ:
+            details = "; ".join(
+                f"{part}: {first[part][1]} on rank 0, {other[part][1]} on rank {rank}"
+                if first[part][1] != other[part][1] else f"{part}: same size, other content" for part in differ)
+            raise ValueError(f"rank {rank} does not hold the same run as rank 0 ({details}); every process must "
+                             "be started with the same flags and read the same data files and model")
+
+
+def fingerprint_of(*parts) -> str:
+    """sha256 (16 hex digits) of tensors, strings and bytes, in order."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = str((tuple(part.shape), part.dtype)).encode() + part.detach().cpu().contiguous().numpy().tobytes()
+        digest.update(part if isinstance(part, bytes) else str(part).encode())
+    return digest.hexdigest()[:16]
+
+
+_SIGNAL_WATCH: dict = {}
+
+
+def stop_on_second_signal(grace_s: float = 3.0):
+    """A second SIGTERM or SIGINT ends the process even while it is stuck inside a collective.
+
+    train.py's handler (first signal: finish the step, save, exit; second: die) is Python code,
+    which runs only when the main thread comes back to the interpreter: a rank blocked in a
+    collective whose peer died or hangs (an orphaned torchrun worker) never does, and ignores
+    every SIGTERM. The C-level handler still writes each signal's number to the wakeup fd; a
+    thread reading it counts them and, `grace_s` after the second one (time for the handler to
+    act if the main thread is free), exits with 128 + the signal number. Started once per
+    process (main thread only); each call resets the count."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if _SIGNAL_WATCH:
+        _SIGNAL_WATCH["count"] = 0
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    if previous != -1:  # an event loop (asyncio, a notebook kernel) owns the wakeup fd: leave it to it
+        signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
+        return
+    _SIGNAL_WATCH.update(count=0)
+
+    def watch():
+        while True:
+            number = os.read(read, 1)
+            if not number:
+                return
+            if number[0] not in (signal.SIGTERM, signal.SIGINT):
+                continue
+            _SIGNAL_WATCH["count"] += 1
+            if _SIGNAL_WATCH["count"] >= 2:
+                time.sleep(grace_s)
+                print(f"signal {number[0]} again: stopping now, inside a collective that cannot complete "
+                      "(the last complete checkpoint stays intact)", file=sys.stderr, flush=True)
+                os._exit(128 + number[0])
+
+    threading.Thread(target=watch, name="second-signal", daemon=True).start()
+
+
+def available_memory(device: torch.device | str) -> tuple[int, str]:
+    """(bytes free, where) on a CUDA device (torch.cuda.mem_get_info) or in host memory (the
+    smaller of /proc/meminfo's MemAvailable and a cgroup's limit less its usage); (0, '') if
+    unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"GPU {device.index or 0}"
+    free = []
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            free.append(int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    return (min(free), "host memory") if free else (0, "")
+
+
+def leave(env: Env):
+    """Before a rank exits on an error every rank agreed on: take the process group down in
+    order (gloo's threads joined, rank 0's store closed), so the exit is the error line alone,
+    not a C++ 'terminate called' abort from threads destroyed at interpreter exit."""
+    if env.world_size > 1 and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.barrier(group=env.start_up)  # no rank closes the store while another still talks to it
+            dist.destroy_process_group()

@@ -78,6 +78,8 @@ class JEPAConfig:
     eps: float = 1e-3                   # mask probability p = (1 - eps) * t + eps
     pad_is_answer: bool = True          # LLaDA SFT: EOS padding is masked and scored as answer
     loss_norm: str = "answer"           # "answer": / answer length per row (LLaDA SFT); "token": / all scored tokens
+    loss_weight: str = "inverse-t"      # each masked token's CE / p ("inverse-t": LLaDA, the ELBO) or
+                                        # x 1 ("flat": MaskGIT's plain masked CE; lower variance)
     # views
     views: str = "wide-range"           # a VIEW_PRESETS name
     context_t: tuple | None = None      # (low, high) of the context view's t; None = preset
@@ -113,6 +115,7 @@ class JEPAConfig:
               "view is the heavier one, so its high end must be >= the context's")
         check(0 <= self.eps < 1, f"eps={self.eps}: must lie in [0, 1)")
         check(self.loss_norm in ("answer", "token"), f"loss_norm={self.loss_norm!r}: 'answer' or 'token'")
+        check(self.loss_weight in ("inverse-t", "flat"), f"loss_weight={self.loss_weight!r}: 'inverse-t' or 'flat'")
         check(self.pooling in ("answer", "visible", "token"),
               f"pooling={self.pooling!r}: 'answer', 'visible' or 'token'")
         check(self.distance in ("cosine", "smooth_l1"), f"distance={self.distance!r}: 'cosine' or 'smooth_l1'")
@@ -179,7 +182,8 @@ def diffusion_loss(logits, input_ids, masked, p, scored, loss_norm="answer", shi
     average over rows. loss_norm="token": divide the batch sum by all scored tokens.
     Only masked positions are gathered before the float cast: (B, T, V) is never upcast.
     shift: logits[:, i] predicts token i + 1 (Dream); read so, not shifted in a (B, T, V)
-    copy (position 0 is prompt, never masked).
+    copy (position 0 is prompt, never masked). p = 1 everywhere is the flat weighting
+    (JEPAConfig.loss_weight): each masked token counts once, whatever the row's t.
     """
     ce = F.cross_entropy(masked_logits(logits, masked, shift).float(), input_ids[masked],
                          reduction="none")                                               # (M,)
@@ -188,6 +192,7 @@ def diffusion_loss(logits, input_ids, masked, p, scored, loss_norm="answer", shi
     if loss_norm == "answer":
         return (weighted.sum(1) / scored.sum(1).clamp(min=1)).mean()
     return weighted.sum() / scored.sum().clamp(min=1)
+
 
 def masked_logits(logits, masked, shift=False):
     """Logits (M, V) of the masked positions (B, T) in row-major order; with shift, position
@@ -445,7 +450,8 @@ class DLLMJEPA(nn.Module):
 
         # 2. Context forward: the one gradient-carrying pass yields both losses.
         logits, hidden = self.encode(self.backbone, context.ids)
-        diffusion = diffusion_loss(logits, input_ids, context.masked, context.p, scored, cfg.loss_norm,
+        weight_p = context.p if cfg.loss_weight == "inverse-t" else torch.ones_like(context.p)
+        diffusion = diffusion_loss(logits, input_ids, context.masked, weight_p, scored, cfg.loss_norm,
                                    self.shift_logits)
         context_region = self.pool_region(context, answer, content)
         with torch.set_grad_enabled(spec["target_pass"] and torch.is_grad_enabled()):

@@ -33,9 +33,11 @@ forward through generate.aligned_logits, so shifted-logit families (Dream) are s
 """
 
 import argparse
+import contextlib
 import csv
 import io
 import json
+import os
 import re
 import sqlite3
 import sys
@@ -48,7 +50,8 @@ from pathlib import Path
 import torch
 
 import data
-from dllm_jepa import answer_regions, diffusion_loss, mask_probability
+import distributed
+from dllm_jepa import answer_regions, diffusion_loss, mask_probability, masked_logits
 from generate import SamplerConfig, aligned_logits, conventions, generate_text, left_pad
 
 GENERATION_TASKS = ("exact", "gsm8k", "nl-rx-synth", "nl-rx-turk", "spider", "django")
@@ -476,7 +479,8 @@ def evaluate_generation(backbone, task: str, items: list[Item], sampler: Sampler
                         batch_size=8, seed=0, spider_db: Path | None = None,
                         probe: "ProbeConfig | None" = None) -> dict:
     """Generate an answer to every item and score it; also the diffusion loss of the
-    reference answers (answer_loss, on probe's grid and seed). Returns metrics and answers."""
+    reference answers and their teacher-forced token accuracy (answer_scores, on probe's grid
+    and seed). Returns metrics and answers."""
     tokenizer = backbone.tokenizer
     prompts = [data.prompt_ids(tokenizer, item.prompt) for item in items]
     limit = max_positions(backbone.model)
@@ -489,7 +493,7 @@ def evaluate_generation(backbone, task: str, items: list[Item], sampler: Sampler
         prompts = [fit_prompt(p, limit - sampler.gen_length) for p in prompts]
     answers = generate_text(backbone, prompts, sampler, batch_size, seed)
     metrics = score_answers(task, items, answers, spider_db)
-    metrics["answer_loss"] = answer_loss(backbone, items, probe or ProbeConfig(batch_size=batch_size))
+    metrics |= answer_scores(backbone, items, probe or ProbeConfig(batch_size=batch_size))
     return {"task": task, "n": len(items), **metrics, "prompts_cut": cut, "sampler": asdict(sampler),
             "answers": [{"prediction": a, "reference": i.reference} for a, i in zip(answers, items)]}
 
@@ -529,14 +533,15 @@ def probe_masks(shape, config: ProbeConfig):
 
 
 @torch.no_grad()
-def masked_loss(backbone, ids: torch.Tensor, scored: torch.Tensor, config: ProbeConfig) -> list[float]:
+def masked_loss(backbone, ids: torch.Tensor, scored: torch.Tensor, config: ProbeConfig) -> tuple[list, float]:
     """The diffusion loss of rows `ids` (N, T), masking only `scored` positions, at each grid
-    t -> a list (G,). Per row: CE on the masked tokens / p, summed, / the row's scored count
-    (LLaDA's per-sequence normalisation); rows averaged. The masks are probe_masks': a
-    function of (shape, seed), identical for every checkpoint."""
+    t -> a list (G,), and the share of masked tokens whose argmax is right over all of them.
+    Per row: CE on the masked tokens / p, summed, / the row's scored count (LLaDA's
+    per-sequence normalisation); rows averaged. The masks are probe_masks': a function of
+    (shape, seed), identical for every checkpoint."""
     model, device = backbone.model.eval(), next(backbone.model.parameters()).device
     masks, p = probe_masks(ids.shape, config)
-    per_t = []
+    per_t, right, total_masked = [], 0, 0
     for g in range(config.grid):
         total = 0.0
         for start in range(0, len(ids), config.batch_size):
@@ -546,8 +551,10 @@ def masked_loss(backbone, ids: torch.Tensor, scored: torch.Tensor, config: Probe
             logits = aligned_logits(model, torch.where(masked, backbone.mask_token_id, x), **conventions(backbone))
             loss = diffusion_loss(logits, x, masked, p[g].expand(len(x)).to(device), score, "answer")
             total += loss.item() * len(x)
+            right += int((masked_logits(logits, masked).argmax(-1) == x[masked]).sum())
+            total_masked += int(masked.sum())
         per_t.append(total / len(ids))
-    return per_t
+    return per_t, right / max(total_masked, 1)
 
 
 def grid_points(config: ProbeConfig) -> list[float]:
@@ -560,23 +567,24 @@ def diffusion_probe(backbone, windows: torch.Tensor, config: ProbeConfig) -> dic
     a deterministic estimate of the negative diffusion ELBO per token."""
     scored = torch.ones(windows.shape, dtype=torch.bool)
     scored[:, 0] = False
-    per_t = masked_loss(backbone, windows, scored, config)
+    per_t, _ = masked_loss(backbone, windows, scored, config)
     return {"probe_loss": sum(per_t) / len(per_t), "per_t": dict(zip(grid_points(config), per_t)),
             "windows": len(windows), "seq_len": windows.shape[1], "grid": config.grid, "seed": config.seed}
 
 
-def answer_loss(backbone, items: list[Item], config: ProbeConfig) -> float:
-    """The diffusion loss of the reference answers given their prompts (LLaDA's SFT loss,
-    answer tokens and their EOS scored, padding not), on fixed masks: a task metric that
-    moves smoothly even where exact match is still 0."""
+def answer_scores(backbone, items: list[Item], config: ProbeConfig) -> dict:
+    """Decoding-free task metrics on the reference answers given their prompts, on fixed
+    masks: the diffusion loss (LLaDA's SFT loss, answer tokens and their EOS scored, padding
+    not) and the teacher-forced token accuracy (argmax right at a masked answer token, the
+    rest of the answer given). They move smoothly even where exact match is still 0."""
     tokenizer = backbone.tokenizer
     examples = [data.Example(item.prompt, item.reference) for item in items]
     longest = max(len(data.prompt_ids(tokenizer, ex.prompt)) + len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"])
                   for ex in examples) + 1
     rows = data.tokenize_examples(examples, tokenizer, min(longest, max_positions(backbone.model) or longest))
     _, scored = answer_regions(rows.prompt_lengths, rows.answer_lengths, rows.input_ids.shape[1], pad_is_answer=False)
-    per_t = masked_loss(backbone, rows.input_ids, scored, config)
-    return sum(per_t) / len(per_t)
+    per_t, accuracy = masked_loss(backbone, rows.input_ids, scored, config)
+    return {"answer_loss": sum(per_t) / len(per_t), "answer_accuracy": accuracy}
 
 # -----------------------------------------------------------------------------
 # MMLU by the likelihood of the answer letter
@@ -786,7 +794,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="a save_pretrained folder (train.py's final/) or a hub id "
-                   "(GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B, ...)")
+                   "(GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B, ...), or a peft adapter folder "
+                   "(train.py's final/adapter: its adapter_config.json names the base)")
+    g.add_argument("--adapter", default=None, help="a peft LoRA adapter folder to apply to --model (merged into "
+                   "its weights before evaluating; --base, if any, is loaded without it)")
     g.add_argument("--base", default=None, help="the checkpoint fine-tuning started from: needed by "
                    "--task drift; with --task probe, also reports forgetting (probe loss - base's)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -863,8 +874,30 @@ def pick_device(name: str) -> str:
 
 
 def load(name: str, args):
+    """A model folder or hub id (train.py's final/, a merged LoRA export too); a peft adapter
+    folder, loaded onto the base its adapter_config.json names; or, the first time --model is
+    loaded, --model with --adapter. An adapter is merged into the base's weights
+    (PeftModel.merge_and_unload), so what follows sees a plain model, as from a merged export."""
     from backbones import load_backbone
+    adapter = None
+    if getattr(args, "adapter", None) and name == args.model and not getattr(args, "adapter_loaded", False):
+        adapter, args.adapter_loaded = Path(args.adapter), True  # --base, even if the same, goes without
+        if not (adapter / "adapter_config.json").is_file():
+            raise ValueError(f"--adapter {adapter}: no adapter_config.json there; give a peft adapter folder "
+                             "(train.py --export-adapter writes final/adapter)")
+    elif (Path(name) / "adapter_config.json").is_file() and not (Path(name) / "config.json").is_file():
+        adapter = Path(name)
+        try:
+            name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{adapter}: adapter_config.json unreadable ({type(e).__name__}: {e})") from None
+        if not name:
+            raise ValueError(f"{adapter}: its adapter_config.json names no base model; give --model BASE "
+                             f"--adapter {adapter}")
     backbone = load_backbone(name, dtype=getattr(torch, args.dtype))
+    if adapter is not None:
+        from peft import PeftModel
+        backbone.model = PeftModel.from_pretrained(backbone.model, adapter).merge_and_unload()
     backbone.model.to(pick_device(args.device)).eval()
     return backbone
 
@@ -931,22 +964,69 @@ def main(argv=None) -> dict:
     if args.shots < 0:
         parser.error(f"--shots={args.shots}: must be >= 0")
     try:
+        check_outputs(args)
         result = run(args)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     summary = {k: v for k, v in result.items() if k not in ("answers", "by_subject", "per_t")}
-    print(json.dumps(summary, indent=2))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"results: {out}")
-    if args.task == "drift":
-        plot = Path(args.plot) if args.plot else (Path(args.out).with_suffix(".png") if args.out else Path("drift.png"))
-        plot_drift({Path(args.model).name: result}, plot, f"drift of {args.model} from {args.base}")
-        print(f"plot: {plot}")
+    print(distributed.strict_json(summary, indent=2))
+    write_outputs(args, result)
     return result
 
+
+def plot_path(args) -> Path | None:
+    """Where --task drift draws its plot (--plot, else beside --out, else drift.png); None for other tasks."""
+    if args.task != "drift":
+        return None
+    return Path(args.plot) if args.plot else (Path(args.out).with_suffix(".png") if args.out else Path("drift.png"))
+
+
+def check_outputs(args):
+    """Before the data and the model load (ValueError, one line naming the flags): --out and the
+    plot must be files that can be written (not an existing folder, no file in the way of their
+    folder, a place that accepts a new file), apart from each other and from every input, and not
+    inside a model folder or a checkpoint."""
+    inputs = [(f"--{flag.replace('_', '-')}", getattr(args, flag, None))
+              for flag in ("model", "adapter", "base", "data", "fewshot_data", "spider_tables", "spider_db")]
+    inputs = [(flag, path) for flag, path in inputs if path is not None and Path(path).expanduser().exists()]
+    outputs = [(flag, path) for flag, path in (("--out", args.out), ("--plot", plot_path(args))) if path is not None]
+    for i, (flag, path) in enumerate(outputs):
+        distributed.check_writable(path, flag, folder=False)  # first: an existing folder is not a results file
+        problem = (distributed.output_overlap(path, flag, inputs + outputs[:i])
+                   or distributed.inside_other_files(path, flag))
+        if problem:
+            raise ValueError(problem)
+
+
+def write_outputs(args, result: dict):
+    """Write the results (atomically: the old file or the new, never a cut one) and the drift
+    plot (drawn beside it, then renamed). A write that still fails costs no finished work: the
+    full results are printed to stdout first (unless --out holds them), then one error line."""
+    text = distributed.strict_json(result, indent=2)
+    if args.out:
+        out = Path(args.out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            distributed.atomic_write_text(out, text)
+        except (OSError, ValueError) as e:
+            print(text)
+            line = str(e) if isinstance(e, ValueError) else f"{out}: could not write ({distributed.cause(e)})"
+            raise SystemExit(f"error: --out {line}; the results are printed above in full") from None
+        print(f"results: {out}")
+    if plot := plot_path(args):
+        tmp = plot.with_name(f"{plot.stem}.tmp{plot.suffix}")
+        try:
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            plot_drift({Path(args.model).name: result}, tmp, f"drift of {args.model} from {args.base}")
+            os.replace(tmp, plot)
+        except (OSError, ValueError) as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if not args.out:
+                print(text)
+            raise SystemExit(f"error: --plot {plot}: could not write the plot ({distributed.cause(e)}); the results "
+                             f"are {'in ' + str(args.out) if args.out else 'printed above in full'}") from None
+        print(f"plot: {plot}")
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -19,7 +19,7 @@ What the paper does with LLaDA-8B / Dream-7B, done here with the tiny model of t
    the same numbers in results.json, a drift plot and a metric plot per task.
 
 Every stage is cached in --out (a finished run is not redone), so an interrupted run resumes.
-Data come from a folder in the layout of the project's shared/data (see --data-dir); the
+Data come from a local folder in the layout README.md describes (--data-dir, default data/); the
 splits are carved with a fixed seed, identical for every method and seed. Every file is read
 and checked before any training: a bad one stops the run at once, in one line.
 """
@@ -38,13 +38,11 @@ from pathlib import Path
 import torch
 
 import data
+import distributed
 import evaluate as E
 import tiny_model
-from generate import SamplerConfig
 
-METHODS = ("diffusion", "dllm-jepa", "l2-anchor", "two-pass")
 TASKS = ("nl-rx-synth", "nl-rx-turk", "gsm8k", "spider", "django")
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 # -----------------------------------------------------------------------------
 # Configurations
@@ -52,24 +50,23 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 @dataclass
 class Profile:
-    """Sizes of one protocol run. `full` takes about 20 minutes on 2 CPU cores with the
-    default 3 seeds (README.md: 20.6; 38.6 with 6 seeds); `smoke` checks the pipeline end to
-    end in a couple of minutes (its numbers mean nothing)."""
+    """Sizes of one protocol run. `full` is the default command (README.md: its time on 2 CPU
+    cores); `smoke` checks the pipeline end to end in a couple of minutes (its numbers mean
+    nothing)."""
     tiny_width: int = 128          # the tiny model's hidden size
     tiny_layers: int = 4
+    merges: int = 2000             # BPE merges learned on the run's text (0: one token per byte)
     base_steps: int = 600          # diffusion pre-training on WikiText-2
     base_batch: int = 32
     base_lr: float = 1e-3
-    seq_len: int = 128             # pre-training and fine-tuning rows
-    steps: int = 400               # fine-tuning steps per run
-    batch_size: int = 16
-    lr: float = 5e-4               # fine-tuning peak lr (the base is tiny: 1e-5 would barely move it)
-    views: str = "wide-range"      # our reading of the paper's "Wide-t" (its "dual win")
+    seq_len: int = 128             # pre-training windows and the probe's
+    task_seq_len: int = 64         # longest fine-tuning canvas (prompt + answer + EOS padding)
+    steps: int = 1000              # fine-tuning steps per run
+    batch_size: int = 32
+    lr: float = 1e-3               # fine-tuning peak lr (the base is tiny: 1e-5 would barely move it)
+    loss_weight: str = "flat"      # train.py --loss-weight, for the base and every run
     n_train: int = 6000            # training examples carved per task
-    n_dev: int = 100               # dev examples, generated and scored
-    gen_length: int = 48           # sampler: canvas, blocks, steps
-    block_length: int = 16
-    gen_steps: int = 24
+    n_dev: int = 200               # dev examples, generated and scored
     probe_windows: int = 32        # Wikitext probe: windows x seq_len tokens, grid of t
     probe_grid: int = 8
     mmlu_questions: int = 200      # a fixed random subset of the MMLU test files
@@ -79,10 +76,20 @@ class Profile:
 
 PROFILES = {
     "full": Profile(),
-    "smoke": Profile(tiny_width=32, tiny_layers=2, base_steps=40, base_batch=8, seq_len=96, steps=12,
-                     batch_size=8, n_train=200, n_dev=8, gen_length=16, block_length=8, gen_steps=8,
-                     probe_windows=4, probe_grid=2, mmlu_questions=8, mmlu_shots=1),
+    "smoke": Profile(tiny_width=32, tiny_layers=2, merges=200, base_steps=40, base_batch=8, seq_len=96,
+                     task_seq_len=64, steps=12, batch_size=8, n_train=200, n_dev=8, probe_windows=4,
+                     probe_grid=2, mmlu_questions=8, mmlu_shots=1),
 }
+
+# What each row of the tables runs: train.py flags on top of the shared ones.
+RUNS = {
+    "diffusion": ["--method", "diffusion"],
+    "dllm-jepa": ["--method", "dllm-jepa", "--views", "wide-range"],
+    "dllm-jepa wide-pair": ["--method", "dllm-jepa", "--views", "wide-pair"],
+    "l2-anchor": ["--method", "l2-anchor"],
+    "two-pass": ["--method", "two-pass", "--views", "wide-range"],
+}
+METHODS = tuple(RUNS)
 
 # -----------------------------------------------------------------------------
 # Stage 1: data
@@ -103,8 +110,8 @@ def write_jsonl(path: Path, items: list[E.Item]):
 
 def require(path: Path) -> Path:
     if not path.exists():
-        raise ValueError(f"{path} is missing: point --data-dir at a folder laid out like "
-                         "shared/data (gsm8k/, nl-rx-synth/, spider/, django/, wikitext2/, mmlu/)")
+        raise ValueError(f"{path} is missing: point --data-dir at a folder in the layout README.md "
+                         "describes (wikitext2/, mmlu/, and one folder per task: nl-rx-synth/, gsm8k/, ...)")
     return path
 
 
@@ -117,7 +124,7 @@ def carve(items: list[E.Item], n_train: int, n_dev: int, source: Path):
 
 
 def task_splits(task: str, data_dir: Path, n_train: int, n_dev: int, system_prompt: bool):
-    """(train items, dev items) of a task from the shared/data layout. Dev splits are carved
+    """(train items, dev items) of a task from the --data-dir layout. Dev splits are carved
     from train (fixed seed) where the folder gives none; GSM8K uses test_dev.jsonl and Django
     its dev files."""
     if task.startswith("nl-rx"):
@@ -163,20 +170,38 @@ class Inputs:
     splits: dict                # task -> (train items, dev items)
     mmlu: list
     mmlu_dev: list
+    tokenizer: object           # the base's: byte-level BPE learned on the pre-training and training text
 
 
 def read_inputs(data_dir: Path, tasks: list[str], profile: Profile) -> Inputs:
     """Read every file the run needs, so a missing or bad one stops it in seconds, not after
-    the base's pre-training. The probe windows are cut here with the tiny model's tokenizer:
-    the base is always a new tiny model, and that byte-level tokenizer is the one it saves."""
+    the base's pre-training. The tokenizer is learned here (deterministic: same files, same
+    merges) from the pre-training text and the tasks' training rows, never from held-out
+    text; the probe windows are cut with it."""
     pretrain, heldout = wikitext_split(data_dir)
-    windows = data.text_rows(heldout, tiny_model.make_tokenizer(), profile.seq_len,
-                             f"{data_dir / 'wikitext2' / 'valid.txt'} (its held-out last 10%)",
-                             max_rows=profile.probe_windows)
     splits = {task: task_splits(task, data_dir, profile.n_train, profile.n_dev, profile.system_prompt)
               for task in tasks}
+    corpus = pretrain.splitlines() + [message["content"] for train, _ in splits.values() for item in train
+                                      for message in item.prompt + [{"content": item.reference}]]
+    tokenizer = tiny_model.make_tokenizer(corpus, profile.merges)
+    windows = data.text_rows(heldout, tokenizer, profile.seq_len,
+                             f"{data_dir / 'wikitext2' / 'valid.txt'} (its held-out last 10%)",
+                             max_rows=profile.probe_windows)
     return Inputs(pretrain, heldout, windows, splits, mmlu_subset(data_dir, profile.mmlu_questions),
-                  E.load_mmlu(require(data_dir / "mmlu" / "dev")))
+                  E.load_mmlu(require(data_dir / "mmlu" / "dev")), tokenizer)
+
+
+def new_base(path: Path, tokenizer, profile: Profile) -> Path:
+    """A randomly initialised tiny model with the run's tokenizer, saved for train.py --model."""
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        model = tiny_model.make_tiny_model(tokenizer, hidden_size=profile.tiny_width,
+                                           num_hidden_layers=profile.tiny_layers,
+                                           intermediate_size=round(profile.tiny_width * 8 / 3 / 32) * 32,
+                                           max_position_embeddings=max(512, profile.seq_len))
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path
 
 # -----------------------------------------------------------------------------
 # Stage 2: training, through train.py
@@ -196,28 +221,24 @@ def train_run(out: Path, argv: list[str]) -> tuple[Path, float]:
     return out / "final", float(done.read_text())
 
 
-def base_argv(profile: Profile, text: Path, seed: int) -> list[str]:
-    return ["--data", str(text), "--method", "diffusion", "--steps", str(profile.base_steps),
+def base_argv(profile: Profile, init: Path, text: Path, seed: int) -> list[str]:
+    return ["--model", str(init), "--data", str(text), "--method", "diffusion", "--steps", str(profile.base_steps),
             "--batch-size", str(profile.base_batch), "--seq-len", str(profile.seq_len),
-            "--lr", str(profile.base_lr), "--seed", str(seed), "--tiny-width", str(profile.tiny_width),
-            "--tiny-layers", str(profile.tiny_layers), "--eval-every", str(profile.base_steps),
-            "--save-every", str(profile.base_steps), "--keep", "1", "--eval-batches", "2"]
+            "--lr", str(profile.base_lr), "--loss-weight", profile.loss_weight, "--seed", str(seed),
+            "--eval-every", str(profile.base_steps), "--save-every", str(profile.base_steps), "--keep", "1",
+            "--eval-batches", "2"]
 
 
 def finetune_argv(profile: Profile, base: Path, train_file: Path, dev_file: Path, method: str,
                   seed: int) -> list[str]:
-    return ["--model", str(base), "--data", str(train_file), "--eval-data", str(dev_file),
-            "--method", method, "--views", profile.views, "--steps", str(profile.steps),
-            "--batch-size", str(profile.batch_size), "--seq-len", str(profile.seq_len),
-            "--lr", str(profile.lr), "--seed", str(seed), "--eval-every", str(profile.steps),
-            "--save-every", str(profile.steps), "--keep", "1", "--eval-batches", "2"]
+    return ["--model", str(base), "--data", str(train_file), "--eval-data", str(dev_file), *RUNS[method],
+            "--steps", str(profile.steps), "--batch-size", str(profile.batch_size),
+            "--seq-len", str(profile.task_seq_len), "--lr", str(profile.lr), "--loss-weight", profile.loss_weight,
+            "--seed", str(seed), "--eval-every", str(profile.steps), "--save-every", str(profile.steps),
+            "--keep", "1", "--eval-batches", "2", "--final-eval", "0"]
 
 # -----------------------------------------------------------------------------
 # Stage 3: evaluation
-
-
-def sampler_of(profile: Profile) -> SamplerConfig:
-    return SamplerConfig(profile.gen_length, profile.block_length, profile.gen_steps)
 
 
 def evaluate_model(path: Path, task: str, dev: list[E.Item], ctx: dict, base=None) -> dict:
@@ -225,7 +246,11 @@ def evaluate_model(path: Path, task: str, dev: list[E.Item], ctx: dict, base=Non
     from backbones import load_backbone
     backbone = load_backbone(str(path))
     profile: Profile = ctx["profile"]
-    generation = E.evaluate_generation(backbone, task, dev, sampler_of(profile), batch_size=min(len(dev), 50),
+    # the canvas every fine-tuning run trains on (the base too is scored on it): --task-seq-len
+    # minus the longest prompt, one block, one token per step, as train.py's final generation
+    sampler = E.canvas_for(backbone, dev, {"gen_length": None, "block_length": None, "steps": None},
+                           profile.task_seq_len)
+    generation = E.evaluate_generation(backbone, task, dev, sampler, batch_size=min(len(dev), 50),
                                        probe=ctx["probe"])
     result = {k: v for k, v in generation.items() if k not in ("task", "n", "sampler", "prompts_cut")}
     result["probe_loss"] = E.diffusion_probe(backbone, ctx["windows"], ctx["probe"])["probe_loss"]
@@ -239,11 +264,18 @@ def evaluate_model(path: Path, task: str, dev: list[E.Item], ctx: dict, base=Non
     return result
 
 
+def embedding_rank(run_dir: Path) -> float:
+    """The collapse check of a run's last held-out evaluation (train.py logs it): the effective
+    rank of the pooled context embeddings of held-out rows."""
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [row for row in rows if "held_out" in row][-1]["held_out"]["embedding_rank"]
+
+
 def cached(path: Path, compute) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     result = compute()
-    path.write_text(json.dumps(result, indent=1))
+    path.write_text(distributed.strict_json(result, indent=1))
     return result
 
 # -----------------------------------------------------------------------------
@@ -264,12 +296,14 @@ def columns(task: str, shots: int) -> list[tuple[str, str, float, int]]:
     metric = [("accuracy", "GSM8K acc. % ↑", 100, 1)] if task == "gsm8k" else [("exact_match", "EM % ↑", 100, 1)]
     if task.startswith("nl-rx"):
         metric.append(("regex_equivalence", "regex equiv. % ↑", 100, 1))
-    return metric + [("answer_loss", "answer loss ↓", 1, 3), ("probe_loss", "Wikitext probe ↓", 1, 3),
+    return metric + [("answer_loss", "answer loss ↓", 1, 3), ("answer_accuracy", "answer token acc. % ↑", 100, 1),
+                     ("probe_loss", "Wikitext probe ↓", 1, 3),
                      ("forgetting", "forgetting ↓", 1, 3), ("mmlu_0shot", "MMLU 0-shot %", 100, 1),
                      (f"mmlu_{shots}shot", f"MMLU {shots}-shot %", 100, 1),
                      ("mean_weight_distance", "weight dist. all blocks", 1, 4),
                      ("mid_weight_distance", "weight dist. middle blocks", 1, 4),
-                     ("mean_cka", "CKA to base", 1, 4), ("train_seconds", "train s", 1, 1)]
+                     ("mean_cka", "CKA to base", 1, 4), ("embedding_rank", "embedding eff. rank", 1, 1),
+                     ("train_seconds", "train s", 1, 1)]
 
 
 def summarise(run: dict, n_blocks: int) -> dict:
@@ -300,23 +334,23 @@ def task_table(task: str, base: dict, runs: dict[str, list[dict]], shots: int) -
 
 
 def comparisons(runs: dict[str, list[dict]], task: str, shots: int) -> list[str]:
-    """dllm-jepa minus each baseline per metric, with the seeds' standard error of that
-    difference, so a reader sees at once which gaps exceed seed noise."""
-    if "dllm-jepa" not in runs:
+    """Each method minus diffusion (the baseline) per metric, with the seeds' standard error
+    of that difference, so a reader sees at once which gaps exceed seed noise."""
+    if "diffusion" not in runs:
         return []
     lines = []
-    for other in [m for m in runs if m != "dllm-jepa"]:
+    for other in [m for m in runs if m != "diffusion"]:
         parts = []
         for key, header, scale, digits in columns(task, shots)[:-1]:
-            a = [r[key] * scale for r in runs["dllm-jepa"] if key in r]
-            b = [r[key] * scale for r in runs[other] if key in r]
+            a = [r[key] * scale for r in runs[other] if key in r]
+            b = [r[key] * scale for r in runs["diffusion"] if key in r]
             if not a or not b:
                 continue
             diff = sum(a) / len(a) - sum(b) / len(b)
             se = math.sqrt(sum(statistics.variance(x) / len(x) for x in (a, b) if len(x) > 1))
             flag = " (beyond 2 s.e.)" if se > 0 and abs(diff) > 2 * se else ""
             parts.append(f"{header.rstrip(' ↑↓')}: {diff:+.{digits}f} ± {se:.{digits}f}{flag}")
-        lines.append(f"- dllm-jepa − {other}: " + "; ".join(parts))
+        lines.append(f"- {other} − diffusion: " + "; ".join(parts))
     return lines
 
 
@@ -357,24 +391,28 @@ def mean_report(results: list[dict]) -> dict:
 def write_report(out: Path, profile: Profile, args, tables: dict, elapsed: float):
     lines = ["# DLLM-JEPA at CPU scale", "",
              f"One command: `python experiments.py {' '.join(sys.argv[1:])}`, {elapsed / 60:.1f} minutes. "
-             f"Tiny model ({profile.tiny_width} wide, {profile.tiny_layers} blocks, byte-level), "
-             f"pre-trained {profile.base_steps} steps on 90% of WikiText-2 (valid), then fine-tuned "
-             f"{profile.steps} steps per run (lr {profile.lr}, batch {profile.batch_size}, views "
-             f"`{profile.views}`), seeds {args.seeds}. Cells: mean ± sample std over seeds.", "",
+             f"Tiny model ({profile.tiny_width} wide, {profile.tiny_layers} blocks, byte-level BPE with "
+             f"{profile.merges} merges learned on the training text), pre-trained {profile.base_steps} steps on "
+             f"90% of WikiText-2 (valid), then fine-tuned {profile.steps} steps per run (lr {profile.lr}, batch "
+             f"{profile.batch_size}, canvases up to {profile.task_seq_len} tokens, {profile.loss_weight} loss "
+             f"weight), seeds {args.seeds}. Rows: " + "; ".join(f"{m} = `{' '.join(RUNS[m])}`" for m in args.methods)
+             + ". Cells: mean ± sample std over seeds.", "",
              "Columns: the task metric on greedy LLaDA-sampler answers of the dev split "
-             f"({profile.n_dev} examples; gen {profile.gen_length}, block {profile.block_length}, "
-             f"steps {profile.gen_steps}); answer loss = diffusion loss of the reference answers "
-             "(fixed masks); Wikitext probe = LLaDA's pre-training loss on the held-out 10% "
+             f"({profile.n_dev} examples; the canvas of training: {profile.task_seq_len} tokens minus the longest "
+             "prompt, one block, one token per step); answer loss = diffusion loss of the reference answers and "
+             "answer token acc. = teacher-forced argmax accuracy on them (fixed masks); Wikitext probe = LLaDA's pre-training loss on the held-out 10% "
              f"({profile.probe_windows} windows x {profile.seq_len} tokens, {profile.probe_grid} "
              "grid points of t, fixed masks); forgetting = probe - base's; MMLU on "
              f"{profile.mmlu_questions} test questions (chance 25%); weight distance = "
              "||W - W_base|| / ||W_base|| per block (middle = the central half of the blocks); "
-             "CKA = linear CKA of block outputs with the base's on held-out text.", ""]
+             "CKA = linear CKA of block outputs with the base's on held-out text; embedding eff. rank = the "
+             "effective rank of the pooled context embeddings of held-out rows at the end of training (the "
+             "paper's collapse check).", ""]
     for task, table in tables.items():
         lines += [f"## {task}", "", table["markdown"], "",
                   f"MMLU {profile.mmlu_shots}-shot prompts held {table['shots_used']:.1f} exemplars on average "
                   "(fewer when the model's context cannot hold them all).", "",
-                  "Differences (dllm-jepa minus each baseline, ± the standard error over seeds):", "",
+                  "Differences (each method minus diffusion, ± the standard error over seeds):", "",
                   *table["comparisons"], "",
                   f"![metrics]({table['metrics_plot']}) ![drift]({table['drift_plot']})", ""]
     (out / "results.md").write_text("\n".join(lines), encoding="utf-8")
@@ -400,10 +438,19 @@ def check_profile(profile: Profile):
             raise SystemExit(f"error: --{field.replace('_', '-')} {getattr(profile, field)}: must be >= 1")
     if profile.mmlu_shots < 0:
         raise SystemExit(f"error: --mmlu-shots {profile.mmlu_shots}: must be >= 0")
-    try:
-        sampler_of(profile)
-    except ValueError as e:  # SamplerConfig names evaluate.py's --steps; here it is --gen-steps
-        raise SystemExit(f"error: {str(e).replace('--steps ', '--gen-steps ')}") from None
+    if profile.loss_weight not in ("inverse-t", "flat"):
+        raise SystemExit(f"error: --loss-weight {profile.loss_weight}: 'inverse-t' or 'flat'")
+
+
+def check_output(args):
+    """--out, before anything is read or trained (ValueError, one line naming the flags): never
+    the --data-dir, inside it or around it (the stages write data/ and results there), nor inside a
+    model folder or a run's checkpoint; no file in the way, and a place that accepts a new file."""
+    problem = (distributed.output_overlap(args.out, "--out", [("--data-dir", args.data_dir)])
+               or distributed.inside_other_files(args.out, "--out"))
+    if problem:
+        raise ValueError(problem)
+    distributed.check_writable(args.out, "--out")
 
 
 def parse_args(argv=None):
@@ -415,8 +462,8 @@ def parse_args(argv=None):
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     g = p.add_argument_group("data and output")
-    g.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR),
-                   help="folder in shared/data's layout (gsm8k/, nl-rx-synth/, wikitext2/, mmlu/, ...)")
+    g.add_argument("--data-dir", default="data",
+                   help="folder in the layout README.md describes (wikitext2/, mmlu/, nl-rx-synth/, gsm8k/, ...)")
     g.add_argument("--out", default="runs/experiments", help="output folder (cached stages are reused)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g = p.add_argument_group("overrides of the profile", "each field of experiments.Profile, where its "
@@ -431,6 +478,7 @@ def parse_args(argv=None):
 def main(argv=None) -> Path:
     args = parse_args(argv)
     try:
+        check_output(args)
         return run(args)
     except (ValueError, OSError) as e:  # bad data or flags: one line naming them, not a traceback
         raise SystemExit(f"error: {e}") from None
@@ -445,7 +493,7 @@ def run(args) -> Path:
     profile = replace(profile, **{k: v for k, v in vars(args).items() if k in asdict(profile) and v is not None})
     check_profile(profile)
     data_dir, out = Path(args.data_dir), Path(args.out)
-    settings = {"profile": asdict(profile), "data_dir": str(data_dir.resolve())}
+    settings = {"profile": asdict(profile), "data_dir": str(data_dir.resolve()), "tasks": sorted(args.tasks)}
     if (out / "profile.json").is_file() and json.loads((out / "profile.json").read_text()) != settings:
         raise SystemExit(f"error: {out} holds runs made with other settings (see {out / 'profile.json'}); "
                          "its cached stages would be reused: choose a new --out")
@@ -462,7 +510,8 @@ def run(args) -> Path:
         write_jsonl(out / "data" / task / "train.jsonl", train_items)
         write_jsonl(out / "data" / task / "dev.jsonl", dev)
     print(f"[{time.time() - t0:5.0f}s] pre-training the base ({profile.base_steps} steps)", flush=True)
-    base_path, _ = train_run(out / "base", base_argv(profile, pretrain_text, seed=0))
+    init = new_base(out / "init", inputs.tokenizer, profile)
+    base_path, _ = train_run(out / "base", base_argv(profile, init, pretrain_text, seed=0))
     from backbones import load_backbone
     base = load_backbone(str(base_path))
     probe = E.ProbeConfig(profile.seq_len, profile.probe_windows, profile.probe_grid)
@@ -486,7 +535,7 @@ def run(args) -> Path:
                 def measure():
                     result = evaluate_model(final, task, dev, ctx, base)
                     return result | {"forgetting": result["probe_loss"] - base_eval["probe_loss"],
-                                     "train_seconds": seconds}
+                                     "train_seconds": seconds, "embedding_rank": embedding_rank(run_dir)}
                 runs.setdefault(method, []).append(summarise(cached(run_dir / "eval.json", measure), n_blocks))
         markdown = task_table(task, base_eval, runs, profile.mmlu_shots)
         metrics_plot, drift_plot = f"{task}_metrics.png", f"{task}_drift.png"
@@ -499,7 +548,7 @@ def run(args) -> Path:
         everything[task] = {"base": base_eval, "runs": runs}
         print(f"\n## {task}\n{markdown}\n", flush=True)
 
-    (out / "results.json").write_text(json.dumps(everything, indent=1))
+    (out / "results.json").write_text(distributed.strict_json(everything, indent=1))
     write_report(out, profile, args, tables, time.time() - t0)
     print(f"[{time.time() - t0:5.0f}s] done: {out / 'results.md'}")
     return out / "results.md"

@@ -392,35 +392,11 @@ def read_prompts(path: Path) -> list[Prompt]:
     file as plain text, one prompt per non-blank line."""
     if not path.is_file():
         raise ValueError(f"--prompts-file {path}: no such file")
-    text = data.read_text(path)
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); a .json "
-                             "file must be one JSON list") from None
-        except RecursionError:
-            raise ValueError(f"{path}: JSON nested too deeply to read") from None
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: a .json file must hold a list of prompts, got {type(rows).__name__}")
-        prompts = [Prompt(messages_of(row, f"{path} item {i}"), f"{path} item {i}") for i, row in enumerate(rows)]
+    if path.suffix in (".json", ".jsonl"):
+        prompts = [Prompt(messages_of(row, where), where) for row, where in data.json_rows(path, "prompts")]
     else:
-        prompts = []
-        for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings
-            where, line = f"{path}:{lineno}", line.removesuffix("\r")  # may hold U+2028
-            if not line.strip():
-                continue
-            if path.suffix != ".jsonl":
-                prompts.append(Prompt([{"role": "user", "content": line}], where))
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line "
-                                 "must be one JSON object") from None
-            except RecursionError:
-                raise ValueError(f"{where}: JSON nested too deeply to read") from None
-            prompts.append(Prompt(messages_of(row, where), where))
+        prompts = [Prompt([{"role": "user", "content": line.removesuffix("\r")}], f"{path}:{lineno}")
+                   for lineno, line in enumerate(data.read_text(path).split("\n"), start=1) if line.strip()]
     if not prompts:
         raise ValueError(f"--prompts-file {path}: holds no prompts (the file is empty or blank)")
     return prompts

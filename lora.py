@@ -120,6 +120,9 @@ def apply_lora(model: nn.Module, family_name: str, rank: int, alpha: float, drop
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=resolve_targets(model, family_name, targets))
     inject_adapter_in_model(config, model, adapter_name=TRAINED)
+    for _, layer in lora_layers(model):  # fp32 masters, whatever the base's dtype (peft gives a bf16 base
+        layer.lora_A[TRAINED].float()    # bf16 adapters, whose small updates would round away); on every
+        layer.lora_B[TRAINED].float()    # rank alike (peft leaves adapters on the meta device uncast)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(f".{TRAINED}." in name and ".lora_" in name)
     return model
@@ -195,11 +198,15 @@ class EMAAdapterTarget(nn.Module):
                 inject_adapter_in_model(config, model, adapter_name=EMA)
             for _, layer in lora_layers(model):
                 layer.set_adapter(TRAINED)  # the trained adapter active again: it trains, "ema" does not
+                for adapters in (layer.lora_A, layer.lora_B):  # the trained one's dtype (fp32): EMA steps
+                    adapters[EMA].to(adapters[TRAINED].weight.dtype)  # of (1 - m) * gap must not round away
             with torch.no_grad():
                 torch._foreach_copy_(adapter_parameters(model, EMA), adapter_parameters(model, TRAINED))
 
     @property
-    def model(self) -> nn.Module:
+    def adapted(self) -> nn.Module:
+        """The LoRA backbone it runs. (Not `model`: LLaDA's and Dream's wrappers name their inner
+        model `.model`, which families' blocks() read through this module.)"""
         return self.__dict__["_model"]
 
     def __getattr__(self, name):
@@ -211,7 +218,7 @@ class EMAAdapterTarget(nn.Module):
             return getattr(self.__dict__["_model"], name)
 
     def forward(self, *args, **kwargs):
-        model = self.model
+        model = self.adapted
         with using_adapter(model, EMA), evaluating(model):
             try:
                 return model(*args, **kwargs)
@@ -222,11 +229,11 @@ class EMAAdapterTarget(nn.Module):
     def ema_pairs(self) -> tuple[list, list]:
         """(EMA adapter tensors, trained adapter tensors), pair by pair: what update_target lerps.
         Read each call: fully_shard replaces parameters with sharded ones."""
-        return (adapter_parameters(self.model, EMA),
-                [p.detach() for p in adapter_parameters(self.model, TRAINED)])
+        return (adapter_parameters(self.adapted, EMA),
+                [p.detach() for p in adapter_parameters(self.adapted, TRAINED)])
 
     def extra_repr(self) -> str:
-        return f"EMA adapter of {type(self.model).__name__}"
+        return f"EMA adapter of {type(self.adapted).__name__}"
 
 # -----------------------------------------------------------------------------
 # The anchor under LoRA
@@ -316,12 +323,14 @@ def adapter_state(model: nn.Module, adapter: str = TRAINED) -> dict:
             if ".lora_" in name and marker in name}
 
 
-def save_adapter(model: nn.Module, out_dir, adapter: str = TRAINED, is_main: bool = True) -> Path:
+def save_adapter(model: nn.Module, out_dir, adapter: str = TRAINED, is_main: bool = True,
+                 state: dict | None = None) -> Path:
     """Write the adapter alone, as PeftModel.save_pretrained does (adapter_config.json and
     adapter_model.safetensors): `PeftModel.from_pretrained(base_model, out_dir)` loads it onto
-    the base model. Every rank calls (the adapter is gathered); rank 0 writes."""
+    the base model. Every rank calls (the adapter is gathered); rank 0 writes. state: the
+    adapter_state already gathered (then only rank 0 needs to call)."""
     from safetensors.torch import save_file
-    state = adapter_state(model, adapter)
+    state = adapter_state(model, adapter) if state is None else state
     out_dir = Path(out_dir)
     if is_main:
         tensors = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter)

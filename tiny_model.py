@@ -17,10 +17,12 @@ tokens plus specials, a chat template), so prompts go through `apply_chat_templa
 as they do for LLaDA and Dream.
 """
 
+import json
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel,
                           PreTrainedTokenizerFast)
 from transformers.modeling_outputs import MaskedLMOutput
@@ -46,15 +48,30 @@ def byte_level_chars() -> list[str]:
     return chars
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer(corpus=None, merges: int = 0) -> PreTrainedTokenizerFast:
     """Byte-level tokenizer: one token per UTF-8 byte (ids 0-255), then the specials.
 
-    No merges, so it needs no training data and any text round-trips exactly.
-    EOS doubles as padding, as in LLaDA's SFT recipe.
+    Without a corpus it has no merges, so it needs no training data and any text round-trips
+    exactly. With `corpus` (an iterable of strings) and `merges` > 0, byte-pair merges learned
+    on it (Sennrich et al., 2016) follow the bytes, ids 256 on, in the order learned, and the
+    specials come after them: text still round-trips exactly, in ~3-4x fewer tokens, which a
+    tiny model trains on faster. EOS doubles as padding, as in LLaDA's SFT recipe.
     """
     byte_vocab = {ch: byte for byte, ch in enumerate(byte_level_chars())}
-    backend = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    learned = []
+    if corpus is not None and merges > 0:
+        trainer = trainers.BpeTrainer(vocab_size=256 + merges, initial_alphabet=list(byte_vocab),
+                                      show_progress=False)
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.train_from_iterator(corpus, trainer)
+        learned = json.loads(bpe.to_str())["model"]["merges"]
+        learned = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned]
+    vocab = dict(byte_vocab)
+    for left, right in learned:
+        vocab.setdefault(left + right, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=learned))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=bool(learned))
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(SPECIAL_TOKENS)
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>",

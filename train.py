@@ -5,6 +5,8 @@ Fine-tune a masked-diffusion LM with DLLM-JEPA (or a baseline) from the command 
     python train.py --method diffusion                # the baseline, same everything else
     torchrun --nproc_per_node 8 train.py --model GSAI-ML/LLaDA-8B-Instruct \
         --data train.jsonl --dtype bfloat16 --activation-checkpointing --seq-len 1024
+    python train.py --model GSAI-ML/LLaDA-8B-Instruct --lora-rank 32 --data train.jsonl \
+        --dtype bfloat16 --activation-checkpointing --seq-len 1024   # LoRA, one GPU (lora.py)
 
 One code path: the model is always wrapped by FSDP2 (a one-process group when not under
 torchrun), so the run that teaches on a laptop is the run that shards LLaDA-8B. Only rank
@@ -16,12 +18,18 @@ Each step, in order (as in I-JEPA's train loop):
   3. backward (gradient accumulation), clip, AdamW step
   4. EMA update of the target encoder
 Outputs in --out: config.json, checkpoints/step_XXXXXXXX (resumable: model, predictor,
-EMA target, optimizer, step, RNG), and final/ (save_pretrained of the fine-tuned backbone).
+EMA target, optimizer, step, RNG), and final/ (save_pretrained of the fine-tuned backbone, in
+the loaded checkpoint's dtype unless --export-dtype; with LoRA the adapter merged in, and with
+--export-adapter the adapter alone in final/adapter). final/ loads with
+`AutoModel.from_pretrained(final, trust_remote_code=True)` (LLaDA and Dream: the export ships
+remote_fixes/, which makes their published 4.x code load under transformers 5), after
+`import tiny_model` for the tiny model; `backbones.load_backbone(final)` loads any of them.
 """
 
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -30,6 +38,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -39,9 +48,9 @@ from transformers.utils import logging as hf_logging
 import data
 import distributed
 import evaluate
-from backbones import load_backbone, new_tiny_backbone
+import lora
+from backbones import install_remote_fixes, load_backbone, new_tiny_backbone
 from dllm_jepa import DLLMJEPA, METHODS, VIEW_PRESETS, JEPAConfig, effective_rank
-from generate import SamplerConfig
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -75,7 +84,7 @@ def parse_args(argv=None):
     g.add_argument("--canvas", default="random", choices=data.CANVASES,
                    help="canvas length of each micro-batch: random (between its longest row and --seq-len), "
                         "batch (its longest row, LLaDA's SFT) or fixed (--seq-len)")
-    g.add_argument("--builtin-size", type=int, default=4000, help="examples in the built-in task")
+    g.add_argument("--builtin-size", type=int, default=20000, help="examples in the built-in task")
     g = p.add_argument_group("objective (see dllm_jepa.JEPAConfig)")
     g.add_argument("--method", default="dllm-jepa", choices=list(METHODS),
                    help="dllm-jepa (4F), two-pass (LLM-JEPA's 6F), diffusion (baseline), l2-anchor")
@@ -89,6 +98,10 @@ def parse_args(argv=None):
                    help="EOS padding is masked and scored as answer (LLaDA SFT)")
     g.add_argument("--loss-norm", default="answer", choices=["answer", "token"],
                    help="divide by each row's answer length (LLaDA SFT) or by all scored tokens")
+    g.add_argument("--loss-weight", default=None, choices=["inverse-t", "flat"],
+                   help="each masked token's cross-entropy / p (inverse-t: LLaDA's SFT, the ELBO) or x 1 (flat: "
+                        "MaskGIT's, lower variance); default: flat for a new tiny model (it learns the built-in "
+                        "task in the default run's budget), inverse-t for a loaded one")
     g.add_argument("--eps", type=float, default=1e-3, help="mask probability p = (1 - eps) t + eps")
     g.add_argument("--embed-layer", type=int, default=-1, help="hidden state read for the embedding")
     g.add_argument("--pooling", default="answer", choices=["answer", "visible", "token"],
@@ -104,11 +117,12 @@ def parse_args(argv=None):
                    help="EMA target momentum, linear from START to END over --steps")
     g.add_argument("--anchor-mu", type=float, default=1e-2, help="l2-anchor strength")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    g.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=32, help="rows per micro-batch per process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate; default 1e-3 for a new tiny model, 1e-5 for a loaded one")
+                   help="peak learning rate; default 1e-3 for a new tiny model, 1e-5 for a loaded one "
+                        "(1e-4 with --lora-rank: adapters start at zero and take larger steps)")
     g.add_argument("--warmup-steps", type=int, default=None,
                    help="linear warmup steps, at most --steps (default: 30, or --steps / 10 if fewer)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
@@ -119,6 +133,30 @@ def parse_args(argv=None):
     g.add_argument("--cpu-offload", action="store_true", help="FSDP parameter/optimizer offload to CPU")
     g.add_argument("--max-bad-steps", type=int, default=5,
                    help="stop after this many non-finite steps in a row (each is skipped)")
+    def within(kind, low, below=math.inf):  # argparse type: a bad value is a usage error before anything loads
+        def parse(text):
+            value = kind(text)
+            if not low <= value < below:
+                raise argparse.ArgumentTypeError(f"{text}: must be >= {low}" + (f" and < {below}" if below < math.inf else ""))
+            return value
+        return parse
+    g = p.add_argument_group("LoRA (lora.py: the base frozen, low-rank adapters trained; EMA target = an EMA adapter)")
+    g.add_argument("--lora-rank", type=within(int, 0), default=0, help="adapter rank R; 0: full fine-tuning")
+    g.add_argument("--lora-alpha", type=within(float, 1e-6), default=None,
+                   help="adapter scaling alpha (the update is alpha/R * B A); default 2 * R, so the scale "
+                        "alpha/R = 2 stays the same whatever the rank (the dllm library's r 32, alpha 64)")
+    g.add_argument("--lora-dropout", type=within(float, 0, 1), default=0.0, help="dropout on the adapters' input")
+    g.add_argument("--lora-targets", default=None,
+                   help="comma-separated names of the blocks' linear layers to adapt; default: every "
+                        "projection of attention and MLP (" + "; ".join(
+                            f"{family}: {','.join(names)}" for family, names in lora.DEFAULT_TARGETS.items()) + ")")
+    g = p.add_argument_group("export (final/)")
+    g.add_argument("--export-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="dtype of final/'s weights; auto: the loaded checkpoint's (LLaDA, Dream: bfloat16; "
+                        "a new tiny model: float32)")
+    g.add_argument("--export-adapter", action="store_true",
+                   help="with --lora-rank: also write the adapter alone into final/adapter/ (peft format; "
+                        "its adapter_config.json names the base); final/ holds the merged model either way")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="out/run", help="output folder")
     g.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
@@ -131,10 +169,21 @@ def parse_args(argv=None):
     g.add_argument("--final-eval", type=int, default=None,
                    help="held-out examples answered with the sampler after training, scored by exact match "
                         "(default: 200 for --data builtin, else 0; evaluate.py scores task metrics)")
-    return p, p.parse_args(argv)
+    args = p.parse_args(argv)
+    lora_only = [flag for flag, given in (("--lora-alpha", args.lora_alpha is not None),
+                                          ("--lora-dropout", args.lora_dropout != 0.0),
+                                          ("--lora-targets", args.lora_targets is not None),
+                                          ("--export-adapter", args.export_adapter)) if given]
+    if lora_only and not args.lora_rank:
+        p.error(f"{', '.join(lora_only)}: only with LoRA; give --lora-rank R (R >= 1)")
+    if args.export_adapter and args.model is None:
+        p.error("--export-adapter: an adapter needs a base model saved elsewhere; give --model (a new "
+                "tiny model's base exists only in this run: final/ holds it merged)")
+    return p, args
 
 
 def jepa_config(args) -> JEPAConfig:
+    args.loss_weight = args.loss_weight or ("flat" if args.model is None else "inverse-t")
     names = {f.name for f in dataclasses.fields(JEPAConfig) if f.init}
     return JEPAConfig(**{k: v for k, v in vars(args).items() if k in names})
 
@@ -191,6 +240,7 @@ def check_paths(args):
             distributed.check_checkpoint(Path(args.resume))
         except ValueError as e:
             raise ValueError(f"--resume {e}") from None
+    check_output(args)
     out = Path(args.out)
     need(not out.exists() or out.is_dir(), f"--out {out}: is a file, not a folder")
     done = distributed.checkpoint_dirs(out / "checkpoints")
@@ -198,23 +248,224 @@ def check_paths(args):
          "add --resume auto to continue that run, or give a new --out")
 
 
+def check_output(args):
+    """--out never touches an input and can be written (ValueError, one line naming the flags):
+    it must not be, contain or lie inside --model, --data, --eval-data or --resume's checkpoint
+    and run (continuing that run in place, --out being the run, is fine), nor a model folder or
+    another run's checkpoint; no file may stand where its folders go, and the nearest existing
+    folder must accept a new file (a probe, removed). Nothing is created."""
+    out = Path(args.out)
+    inputs = [("--model", args.model if args.model and Path(args.model).expanduser().exists() else None)]
+    inputs += [(f"--{flag.replace('_', '-')}", getattr(args, flag)) for flag in ("data", "eval_data")
+               if getattr(args, flag) not in (None, "builtin") and Path(getattr(args, flag)).exists()]
+    if args.resume not in (None, "auto"):
+        resume = Path(args.resume)
+        run = resume.parent.parent if resume.parent.name == "checkpoints" else None
+        if run is None or distributed.real_path(out) != distributed.real_path(run):  # else: continued in place
+            inputs += [("--resume", resume)] + ([("the run of --resume", run)] if run is not None else [])
+    problem = distributed.output_overlap(out, "--out", inputs) or distributed.inside_other_files(out, "--out")
+    need(problem is None, problem)
+    distributed.check_writable(out, "--out")
+    for name in ("checkpoints", "final"):  # folders the run makes in --out
+        need(not (out / name).exists() or (out / name).is_dir(), f"--out {out}: {out / name} is a file, not a "
+             "folder; move it aside or give another --out")
+    for name in ("log.jsonl", "config.json", "held_out.jsonl"):  # files the run writes there
+        need(not (out / name).is_dir(), f"--out {out}: {out / name} is a folder, not a file; move it aside "
+             "or give another --out")
+    if (out / "checkpoints").is_dir():
+        distributed.check_writable(out / "checkpoints", "--out")
+
+# -----------------------------------------------------------------------------
+# Sizes that cannot fit, ranks that hold different runs (issue 15): one line before allocating
+
+
+ACTIVATION_BYTES = 96  # per token x width x block, fp32, for backward: measured 116-177 on the tiny model (a lower bound)
+
+
+def processes() -> tuple[int, int, int]:
+    """(local rank, world size, processes on this host), from torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("LOCAL_RANK", 0)), world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def model_shape(args) -> tuple[int, int, int, int] | None:
+    """(parameters, width, blocks, vocabulary) of the model to train, without allocating: the new
+    tiny model built on the meta device, a local folder's config.json and safetensors headers;
+    None when unknown (a hub id: its out-of-memory error is caught instead)."""
+    if args.model is None:
+        with torch.device("meta"):
+            model = new_tiny_backbone(hidden_size=args.tiny_width, num_hidden_layers=args.tiny_layers,
+                                      intermediate_size=round(args.tiny_width * 8 / 3 / 32) * 32,
+                                      max_position_embeddings=max(512, args.seq_len)).model
+        return sum(p.numel() for p in model.parameters()), args.tiny_width, args.tiny_layers, model.config.vocab_size
+    folder = Path(args.model).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        width = next(config[k] for k in ("hidden_size", "d_model", "n_embd") if k in config)
+        blocks = next(config[k] for k in ("num_hidden_layers", "n_layers", "n_layer") if k in config)
+        vocab = next(config[k] for k in ("vocab_size", "embedding_size") if k in config)
+        parameters = 0
+        for file in folder.glob("*.safetensors"):  # the header: 8 bytes of length, then JSON shapes
+            with open(file, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            parameters += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        return (parameters, int(width), int(blocks), int(vocab)) if parameters else None
+    except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
+        return None  # load_backbone names what is wrong with the folder
+
+
+def state_bytes(args, parameters: int, width: int) -> tuple[float, float]:
+    """(bytes per parameter of the training state, bytes of the full weights and frozen copies
+    rank 0 holds before sharding): fp32 master weights, gradients and two AdamW moments, plus
+    an EMA target or anchor copy; a LoRA base only its frozen weights."""
+    config = jepa_config(args)
+    copies = (config.target_kind == "ema") + bool(METHODS[args.method]["anchor"])
+    predictor = 2 * args.predictor_depth * args.predictor_mult * width * width if METHODS[args.method]["target_pass"] else 0
+    if getattr(args, "lora_rank", 0):
+        weight = 2 if args.dtype == "bfloat16" else 4
+        return weight + 16 * predictor / parameters, weight * parameters
+    return 16 + 4 * copies + 16 * predictor / parameters, 4 * (1 + copies) * parameters
+
+
+def check_fits(args):
+    """Before anything loads: the model's weights, gradients, AdamW moments and EMA copy must fit
+    in the memory that is free (a lower bound, so a refusal is certain to be right); ValueError
+    naming the flag to lower."""
+    shape = model_shape(args)
+    if shape is None:
+        return
+    parameters, width, blocks, vocab = shape
+    local_rank, world, local_world = processes()
+    per_parameter, start_up = state_bytes(args, parameters, width)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    host = start_up if cuda else max(start_up, per_parameter * parameters * local_world / world)
+    needs = [(host, "cpu")] + ([(per_parameter * parameters / world, torch.device("cuda", local_rank))]
+                               if cuda and not args.cpu_offload else [])
+    for needed, device in needs:
+        free, where = distributed.available_memory(device)
+        if free and needed > free:
+            fix = ("lower --tiny-width (or --tiny-layers)" if args.model is None else
+                   "train it on more processes (torchrun: FSDP shards it), with --cpu-offload on a GPU, with "
+                   "LoRA (--lora-rank), or choose a smaller --model")
+            flag = f"--tiny-width {args.tiny_width}" if args.model is None else f"--model {args.model}"
+            raise ValueError(f"{flag}: the model has {parameters:,} parameters ({blocks} blocks of width {width}); "
+                             f"training needs at least {distributed.human(needed)} for its weights, gradients, "
+                             f"AdamW moments and EMA/anchor copies, more than the {distributed.human(free)} free in "
+                             f"{where}: {fix}")
+
+
+def activation_problem(args, shape, rows, env) -> str | None:
+    """After the data loaded, before the first forward: a micro-batch's activations (lower bound:
+    --batch-size x canvas x width x blocks x ACTIVATION_BYTES, the canvas being --seq-len or, for
+    a random/batch canvas, the median row) and logits, plus the training state still to be
+    allocated, against the memory free now; the line names --batch-size, or None if it fits."""
+    if shape is None:
+        return None
+    parameters, width, blocks, vocab = shape
+    _, world, local_world = processes()
+    lengths = (rows.prompt_lengths + rows.answer_lengths).float()
+    canvas = args.seq_len if args.canvas == "fixed" else min(args.seq_len, int(lengths.median()))
+    per_block = ACTIVATION_BYTES * (2 if args.method == "two-pass" else 1) * (0.5 if args.dtype == "bfloat16" else 1)
+    held_blocks = 1 + 4 / per_block * (blocks - 1) if args.activation_checkpointing else blocks
+    per_row = canvas * (width * held_blocks * per_block + vocab * 8)
+    per_parameter, _ = state_bytes(args, parameters, width)
+    later = (per_parameter - 4) * parameters / world + (0 if env.is_main else 4 * parameters / world)
+    free, where = distributed.available_memory(env.device)
+    if env.device.type == "cpu":
+        free //= local_world  # the processes on this host share its memory
+    needed = args.batch_size * per_row + later
+    if not free or needed <= free:
+        return None
+    fits = int(max(0, free - later) // per_row)
+    return (f"--batch-size {args.batch_size}: a micro-batch of {args.batch_size} rows x {canvas} tokens needs at least "
+            f"{distributed.human(args.batch_size * per_row)} of activations and logits (width {width}, {blocks} "
+            f"blocks), plus {distributed.human(later)} of training state still to allocate: more than the "
+            f"{distributed.human(free)} free in {where}; lower --batch-size to about {fits} or less"
+            + (" (it would not fit even at 1: lower --seq-len)" if fits < 1 else
+               " (--grad-accum keeps the global batch" + (")" if args.activation_checkpointing
+                                                          else "; --activation-checkpointing stores less)")))
+
+
+def run_fingerprint(args, model, train_rows, eval_rows) -> dict:
+    """What every rank must hold alike: {part: (hash, summary)}."""
+    rows = lambda r: (distributed.fingerprint_of(r.input_ids, r.prompt_lengths, r.answer_lengths),
+                      f"{len(r.input_ids)} rows")
+    parameters = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    settings = json.dumps(vars(args), sort_keys=True, default=str)
+    return {"settings": (distributed.fingerprint_of(settings), "flags hash " + distributed.fingerprint_of(settings)),
+            "training rows": rows(train_rows), "held-out rows": rows(eval_rows),
+            "model": (distributed.fingerprint_of(parameters), f"{len(parameters)} tensors, "
+                      f"{sum(math.prod(s) for _, s in parameters):,} parameters")}
+
+
+def check_run(args, model, train_rows, eval_rows, env):
+    """Every rank holds the same run (flags, tokenised rows, parameter names and shapes) and a
+    micro-batch fits; else every rank stops with the same line (SystemExit)."""
+    try:
+        if env.world_size > 1:  # hashing every row costs seconds on a large set: only when ranks must agree
+            distributed.check_same_run(run_fingerprint(args, model, train_rows, eval_rows), env)
+        error = activation_problem(args, model_shape(args), train_rows, env)
+    except ValueError as e:
+        error = str(e)
+    if error := distributed.agreed_error(error and f"error: {error}", env):
+        distributed.leave(env)
+        raise SystemExit(error)
+
+
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def out_of_memory_in_one_line(run):
+    """main() with an out-of-memory error (torch.OutOfMemoryError, the CPU allocator's
+    RuntimeError, MemoryError) turned into one line naming the flag to lower: --batch-size when
+    it struck in a forward or backward pass, else the model's size."""
+    @functools.wraps(run)
+    def wrapper(argv=None):
+        try:
+            return run(argv)
+        except (RuntimeError, MemoryError) as e:
+            if not (isinstance(e, (MemoryError, torch.OutOfMemoryError))
+                    or any(text in str(e).lower() for text in OUT_OF_MEMORY)):
+                raise
+            frames = {frame.f_code.co_name for frame, _ in traceback.walk_tb(e.__traceback__)}
+            args = parse_args(argv)[1]
+            text = " ".join(str(e).split())
+            what = re.search(r"CUDA out of memory|out of memory|can't allocate memory", text)
+            tried = re.search(r"[Tt]ried to allocate ([\d.]+) ?(bytes|[KMGT]i?B)", text)
+            size = tried and (distributed.human(int(tried[1])) if tried[2] == "bytes" else f"{tried[1]} {tried[2]}")
+            detail = (what[0] if what else type(e).__name__) + (f", tried to allocate {size}" if size else "")
+            if frames & {"forward", "backward", "_engine_run_backward", "held_out_eval", "final_generation"}:
+                fix = (f"lower --batch-size {args.batch_size} (--grad-accum keeps the global batch), or --seq-len "
+                       f"{args.seq_len}" + ("" if args.activation_checkpointing else ", or add --activation-checkpointing"))
+            else:
+                fix = (f"lower --tiny-width {args.tiny_width} (or --tiny-layers)" if args.model is None else
+                       f"--model {args.model} does not fit: use more processes, --cpu-offload, LoRA or a smaller model")
+            raise SystemExit(f"error: out of memory ({detail}): {fix}") from None
+    return wrapper
+
+
 def check_resume(saved: dict, current: dict) -> list[str]:
     """Compare a checkpoint's run config with this run's. A different objective, model or
     number of processes cannot continue it (ValueError); other changes are allowed and
     returned as warnings: the run goes on but no longer reproduces an uninterrupted one."""
     saved, current = (json.loads(json.dumps(c, default=str)) for c in (saved, current))  # tuples == lists
+    saved["args"] = {"lora_rank": 0, "lora_dropout": 0.0} | saved["args"]  # a run from before LoRA had none
     diff = lambda a, b, keys: [f"{k} {a.get(k)} -> {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
     fatal = (diff(saved["objective"], current["objective"], current["objective"])
              + diff(saved, current, ("world_size", "model_family", "model_parameters"))
              + diff(saved["args"], current["args"],
-                    ("model",) + (("tiny_width", "tiny_layers") if current["args"]["model"] is None else ())))
+                    ("model",) + (("tiny_width", "tiny_layers") if current["args"]["model"] is None else ()))
+             # LoRA: rank and targets shape the adapters' tensors, alpha their scale; the frozen base
+             # is stored in --dtype
+             + diff(saved["args"], current["args"],
+                    ("lora_rank", "lora_alpha", "lora_targets") + (("dtype",) if current["args"].get("lora_rank") else ())))
     if fatal:
         raise ValueError(f"the checkpoint's run had other settings ({'; '.join(fatal)}); resume with "
                          "its settings (its config.json) and as many processes, or start a new --out")
     return diff(saved["args"], current["args"], ("data", "eval_data", "split", "eval_fraction", "seq_len",
                                                  "builtin_size", "batch_size", "grad_accum", "lr", "steps",
                                                  "warmup_steps", "min_lr_ratio", "weight_decay",
-                                                 "grad_clip", "seed", "dtype"))
+                                                 "grad_clip", "seed", "dtype", "lora_dropout"))
 
 
 def trim_log(path: Path, step: int):
@@ -229,7 +480,7 @@ def trim_log(path: Path, step: int):
         except json.JSONDecodeError:
             continue
         if row.get("step", 0) < step or (row.get("step") == step and "loss" in row):
-            rows.append(line + "\n")
+            rows.append(distributed.strict_json(row) + "\n")  # an older log's bare NaN as "NaN"
     distributed.atomic_write_text(path, "".join(rows))  # a kill here leaves the old log or the new
 
 
@@ -362,28 +613,32 @@ def held_out_eval(model, eval_rows, args, env):
     return held_out | {"embedding_rank": effective_rank(distributed.all_reduce_sum(embeddings).flatten(0, 1))}
 
 
-def final_generation(backbone, examples, args, env) -> dict | None:
+def final_generation(backbone, examples, args, env) -> dict:
     """Answer held-out examples with the sampler and score exact match: what the model can
     do, which the loss does not show. The canvas is the longest one trained (--seq-len): each
     prompt is followed by --seq-len minus the longest prompt masks, one block, one token per
-    step. Every rank answers an equal share (FSDP runs every forward on all ranks)."""
+    step (evaluate.canvas_for, evaluate.py's default for this model). Every rank answers an
+    equal share (FSDP runs every forward on all ranks)."""
     examples = examples[:args.final_eval]
+    try:
+        sampler = evaluate.canvas_for(backbone, examples, {"gen_length": None, "block_length": None}, args.seq_len)
+    except ValueError as e:
+        return {"skipped": str(e)}
     prompts = [data.prompt_ids(backbone.tokenizer, ex.prompt) for ex in examples]
-    gen_length = args.seq_len - max(map(len, prompts))
-    if gen_length < 1:
-        return {"skipped": f"the longest held-out prompt fills --seq-len {args.seq_len}: no room for an answer"}
-    sampler = SamplerConfig(gen_length=gen_length, block_length=gen_length, steps=gen_length)
     answers = evaluate.generate_sharded(backbone, prompts, sampler, args.batch_size, env.rank, env.world_size)
     right = [evaluate.exact_match(a, ex.answer) for a, ex in zip(answers, examples)]
-    return {"exact_match": sum(right) / len(right), "n": len(right), "gen_length": gen_length,
+    return {"exact_match": sum(right) / len(right), "n": len(right), "gen_length": sampler.gen_length,
             "samples": [{"prompt": ex.prompt[-1]["content"], "answer": a, "reference": ex.answer, "right": r}
                         for ex, a, r in zip(examples, answers, right)]}
 
 
+@out_of_memory_in_one_line  # issue 15: an out-of-memory error in one line naming the flag
 def main(argv=None) -> Path:
     """Run training; returns the folder of the exported model. --out/log.jsonl has one line per
     step ({"step", "loss", "diffusion", "jepa", "lr", "grad_norm", "skipped"}) and per held-out
-    evaluation. Every refusal is one line: exit 2 for a bad flag, 1 for bad data or files."""
+    evaluation. Every refusal is one line: exit 2 for a bad flag, 1 for bad data or files.
+    Every file is strict JSON: a non-finite value (a skipped step's loss) is the string "NaN",
+    "Infinity" or "-Infinity" (float() reads it back), not a bare NaN that strict parsers refuse."""
     parser, args = parse_args(argv)
     try:
         validate(args)
@@ -392,8 +647,10 @@ def main(argv=None) -> Path:
         parser.error(re.sub(r"(?<![\w-])([a-z]+(?:_[a-z]+)*)=", lambda m: f"--{m[1].replace('_', '-')}=", str(e)))
     try:
         check_paths(args)
+        check_fits(args)  # issue 15: a model that cannot fit is refused before it is allocated
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    distributed.stop_on_second_signal()  # even a rank stuck in a collective stops on a second SIGTERM
     hf_logging.disable_progress_bar()  # one progress bar: ours
     env = distributed.init_distributed(args.device)
     torch.manual_seed(args.seed)
@@ -401,35 +658,63 @@ def main(argv=None) -> Path:
     # Only rank 0 reads (or initialises) the weights; the other ranks build the same modules on
     # the meta device, without memory, and receive their shards once sharded (materialize).
     on_meta = torch.device("meta") if not env.is_main else contextlib.nullcontext()
+    # Full fine-tuning keeps fp32 master weights (FSDP casts to --dtype for compute); a LoRA base is
+    # frozen, so it is stored in --dtype itself (bf16: 2 bytes a weight) and only the adapters,
+    # predictor and EMA adapter keep fp32 masters.
+    base_dtype = dtype if args.lora_rank else torch.float32
     error = None
     try:  # bad files, names or rows: one line that says what and where, no traceback
         with on_meta:
             backbone = (new_tiny_backbone(hidden_size=args.tiny_width, num_hidden_layers=args.tiny_layers,
                                           intermediate_size=round(args.tiny_width * 8 / 3 / 32) * 32,
                                           max_position_embeddings=max(512, args.seq_len))
-                        if args.model is None else load_backbone(args.model, weights=env.is_main))
+                        if args.model is None else load_backbone(args.model, dtype=base_dtype, weights=env.is_main))
+            for parameter in backbone.model.parameters() if args.model is None else ():  # a new tiny model's;
+                parameter.data = parameter.data.to(base_dtype)  # its buffers (rotary tables) stay fp32
         n_blocks = len(backbone.family.blocks(backbone.model))
         if not -n_blocks - 1 <= args.embed_layer <= n_blocks:
             raise ValueError(f"--embed-layer {args.embed_layer}: the model has {n_blocks} blocks, so hidden "
                              f"states 0..{n_blocks} (or {-n_blocks - 1}..-1)")
+        base_parameters = sum(p.numel() for p in backbone.model.parameters())
+        if args.lora_rank:  # in place, on every rank alike (on meta too): the base frozen, adapters trained
+            args.lora_alpha = args.lora_alpha or 2.0 * args.lora_rank
+            with on_meta:
+                lora.apply_lora(backbone.model, backbone.family.name, args.lora_rank, args.lora_alpha,
+                                args.lora_dropout, args.lora_targets)
+            names = args.lora_targets.split(",") if args.lora_targets else lora.DEFAULT_TARGETS[backbone.family.name]
+            args.lora_targets = ",".join(dict.fromkeys(name.strip() for name in names if name.strip()))
         train_rows, eval_rows, eval_examples = load_data(args, backbone.tokenizer, env.is_main)
     except (ValueError, OSError, ImportError) as e:
         error = f"error: {e}"
     if error := distributed.agreed_error(error, env):  # the other ranks wait here for rank 0's loading
         raise SystemExit(error)
+    check_run(args, backbone.model, train_rows, eval_rows, env)  # issue 15: same run on every rank; a batch fits
     max_positions = getattr(backbone.model.config, "max_position_embeddings", None)
     if env.is_main and max_positions and args.seq_len > max_positions:
         print(f"warning: --seq-len {args.seq_len} exceeds the model's max_position_embeddings {max_positions}")
-    args.lr = args.lr or (1e-3 if args.model is None else 1e-5)
+    args.lr = args.lr or (1e-3 if args.model is None else 1e-4 if args.lora_rank else 1e-5)
     args.final_eval = (200 if args.data == "builtin" else 0) if args.final_eval is None else args.final_eval
     args.warmup_steps = min(30, args.steps // 10) if args.warmup_steps is None else args.warmup_steps
     if len(eval_rows.input_ids) < env.world_size:
         raise SystemExit(f"error: {len(eval_rows.input_ids)} held-out rows for {env.world_size} processes; "
                          "give more data or a larger --eval-fraction")
 
-    with on_meta:  # the predictor and the EMA target and anchor copies too
+    with on_meta:  # the predictor and the EMA target and anchor copies too (LoRA: an EMA adapter, no copy)
         model = DLLMJEPA(backbone.model, config, backbone.mask_token_id, backbone.family.shift_logits,
-                         blocks_of=backbone.family.blocks)
+                         blocks_of=backbone.family.blocks,
+                         **(lora.dllm_jepa_kwargs(backbone.model, config) if args.lora_rank else {}))
+        if model.predictor is not None:
+            model.predictor.float()  # fp32 masters (built in the backbone's dtype: a LoRA base may be bf16)
+    if env.is_main and args.lora_rank:
+        adapter = sum(p.numel() for p in lora.adapter_parameters(backbone.model))
+        ema = (sum(p.numel() * p.element_size() for p in lora.adapter_parameters(backbone.model, lora.EMA))
+               if isinstance(model.target_encoder, lora.EMAAdapterTarget) else 0)
+        predictor = sum(p.numel() for p in model.predictor.parameters()) if model.predictor is not None else 0
+        print(f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g} on {args.lora_targets.replace(',', ', ')} "
+              f"({len(lora.lora_layers(backbone.model))} layers): {adapter:,} trainable parameters "
+              f"({adapter / base_parameters:.1%} of the base's {base_parameters:,})"
+              + (f", plus the predictor's {predictor:,}" if predictor else "")
+              + (f"; EMA target: an EMA adapter, {ema / 2**20:.2f} MiB" if ema else ""))
     full_state = distributed.weights_to_send(model) if env.is_main and env.world_size > 1 else None
     distributed.shard_model(model, backbone.family.blocks, param_dtype=dtype if dtype != torch.float32 else None,
                             cpu_offload=args.cpu_offload, activation_checkpointing=args.activation_checkpointing)
@@ -501,11 +786,12 @@ def main(argv=None) -> Path:
         model.eval()  # dropout off (LLaDA, Dream and the tiny model have none; others may)
         held_out = held_out_eval(model, eval_rows, args, env)
         if env.is_main:
-            log.write(json.dumps({"step": step, "held_out": held_out}) + "\n")
+            log.write(distributed.strict_json({"step": step, "held_out": held_out}) + "\n")
             tqdm.write(f"step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
 
     try:
-        log_eval(start_step)
+        if start_step == 0 or start_step % args.eval_every == 0 or start_step == args.steps:
+            log_eval(start_step)  # a resumed run logs what the uninterrupted one logged at this step, no more
         for step in bar:
             model.train()
             rows = data.batch_rows(step, len(train_rows.input_ids), global_batch, args.seed)
@@ -533,7 +819,7 @@ def main(argv=None) -> Path:
             bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "diffusion", "jepa", "answer_loss")}
                             | {"lr": f"{lr_at(step, args):.1e}"})
             if env.is_main:
-                log.write(json.dumps({"step": done, **parts, "lr": lr_at(step, args),
+                log.write(distributed.strict_json({"step": done, **parts, "lr": lr_at(step, args),
                                       "grad_norm": grad_norm.item(), "skipped": bad_in_a_row > 0}) + "\n")
             if bad_in_a_row >= args.max_bad_steps:
                 raise SystemExit(f"error: {bad_in_a_row} non-finite steps in a row (steps {done - bad_in_a_row + 1}"
@@ -560,8 +846,24 @@ def main(argv=None) -> Path:
             log.close()
 
     final = out / "final"
+    # In the loaded checkpoint's dtype by default (LLaDA/Dream: bf16, 16 GB for 8B, not 32); with LoRA
+    # the adapter merged in (a plain model, no peft needed), and on request the adapter alone too.
+    export_dtype = ((backbone.saved_dtype or torch.float32) if args.export_dtype == "auto"
+                    else getattr(torch, args.export_dtype))
+    adapter = lora.adapter_state(model.backbone) if args.export_adapter else None  # every rank gathers it
+    if args.model is not None and Path(args.model).expanduser().is_dir():  # the adapter names its base by
+        model.backbone.name_or_path = str(Path(args.model).expanduser().resolve())  # a path valid anywhere
+    load_code = []
+
+    def finish(folder):  # rank 0, inside final.tmp
+        load_code.append(install_remote_fixes(folder, backbone.family))
+        if adapter is not None:
+            lora.save_adapter(model.backbone, folder / "adapter", state=adapter)
+            (folder / "adapter" / "training_config.json").write_text(distributed.metadata_json(run_config))
     try:
-        distributed.export_pretrained(model.backbone, backbone.tokenizer, final, env, run_config)
+        distributed.export_pretrained(model.backbone, backbone.tokenizer, final, env, run_config,
+                                      transform=(lambda state: lora.merged_state(model.backbone, state))
+                                      if args.lora_rank else None, dtype=export_dtype, finish=finish)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     generated = final_generation(backbone, eval_examples, args, env) if args.final_eval and eval_examples else None
@@ -569,7 +871,7 @@ def main(argv=None) -> Path:
     if env.is_main and generated:
         samples = generated.pop("samples", [])
         with open(out / "log.jsonl", "a") as log:
-            log.write(json.dumps({"step": args.steps, "final_eval": generated}) + "\n")
+            log.write(distributed.strict_json({"step": args.steps, "final_eval": generated}) + "\n")
         if "exact_match" in generated:
             (out / "final_eval.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
             print(f"held-out answers, generated ({generated['gen_length']} masks after each prompt):")
@@ -583,8 +885,17 @@ def main(argv=None) -> Path:
     if env.is_main:
         print(f"done: step {args.steps} ({args.steps - start_step} steps in {time.time() - t0:.0f}s here; "
               f"{skipped} skipped as non-finite in all){summary}")
-        print(f"fine-tuned model: {final} (load with transformers AutoModel.from_pretrained after "
-              f"`import tiny_model` for the tiny one); resumable checkpoints: {out / 'checkpoints'}")
+        how = ("`import tiny_model; AutoModel.from_pretrained(path)`" if backbone.family.name == "tiny-dlm" else
+               "`AutoModel.from_pretrained(path, trust_remote_code=True)`" if load_code and load_code[0] else
+               "`backbones.load_backbone(path).model`")  # remote code this repo's fixes do not cover
+        print(f"fine-tuned model: {final} ({str(export_dtype).removeprefix('torch.')}"
+              f"{', LoRA adapter merged in' if args.lora_rank else ''}; load with {how}, or "
+              f"`backbones.load_backbone(path)` for the model and its tokenizer); resumable checkpoints: "
+              f"{out / 'checkpoints'}")
+        if adapter is not None:
+            print(f"adapter alone: {final / 'adapter'} (peft: PeftModel.from_pretrained(base, path); "
+                  f"evaluate.py --model {final / 'adapter'}, or --model BASE --adapter {final / 'adapter'})")
+    distributed.leave(env)  # under torchrun: the group taken down in order, no 'terminate called' at exit
     return final
 
 

@@ -11,6 +11,10 @@ with `ShiftedTinyDLM`, a TinyDLM whose output at i predicts token i + 1.
 
 import contextlib
 import dataclasses
+import json
+import os
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -479,3 +483,184 @@ def test_every_fix_is_documented(key):
     assert family.before or family.after
     for fix in family.before + family.after:
         assert fix.__doc__ and len(fix.__doc__.split()) > 15
+
+
+def test_dream_generation_config_accepts_arguments(monkeypatch):
+    """DreamGenerationConfig.validate(self, is_init=False), found through the model class's module
+    (modeling_dream imports it), takes 5.x's keyword arguments once repaired."""
+    import sys
+    import types
+
+    class DreamGenerationConfig:
+        def validate(self, is_init=False):
+            self.checked = is_init
+
+    module = types.ModuleType("fake_modeling_dream")
+    module.DreamGenerationConfig = DreamGenerationConfig
+    model_class = type("DreamModel", (), {"__module__": module.__name__})
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    assert "validate" in backbones.dream_generation_config_accepts_arguments(None, model_class, no_stack())
+    config = DreamGenerationConfig()
+    config.validate(user_set_attributes=set())
+    assert config.checked is False
+    assert backbones.dream_generation_config_accepts_arguments(None, model_class, no_stack()) is None
+    assert backbones.dream_generation_config_accepts_arguments(None, tiny_model.TinyDLM, no_stack()) is None
+
+# -----------------------------------------------------------------------------
+# Exports: the checkpoint's dtype, and loading LLaDA/Dream exports with plain AutoModel
+
+
+def test_saved_dtype_of(tmp_path, tokenizer):
+    """The config's dtype; else the first floating tensor's in the safetensors header; else None."""
+    assert backbones.saved_dtype_of(SimpleNamespace(dtype="bfloat16"), "x") is torch.bfloat16
+    assert backbones.saved_dtype_of(SimpleNamespace(dtype=torch.float16), "x") is torch.float16
+    model = save_tiny(tmp_path, tokenizer).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    assert backbones.saved_dtype_of(SimpleNamespace(dtype=None), str(tmp_path)) is torch.bfloat16
+    assert backbones.load_backbone(str(tmp_path)).saved_dtype is torch.bfloat16
+    assert backbones.saved_dtype_of(SimpleNamespace(dtype=None), str(tmp_path / "none")) is None
+    assert backbones.new_tiny_backbone(**SMALL).saved_dtype is None  # a new model: train.py exports fp32
+
+
+def test_install_remote_fixes_only_over_the_published_code(tmp_path):
+    """The family's remote_fixes file goes beside modeling_llada.py and auto_map entries naming
+    LLaDA's class point at its subclass (again: unchanged); other code, or the tiny model: nothing."""
+    llada = FAMILIES["llada"]
+    auto_map = {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
+                "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llada", "auto_map": auto_map}))
+    (tmp_path / "modeling_llada.py").write_text("# LLaDA's\n")
+    for _ in range(2):
+        assert backbones.install_remote_fixes(tmp_path, llada) == "llada_transformers5.LLaDAModelLM"
+        assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == auto_map | {
+            "AutoModel": "llada_transformers5.LLaDAModelLM", "AutoModelForCausalLM": "llada_transformers5.LLaDAModelLM"}
+    assert (tmp_path / "llada_transformers5.py").read_text().startswith('"""\nLLaDA\'s published modeling code')
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "my_llada.Model"}}))
+    assert backbones.install_remote_fixes(other, llada) is None and sorted(os.listdir(other)) == ["config.json"]
+    assert backbones.install_remote_fixes(other, FAMILIES["tiny-dlm"]) is None
+
+
+# Tiny random LLaDA and Dream models built from their published modeling code, which this
+# repository does not contain: the tests below read it from $DLLM_JEPA_REMOTE_CODE/<family>/
+# (configuration_*.py, modeling_*.py, Dream's generation_utils.py) or from the Hugging Face
+# cache of the released checkpoints, and are skipped where neither has it.
+PUBLISHED = {"llada": ("GSAI-ML/LLaDA-8B-Instruct", ("configuration_llada.py", "modeling_llada.py")),
+             "dream": ("Dream-org/Dream-v0-Instruct-7B",
+                       ("configuration_dream.py", "modeling_dream.py", "generation_utils.py"))}
+
+
+def published_code(family: str) -> dict[str, str]:
+    repo, files = PUBLISHED[family]
+    folder = Path(os.environ.get("DLLM_JEPA_REMOTE_CODE", "/nonexistent")) / family
+    if all((folder / name).is_file() for name in files):
+        return {name: (folder / name).read_text() for name in files}
+    try:
+        from huggingface_hub import hf_hub_download
+        return {name: Path(hf_hub_download(repo, name, local_files_only=True)).read_text() for name in files}
+    except Exception:  # not in the cache
+        pytest.skip(f"{family}'s published modeling code: set DLLM_JEPA_REMOTE_CODE (a folder with "
+                    f"{family}/{', '.join(files)}) or have {repo}'s files in the Hugging Face cache")
+
+
+def tiny_published_model(folder: Path, family: str, tokenizer, init_device: str | None = None,
+                         weight_tying: bool = False) -> Path:
+    """A random bf16 checkpoint of the family's published code, 2 blocks of width 64, laid out as
+    the released ones (config.json with auto_map, the code, tokenizer, generation_config.json for
+    Dream). init_device: the value LLaDAModelLM.__init__ sets (released copies say "cpu" or "cuda")."""
+    import distributed
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True)
+    for name, text in published_code(family).items():
+        if init_device:
+            text = re.sub(r'(model_config\.init_device = )"\w+"', rf'\1"{init_device}"', text)
+        (folder / name).write_text(text)
+    vocab, specials = 320, dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                                mask_token_id=tokenizer.mask_token_id)
+    if family == "llada":
+        config = dict(
+            model_type="llada", architectures=["LLaDAModelLM"], auto_map={
+                "AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
+                "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+            d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=128, mlp_ratio=4, vocab_size=vocab,
+            embedding_size=vocab, max_sequence_length=256, activation_type="silu", block_type="llama",
+            block_group_size=1, layer_norm_type="rms", rms_norm_eps=1e-5, rope=True, rope_theta=500000.0,
+            rope_full_precision=True, include_bias=False, include_qkv_bias=False, bias_for_layer_norm=False,
+            layer_norm_with_affine=True, attention_layer_norm=False, attention_layer_norm_with_affine=True,
+            alibi=False, alibi_bias_max=8.0, attention_dropout=0.0, embedding_dropout=0.0, residual_dropout=0.0,
+            flash_attention=False, init_device="meta", init_fn="mitchell", init_std=0.02, init_cutoff_factor=None,
+            input_emb_norm=False, multi_query_attention=None, precision="amp_bf16", scale_logits=False,
+            use_cache=False, weight_tying=weight_tying, torch_dtype="bfloat16", **specials)
+    else:
+        config = dict(
+            model_type="Dream", architectures=["DreamModel"], auto_map={
+                "AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, max_window_layers=2, hidden_act="silu", rms_norm_eps=1e-6,
+            rope_theta=1000000.0, rope_scaling=None, sliding_window=None, use_sliding_window=False,
+            tie_word_embeddings=False, attention_dropout=0.0, initializer_range=0.02, use_cache=False,
+            vocab_size=vocab, bos_token_id=tokenizer.eos_token_id, torch_dtype="bfloat16", **specials)
+        (folder / "generation_config.json").write_text(json.dumps(dict(bos_token_id=tokenizer.eos_token_id,
+                                                                       **specials)))
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(folder)
+    structure = backbones.load_backbone(str(folder), weights=False).model  # shapes only, on meta
+    aliases, generator = distributed.aliased_keys(structure), torch.Generator().manual_seed(0)
+    save_file({key: (torch.randn(value.shape, generator=generator) * 0.05 if value.dim() > 1
+                     else 1 + 0.1 * torch.randn(value.shape, generator=generator)).to(torch.bfloat16)
+               for key, value in structure.state_dict().items() if key not in aliases},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+PLAIN_LOAD = """
+import sys, torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)  # the default dtype: config.json's
+as_float = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = as_float(input_ids=torch.arange(3, 27).reshape(2, 12)).logits
+torch.save({"class": type(model).__module__ + "." + type(model).__name__, "dtype": model.dtype, "logits": logits},
+           sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("family,variant", [("llada", "published"), ("llada", "init_device cuda"),
+                                            ("llada", "weight_tying"), ("dream", "published")])
+def test_exports_load_with_plain_automodel(tmp_path, tokenizer, family, variant):
+    """train.py (LoRA, merged export; full fine-tuning for tied LLaDA) on a tiny model of the family's
+    published code: final/ is bf16, as the checkpoint; a fresh process loads it with nothing but
+    AutoModel.from_pretrained(final, trust_remote_code=True), in bf16 by default, and its logits
+    equal those of backbones.load_backbone(final) (the one-line load train.py also prints): the
+    weights, the rotary tables (Dream: recomputed, not left uninitialised) and the tied head all
+    arrive. Under 5.x the published code alone does not load (LLaDA: post_init, tie_weights and
+    the hard-coded CUDA device; Dream: the "default" RoPE, tied-weight keys, generation config)."""
+    import subprocess
+    import sys
+    import train
+    base = tiny_published_model(tmp_path / "base", family, tokenizer,
+                                init_device="cuda" if variant == "init_device cuda" else None,
+                                weight_tying=variant == "weight_tying")
+    lora = [] if variant == "weight_tying" else ["--lora-rank", "4", "--export-adapter"]
+    final = train.main(["--model", str(base), "--seq-len", "32", "--builtin-size", "200", "--batch-size", "4",
+                        "--steps", "2", "--lr", "1e-2", "--eval-every", "100", "--save-every", "100",
+                        "--final-eval", "0", "--no-progress", "--out", str(tmp_path / "run"), *lora])
+    config = json.loads((final / "config.json").read_text())
+    shim = {"llada": "llada_transformers5.LLaDAModelLM", "dream": "dream_transformers5.DreamModel"}[family]
+    assert config["dtype"] == "bfloat16" and config["auto_map"]["AutoModel"] == shim
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_LOAD)
+    result = subprocess.run([sys.executable, str(script), str(final), str(tmp_path / "plain.pt")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain = torch.load(tmp_path / "plain.pt", weights_only=False)
+    assert plain["class"].endswith(shim) and plain["dtype"] == torch.bfloat16
+    loaded = backbones.load_backbone(str(final)).model.eval()
+    with torch.no_grad():
+        expected = loaded(input_ids=torch.arange(3, 27).reshape(2, 12)).logits
+    torch.testing.assert_close(plain["logits"], expected, rtol=0, atol=1e-5)
+    if lora:  # the adapter alone, named after its base, beside the merged model
+        adapter = json.loads((final / "adapter" / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == str(base.resolve())

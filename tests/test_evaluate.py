@@ -474,3 +474,62 @@ def test_failing_gold_queries_stop_the_run_before_generation(tmp_path):
                                   for q in ("SELECT name FROM item", "SELECT nonsense FROM item")]))
     with pytest.raises(SystemExit, match=r"dev.json item 1: .*shop.sqlite: the gold query fails \(no such column"):
         E.main(["--model", NO_MODEL, "--task", "spider", "--data", str(spider), "--spider-db", str(tmp_path / "db")])
+
+# -----------------------------------------------------------------------------
+# LoRA exports: the merged model, the adapter folder, base + --adapter
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """train.py with LoRA on a saved tiny base, exporting the merged model and the adapter."""
+    import tiny_model
+    import train
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    tok = tiny_model.make_tokenizer()
+    tiny_model.make_tiny_model(tok, hidden_size=32, num_hidden_layers=2, intermediate_size=96).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    final = train.main(["--model", str(root / "base"), "--tiny-layers", "2", "--batch-size", "8", "--seq-len", "32",
+                        "--builtin-size", "400", "--no-progress", "--steps", "20", "--lr", "1e-2", "--lora-rank", "4",
+                        "--eval-every", "100", "--save-every", "100", "--final-eval", "0", "--export-adapter",
+                        "--out", str(root / "run")])
+    return root / "base", final
+
+
+def test_adapter_folder_and_base_plus_adapter_answer_as_the_merged_export(lora_run, tmp_path):
+    base, final = lora_run
+    data_file = final.parent / "held_out.jsonl"
+    flags = ["--task", "exact", "--data", str(data_file), "--limit", "6", "--gen-length", "8", "--block-length", "8"]
+    merged = E.main(["--model", str(final), *flags])
+    adapter = E.main(["--model", str(final / "adapter"), *flags])
+    pair = E.main(["--model", str(base), "--adapter", str(final / "adapter"), *flags])
+    plain = E.main(["--model", str(base), *flags])
+    answers = lambda result: [a["prediction"] for a in result["answers"]]
+    assert answers(adapter) == answers(pair) == answers(merged)
+    assert adapter["answer_loss"] == pytest.approx(merged["answer_loss"], abs=1e-5)
+    assert pair["answer_loss"] == pytest.approx(merged["answer_loss"], abs=1e-5)
+    assert abs(plain["answer_loss"] - merged["answer_loss"]) > 1e-3  # the adapter matters
+
+
+def test_adapter_applies_to_model_not_base(lora_run, tmp_path):
+    """--model BASE --adapter DIR --base BASE: the base is loaded without the adapter (forgetting
+    is measured against it), the model with it; an adapter folder without adapter_config.json or
+    without a named base is one line."""
+    base, final = lora_run
+    text = tmp_path / "held.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    flags = ["--task", "probe", "--data", str(text), "--probe-seq-len", "32", "--probe-windows", "2",
+             "--probe-grid", "2", "--base", str(base)]
+    with_adapter = E.main(["--model", str(base), "--adapter", str(final / "adapter"), *flags])
+    merged = E.main(["--model", str(final), *flags])
+    assert with_adapter["forgetting"] != 0
+    assert with_adapter["probe_loss"] == pytest.approx(merged["probe_loss"], abs=1e-5)
+    assert with_adapter["base_probe_loss"] == merged["base_probe_loss"]
+    with pytest.raises(SystemExit, match=r"error: --adapter .*: no adapter_config.json there"):
+        E.main(["--model", str(base), "--adapter", str(base), *flags])
+    nameless = tmp_path / "nameless"
+    nameless.mkdir()
+    config = json.loads((final / "adapter" / "adapter_config.json").read_text()) | {"base_model_name_or_path": None}
+    (nameless / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="names no base model; give --model BASE --adapter"):
+        E.main(["--model", str(nameless), *flags])

@@ -41,7 +41,7 @@ def test_comparisons_flag_gaps_beyond_seed_noise():
 
 @pytest.fixture
 def data_dir(tmp_path):
-    """Files in shared/data's layout, made up and tiny."""
+    """Files in the --data-dir layout, made up and tiny."""
     root = tmp_path / "data"
     (root / "nl-rx-synth").mkdir(parents=True)
     words = ["dog", "truck", "ring", "lake"]
@@ -77,11 +77,17 @@ def test_pipeline_end_to_end(data_dir, tmp_path):
     results = json.loads((out / "results.json").read_text())
     runs = results["nl-rx-synth"]["runs"]
     assert [len(runs[m]) for m in ("diffusion", "dllm-jepa")] == [2, 2]
-    assert {"answer_loss", "probe_loss", "forgetting", "mmlu_0shot", "weight_distance", "cka"} <= set(runs["diffusion"][0])
-    # the probe windows were cut before training with a new tiny model's tokenizer: the base's reads the same
+    assert {"answer_loss", "answer_accuracy", "probe_loss", "forgetting", "mmlu_0shot", "weight_distance", "cka",
+            "embedding_rank"} <= set(runs["diffusion"][0])
+    assert runs["dllm-jepa"][0]["embedding_rank"] >= 1
+    # the probe windows were cut before training with the run's tokenizer: the base saved the same one,
+    # with merges learned on the training text (fewer tokens than bytes)
     heldout = (out / "data" / "wikitext_heldout.txt").read_text()
     ids = lambda tok: tok(heldout, add_special_tokens=False)["input_ids"]
-    assert ids(load_backbone(str(out / "base" / "final")).tokenizer) == ids(tiny_model.make_tokenizer())
+    base_tokenizer = load_backbone(str(out / "base" / "final")).tokenizer
+    profile = X.Profile(**json.loads((out / "profile.json").read_text())["profile"])
+    assert ids(base_tokenizer) == ids(X.read_inputs(data_dir, ["nl-rx-synth"], profile).tokenizer)
+    assert len(ids(base_tokenizer)) < len(ids(tiny_model.make_tokenizer()))
     train_log = out / "nl-rx-synth" / "diffusion" / "seed0" / "train.log"
     stamp = train_log.stat().st_mtime_ns
     X.main(argv)  # a second call reuses every finished stage
@@ -91,8 +97,9 @@ def test_pipeline_end_to_end(data_dir, tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="wikitext2/valid.txt is missing"):
-        X.main(["--smoke", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+        X.main(["--smoke", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
 
 
 GSM8K_TRAIN = '{"question": "1+1?", "answer": "2 #### 2"}\n'
@@ -137,14 +144,14 @@ def test_bad_data_is_refused_in_one_line_before_any_training(data_dir, tmp_path,
     (["--n-dev", "0"], "error: --n-dev 0: must be >= 1"),
     (["--n-train", "0"], "error: --n-train 0: must be >= 1"),
     (["--mmlu-questions", "0"], "error: --mmlu-questions 0: must be >= 1"),
-    (["--gen-steps", "5"], r"error: --gen-steps 5 cannot be shared evenly by 2 blocks"),
-    (["--block-length", "5"], "error: --gen-length 16 is not a multiple of --block-length 5"),
+    (["--loss-weight", "uniform"], "error: --loss-weight uniform: 'inverse-t' or 'flat'"),
 ])
 def test_bad_overrides_fail_before_anything_runs(tmp_path, flags, match):
     """The data folder is empty: an error about the flags proves they were checked first."""
     out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match=match):
-        X.main(["--smoke", "--data-dir", str(tmp_path), "--out", str(out)] + flags)
+        X.main(["--smoke", "--data-dir", str(tmp_path / "empty"), "--out", str(out)] + flags)
     assert not out.exists()
 
 

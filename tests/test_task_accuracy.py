@@ -136,3 +136,37 @@ def test_a_short_run_answers_what_it_was_trained_on(tmp_path, tokenizer):
     assert result["exact_match"] == generated["exact_match"]
     longest_prompt = len(data.prompt_ids(tokenizer, [{"role": "user", "content": "copy bead"}]))
     assert result["sampler"]["gen_length"] == generated["gen_length"] == 24 - longest_prompt
+
+
+def test_flat_loss_weight_drops_the_one_over_p(make_model, tokenizer):
+    """One row: its LLaDA loss is the flat one divided by the row's p (same masks, same model)."""
+    rows = data.tokenize_examples(data.builtin_task(1, seed=2), tokenizer, 32)
+    model = make_model()
+    losses = {}
+    for weight in ("inverse-t", "flat"):
+        net = dj.DLLMJEPA(model, dj.JEPAConfig(method="diffusion", loss_weight=weight), tokenizer.mask_token_id)
+        losses[weight] = net(rows.input_ids, rows.prompt_lengths, rows.answer_lengths,
+                             generator=torch.Generator().manual_seed(5)).diffusion.item()
+    u = torch.rand(2, 1, generator=torch.Generator().manual_seed(5))  # sample_times' first draw
+    low, high = dj.VIEW_PRESETS["wide-range"]["context_t"]
+    p = dj.mask_probability(low + (high - low) * u[0, 0], 1e-3).item()
+    assert losses["flat"] > 0
+    assert losses["inverse-t"] == pytest.approx(losses["flat"] / p, rel=1e-5)
+    with pytest.raises(ValueError, match="loss_weight"):
+        dj.JEPAConfig(loss_weight="uniform")
+
+
+def test_evaluation_canvas_defaults_to_the_trained_one_and_warns_past_it(capsys):
+    from backbones import new_tiny_backbone
+    backbone = new_tiny_backbone(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    items = [evaluate.Item([{"role": "user", "content": q}], "x") for q in ("copy ab", "copy abcdef")]
+    longest = len(data.prompt_ids(backbone.tokenizer, items[1].prompt))
+    sampler = evaluate.canvas_for(backbone, items, {"gen_length": None, "block_length": None}, 30)
+    assert (sampler.gen_length, sampler.block_length, sampler.steps) == (30 - longest,) * 3
+    assert capsys.readouterr().err == ""
+    evaluate.canvas_for(backbone, items, {"gen_length": 30 - longest, "block_length": 30 - longest}, 30)
+    assert capsys.readouterr().err == ""  # exactly the trained canvas: no warning
+    evaluate.canvas_for(backbone, items, {"gen_length": 31 - longest, "block_length": 31 - longest}, 30)
+    assert f"past the longest canvas the model was trained on (30)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="fills the model's trained canvas"):
+        evaluate.canvas_for(backbone, items, {"gen_length": None, "block_length": None}, longest)

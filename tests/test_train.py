@@ -260,3 +260,154 @@ def test_held_out_split_is_disjoint_covers_every_row_and_has_the_right_sizes():
     # at least one row on each side
     assert [len(p.input_ids) for p in split_eval(rows, 0.001, seed=3)] == [39, 1]
     assert [len(p.input_ids) for p in split_eval(rows, 0.999, seed=3)] == [1, 39]
+
+# -----------------------------------------------------------------------------
+# LoRA (--lora-rank) and exports (--export-dtype, --export-adapter)
+
+LORA = ["--lora-rank", "4", "--eval-every", "100", "--final-eval", "0"]
+
+
+def save_base(path, dtype=torch.float32):
+    """A saved tiny model to fine-tune (an adapter needs a base that exists outside the run)."""
+    torch.manual_seed(0)
+    tok = tiny_model.make_tokenizer()
+    tiny_model.make_tiny_model(tok, hidden_size=32, num_hidden_layers=2, intermediate_size=96).to(dtype).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def safetensors_dtypes(folder):
+    from safetensors import safe_open
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return {f.get_slice(key).get_dtype() for key in f.keys()}
+
+
+def test_lora_trains_only_the_adapters_and_exports_base_plus_adapter(tmp_path, capsys):
+    """Base weights in the checkpoint are the saved base's, bit for bit; only adapters (and the
+    predictor) have optimizer state; final/ is the base plus scaling * B A in each adapted layer,
+    the rest untouched; it computes what base + adapter (peft, final/adapter) computes."""
+    from peft import PeftModel
+    base_path = save_base(tmp_path / "base")
+    out, final = run(tmp_path, "lora", "--model", str(base_path), *LORA, "--steps", "4", "--lr", "1e-2",
+                     "--save-every", "4", "--export-adapter")
+    printed = capsys.readouterr().out
+    assert "LoRA rank 4, alpha 8 on qkv, attn_out, gate_up, down (8 layers): 4,352 trainable parameters" in printed
+    assert "load with `import tiny_model; AutoModel.from_pretrained(path)`" in printed
+    base = AutoModel.from_pretrained(base_path).eval()
+    base_state = base.state_dict()
+    saved = checkpoint_state(out / "checkpoints" / "step_00000004", tmp_path)
+    model = {k[len("backbone."):]: v for k, v in saved["model"].items() if k.startswith("backbone.")}
+    frozen = {k.replace(".base_layer", ""): v for k, v in model.items() if ".lora_" not in k}
+    assert frozen.keys() == base_state.keys()
+    assert all(torch.equal(frozen[k], v) for k, v in base_state.items())  # the base never moved
+    assert all(".lora_" in k and ".default." in k or k.startswith("predictor.") for k in saved["optim"]["state"])
+    layers = {k.split(".lora_B.")[0] for k in model if ".lora_B.default." in k}
+    assert len(layers) == 8 and all(model[f"{l}.lora_B.default.weight"].abs().sum() > 0 for l in layers)
+
+    merged = AutoModel.from_pretrained(final).eval()
+    assert json.loads((final / "config.json").read_text())["dtype"] == "float32"
+    for name, value in merged.state_dict().items():
+        layer = name.removesuffix(".weight")
+        if layer in layers:  # W + alpha / r * B A, alpha = 2 r by default
+            delta = 2.0 * model[f"{layer}.lora_B.default.weight"] @ model[f"{layer}.lora_A.default.weight"]
+            assert torch.allclose(value, base_state[name] + delta, atol=1e-6), name
+            assert not torch.allclose(value, base_state[name], atol=1e-4), name
+        else:
+            assert torch.equal(value, base_state[name]), name
+    adapter = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(base_path.resolve()) and adapter["r"] == 4
+    with_adapter = PeftModel.from_pretrained(AutoModel.from_pretrained(base_path), final / "adapter").eval()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got, plain = (m(input_ids=ids).logits for m in (with_adapter, merged, base))
+    assert torch.allclose(got, want, atol=1e-5) and (want - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["diffusion", "two-pass", "l2-anchor", "dllm-jepa-online"])
+def test_every_method_trains_under_lora(tmp_path, method, capsys):
+    flags = ["--method", "dllm-jepa", "--target", "online"] if method == "dllm-jepa-online" else ["--method", method]
+    out, _ = run(tmp_path, method, *LORA, *flags, "--steps", "3", "--save-every", "100", "--lr", "1e-2")
+    steps = [row for row in read_log(out) if "loss" in row]
+    assert len(steps) == 3 and all(math.isfinite(row["loss"]) for row in steps)
+    assert (steps[-1]["anchor"] > 0) == (method == "l2-anchor")  # the adapters' exact weight change
+    assert (all(row["jepa"] > 0 for row in steps)) == (method in ("two-pass", "dllm-jepa-online"))
+    printed = capsys.readouterr().out
+    assert "4,352 trainable parameters" in printed and "EMA adapter" not in printed
+
+
+def test_lora_resume_is_bitwise_exact(tmp_path):
+    """As test_resume_is_bitwise_exact, with adapters (dropout on: its RNG is restored too)."""
+    flags = [*LORA, "--lora-dropout", "0.1", "--steps", "6", "--save-every", "3", "--lr", "1e-2"]
+    _, straight = run(tmp_path, "straight", *flags)
+    out, _ = run(tmp_path, "resumed", *flags)
+    step6 = checkpoint_state(out / "checkpoints" / "step_00000006", tmp_path)
+    for lost in (out / "checkpoints" / "step_00000006", out / "final"):
+        for f in sorted(lost.rglob("*"), reverse=True):
+            f.unlink() if f.is_file() else f.rmdir()
+        lost.rmdir()
+    _, resumed = run(tmp_path, "resumed", *flags, "--resume", "auto")
+    a, b = AutoModel.from_pretrained(straight), AutoModel.from_pretrained(resumed)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    again = checkpoint_state(out / "checkpoints" / "step_00000006", tmp_path)
+    assert any(".lora_B.ema." in k for k in step6["model"])  # the EMA adapter is saved and restored
+    for key, value in step6["model"].items():
+        assert torch.equal(value, again["model"][key]), key
+
+
+def test_lora_settings_are_fatal_on_resume():
+    """Rank and targets shape the adapters, alpha scales them, and the frozen base is stored in
+    --dtype: a change stops the resume; a new dropout only warns; runs from before LoRA resume."""
+    def config(**args):
+        return {"args": {"model": "m", "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": "qkv", "lora_dropout": 0.0,
+                         "dtype": "float32"} | args, "objective": {}, "world_size": 1, "model_family": "tiny-dlm",
+                "model_parameters": 10}
+    for change in ({"lora_rank": 8}, {"lora_alpha": 4.0}, {"lora_targets": "qkv,down"}, {"dtype": "bfloat16"},
+                   {"lora_rank": 0, "lora_alpha": None, "lora_targets": None}):
+        with pytest.raises(ValueError, match=next(iter(change))):
+            train.check_resume(config(), config(**change))
+    assert train.check_resume(config(), config(lora_dropout=0.1)) == ["lora_dropout 0.0 -> 0.1"]
+    before_lora = config()
+    for key in ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout"):
+        del before_lora["args"][key]
+    plain = config(lora_rank=0, lora_alpha=None, lora_targets=None)
+    assert train.check_resume(before_lora, plain) == []
+    assert train.check_resume(before_lora, plain | {"args": plain["args"] | {"dtype": "bfloat16"}}) == [
+        "dtype float32 -> bfloat16"]
+
+
+def test_bad_lora_flags_are_one_line_errors(tmp_path, capsys):
+    """A target name that matches no layer (peft would ignore it silently): one line, exit 1,
+    before anything is written; bad values and LoRA-only flags without --lora-rank: usage, exit 2."""
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, "bad", *LORA, "--lora-targets", "qkv,q_proj")
+    assert stop.value.code == ("error: --lora-targets: 'q_proj' names no linear layer in the tiny-dlm blocks; "
+                               "available: attn_out, down, gate_up, qkv")
+    assert not (tmp_path / "bad").exists()
+    for flags, message in ((["--lora-rank", "-1"], "--lora-rank: -1: must be >= 0"),
+                           (["--lora-dropout", "0.2"], "--lora-dropout: only with LoRA"),
+                           (["--lora-rank", "2", "--lora-dropout", "1"], "must be >= 0 and < 1"),
+                           (["--lora-rank", "2", "--export-adapter"], "--export-adapter: an adapter needs a base")):
+        with pytest.raises(SystemExit) as stop:
+            run(tmp_path, "bad", *flags)
+        assert stop.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_export_is_in_the_checkpoints_dtype(tmp_path):
+    """A bf16 checkpoint exports bf16 (fine-tuned with fp32 masters, or with LoRA on a bf16 base),
+    --export-dtype float32 overrides; a new tiny model exports fp32."""
+    base = save_base(tmp_path / "base", torch.bfloat16)
+    short = ["--steps", "1", "--eval-every", "100", "--save-every", "100", "--final-eval", "0"]
+    _, final = run(tmp_path, "full", "--model", str(base), *short)
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    assert safetensors_dtypes(final) == {"BF16"}
+    assert AutoModel.from_pretrained(final).dtype == torch.bfloat16
+    _, final = run(tmp_path, "fp32", "--model", str(base), *short, "--export-dtype", "float32")
+    assert json.loads((final / "config.json").read_text())["dtype"] == "float32" and safetensors_dtypes(final) == {"F32"}
+    out, final = run(tmp_path, "lora", "--model", str(base), *short, *LORA, "--dtype", "bfloat16", "--save-every", "1")
+    assert safetensors_dtypes(final) == {"BF16"}
+    state = checkpoint_state(out / "checkpoints" / "step_00000001", tmp_path)["model"]
+    assert {v.dtype for k, v in state.items() if ".lora_" in k or k.startswith("predictor.")} == {torch.float32}
+    assert {v.dtype for k, v in state.items() if k.startswith("backbone.") and ".lora_" not in k} == {torch.bfloat16}
+    _, final = run(tmp_path, "new", *short)
+    assert safetensors_dtypes(final) == {"F32"}
