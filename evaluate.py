@@ -913,7 +913,7 @@ def run(args) -> dict:
     if args.shots and args.task not in ("probe", "drift") and not args.fewshot_data:
         raise ValueError("--shots needs --fewshot-data (where the exemplars come from)")
     if args.task in GENERATION_TASKS:
-        trained = trained_seq_len(args.model)
+        trained = trained_seq_len(args.adapter or args.model)
         default = 128 if trained is None else None  # None: from the trained canvas, once prompts are known
         sampler_args = dict(gen_length=args.gen_length or default, steps=args.steps, temperature=args.temperature,
                             remasking=args.remasking, suppress_eos=args.suppress_eos,
