@@ -61,7 +61,7 @@ class Profile:
     base_lr: float = 1e-3
     seq_len: int = 128             # pre-training windows and the probe's
     task_seq_len: int = 64         # longest fine-tuning canvas (prompt + answer + EOS padding)
-    steps: int = 1000              # fine-tuning steps per run
+    steps: int = 3000              # fine-tuning steps per run
     batch_size: int = 32
     lr: float = 1e-3               # fine-tuning peak lr (the base is tiny: 1e-5 would barely move it)
     loss_weight: str = "flat"      # train.py --loss-weight, for the base and every run

@@ -117,7 +117,7 @@ def parse_args(argv=None):
                    help="EMA target momentum, linear from START to END over --steps")
     g.add_argument("--anchor-mu", type=float, default=1e-2, help="l2-anchor strength")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    g.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=32, help="rows per micro-batch per process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=None,
