@@ -1,7 +1,7 @@
 """
 Fine-tune a masked-diffusion LM with DLLM-JEPA (or a baseline) from the command line.
 
-    python train.py                                   # tiny model, built-in task, CPU, ~2 min
+    python train.py                                   # tiny model, built-in task, CPU, ~3 min
     python train.py --method diffusion                # the baseline, same everything else
     torchrun --nproc_per_node 8 train.py --model GSAI-ML/LLaDA-8B-Instruct \
         --data train.jsonl --dtype bfloat16 --activation-checkpointing --seq-len 1024
@@ -12,6 +12,14 @@ One code path: the model is always wrapped by FSDP2 (a one-process group when no
 torchrun), so the run that teaches on a laptop is the run that shards LLaDA-8B. Only rank
 0 loads the weights; the other ranks build the model on the meta device and receive their
 shards from it.
+main() runs these stages in order (as I-JEPA's and torchtitan's trainers read), each handing
+a Run (args, env, model, optimizer, rows, start step, ...) on to the next:
+  set_up   flags, paths and sizes checked, the process group joined
+  load     backbone (new tiny or --model), LoRA's adapters, tokenised rows; every rank alike
+  shard    DLLMJEPA around it, FSDP2 sharding, rank 0's weights to every rank, AdamW
+  resume   the checkpoint to continue, --out laid out, config.json
+  train    the steps, held-out evaluations, checkpoints, stop on a signal
+  export   final/, the held-out answers generated, the closing lines
 Each step, in order (as in I-JEPA's train loop):
   1. target view forward, no grad (inside DLLMJEPA.forward)
   2. context view forward: diffusion loss + JEPA loss
@@ -49,7 +57,7 @@ import data
 import distributed
 import evaluate
 import lora
-from backbones import install_remote_fixes, load_backbone, new_tiny_backbone
+from backbones import Backbone, install_remote_fixes, load_backbone, new_tiny_backbone
 from dllm_jepa import DLLMJEPA, METHODS, VIEW_PRESETS, JEPAConfig, effective_rank
 
 
@@ -632,13 +640,46 @@ def final_generation(backbone, examples, args, env) -> dict:
                         for ex, a, r in zip(examples, answers, right)]}
 
 
-@out_of_memory_in_one_line  # issue 15: an out-of-memory error in one line naming the flag
-def main(argv=None) -> Path:
-    """Run training; returns the folder of the exported model. --out/log.jsonl has one line per
-    step ({"step", "loss", "diffusion", "jepa", "lr", "grad_norm", "skipped"}) and per held-out
-    evaluation. Every refusal is one line: exit 2 for a bad flag, 1 for bad data or files.
-    Every file is strict JSON: a non-finite value (a skipped step's loss) is the string "NaN",
-    "Infinity" or "-Infinity" (float() reads it back), not a bare NaN that strict parsers refuse."""
+@dataclasses.dataclass
+class Run:
+    """What main()'s stages hand on, filled in stage by stage, so that each stage reads as a
+    function of the run rather than of a dozen arguments. set_up fills args, config and env;
+    load the backbone and rows; shard the model and optimizer; resume the run config, start step
+    and skipped count; train the time it started."""
+    args: argparse.Namespace  # load settles the defaults that depend on the model (--lr, ...)
+    config: JEPAConfig
+    env: distributed.Env
+    backbone: Backbone | None = None
+    base_parameters: int = 0  # the base model's, before LoRA: LoRA's line compares the adapter with it
+    train_rows: data.Tokenized | None = None
+    eval_rows: data.Tokenized | None = None
+    eval_examples: list[data.Example] | None = None  # prompt and answer text; None for plain text
+    model: DLLMJEPA | None = None
+    optimizer: torch.optim.AdamW | None = None
+    run_config: dict | None = None  # config.json; every checkpoint holds it too
+    start_step: int = 0
+    skipped: int = 0  # non-finite steps skipped in all, the resumed checkpoint's included
+    started: float = 0.0  # time.time() at the first step here, for the final line
+
+    @property
+    def out(self) -> Path:
+        """--out, where config.json, log.jsonl, checkpoints/ and final/ go."""
+        return Path(self.args.out)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """--dtype, the compute dtype (a LoRA base is also stored in it)."""
+        return getattr(torch, self.args.dtype)
+
+    def on_meta(self):
+        """Only rank 0 reads (or initialises) the weights; the other ranks build the same modules on
+        the meta device, without memory, and receive their shards once sharded (materialize)."""
+        return torch.device("meta") if not self.env.is_main else contextlib.nullcontext()
+
+
+def set_up(argv) -> Run:
+    """Flags, then files and sizes, then the process group: every refusal that needs no model is
+    made before anything is loaded, in one line (exit 2 for a bad flag, 1 for bad files)."""
     parser, args = parse_args(argv)
     try:
         validate(args)
@@ -654,144 +695,173 @@ def main(argv=None) -> Path:
     hf_logging.disable_progress_bar()  # one progress bar: ours
     env = distributed.init_distributed(args.device)
     torch.manual_seed(args.seed)
-    dtype = getattr(torch, args.dtype)
-    # Only rank 0 reads (or initialises) the weights; the other ranks build the same modules on
-    # the meta device, without memory, and receive their shards once sharded (materialize).
-    on_meta = torch.device("meta") if not env.is_main else contextlib.nullcontext()
-    # Full fine-tuning keeps fp32 master weights (FSDP casts to --dtype for compute); a LoRA base is
-    # frozen, so it is stored in --dtype itself (bf16: 2 bytes a weight) and only the adapters,
-    # predictor and EMA adapter keep fp32 masters.
-    base_dtype = dtype if args.lora_rank else torch.float32
+    return Run(args, config, env)
+
+
+def load(run: Run):
+    """The backbone (LoRA's adapters added when asked) and the tokenised rows. Every rank waits
+    for rank 0's loading, so a bad file, name or row stops them all with its one line; then the
+    ranks check they hold the same run, and the defaults that depend on the model are settled."""
+    args, env = run.args, run.env
     error = None
     try:  # bad files, names or rows: one line that says what and where, no traceback
-        with on_meta:
-            backbone = (new_tiny_backbone(hidden_size=args.tiny_width, num_hidden_layers=args.tiny_layers,
-                                          intermediate_size=round(args.tiny_width * 8 / 3 / 32) * 32,
-                                          max_position_embeddings=max(512, args.seq_len))
-                        if args.model is None else load_backbone(args.model, dtype=base_dtype, weights=env.is_main))
-            for parameter in backbone.model.parameters() if args.model is None else ():  # a new tiny model's;
-                parameter.data = parameter.data.to(base_dtype)  # its buffers (rotary tables) stay fp32
-        n_blocks = len(backbone.family.blocks(backbone.model))
-        if not -n_blocks - 1 <= args.embed_layer <= n_blocks:
-            raise ValueError(f"--embed-layer {args.embed_layer}: the model has {n_blocks} blocks, so hidden "
-                             f"states 0..{n_blocks} (or {-n_blocks - 1}..-1)")
-        base_parameters = sum(p.numel() for p in backbone.model.parameters())
-        if args.lora_rank:  # in place, on every rank alike (on meta too): the base frozen, adapters trained
-            args.lora_alpha = args.lora_alpha or 2.0 * args.lora_rank
-            with on_meta:
-                lora.apply_lora(backbone.model, backbone.family.name, args.lora_rank, args.lora_alpha,
-                                args.lora_dropout, args.lora_targets)
-            names = args.lora_targets.split(",") if args.lora_targets else lora.DEFAULT_TARGETS[backbone.family.name]
-            args.lora_targets = ",".join(dict.fromkeys(name.strip() for name in names if name.strip()))
-        train_rows, eval_rows, eval_examples = load_data(args, backbone.tokenizer, env.is_main)
+        run.backbone = load_model(run)
+        run.base_parameters = sum(p.numel() for p in run.backbone.model.parameters())
+        if args.lora_rank:
+            add_lora(run)
+        run.train_rows, run.eval_rows, run.eval_examples = load_data(args, run.backbone.tokenizer, env.is_main)
     except (ValueError, OSError, ImportError) as e:
         error = f"error: {e}"
     if error := distributed.agreed_error(error, env):  # the other ranks wait here for rank 0's loading
         raise SystemExit(error)
-    check_run(args, backbone.model, train_rows, eval_rows, env)  # issue 15: same run on every rank; a batch fits
-    max_positions = getattr(backbone.model.config, "max_position_embeddings", None)
+    # issue 15: the same run on every rank; a batch fits
+    check_run(args, run.backbone.model, run.train_rows, run.eval_rows, env)
+    max_positions = getattr(run.backbone.model.config, "max_position_embeddings", None)
     if env.is_main and max_positions and args.seq_len > max_positions:
         print(f"warning: --seq-len {args.seq_len} exceeds the model's max_position_embeddings {max_positions}")
     args.lr = args.lr or (1e-3 if args.model is None else 1e-4 if args.lora_rank else 1e-5)
     args.final_eval = (200 if args.data == "builtin" else 0) if args.final_eval is None else args.final_eval
     args.warmup_steps = min(30, args.steps // 10) if args.warmup_steps is None else args.warmup_steps
-    if len(eval_rows.input_ids) < env.world_size:
-        raise SystemExit(f"error: {len(eval_rows.input_ids)} held-out rows for {env.world_size} processes; "
+    if len(run.eval_rows.input_ids) < env.world_size:
+        raise SystemExit(f"error: {len(run.eval_rows.input_ids)} held-out rows for {env.world_size} processes; "
                          "give more data or a larger --eval-fraction")
 
-    with on_meta:  # the predictor and the EMA target and anchor copies too (LoRA: an EMA adapter, no copy)
-        model = DLLMJEPA(backbone.model, config, backbone.mask_token_id, backbone.family.shift_logits,
-                         blocks_of=backbone.family.blocks,
-                         **(lora.dllm_jepa_kwargs(backbone.model, config) if args.lora_rank else {}))
+
+def load_model(run: Run) -> Backbone:
+    """A new tiny backbone or --model's (weights on rank 0 only), with --embed-layer checked
+    against its blocks: a ValueError that load turns into one line."""
+    args = run.args
+    # Full fine-tuning keeps fp32 master weights (FSDP casts to --dtype for compute); a LoRA base is
+    # frozen, so it is stored in --dtype itself (bf16: 2 bytes a weight) and only the adapters,
+    # predictor and EMA adapter keep fp32 masters.
+    base_dtype = run.dtype if args.lora_rank else torch.float32
+    with run.on_meta():
+        backbone = (new_tiny_backbone(hidden_size=args.tiny_width, num_hidden_layers=args.tiny_layers,
+                                      intermediate_size=round(args.tiny_width * 8 / 3 / 32) * 32,
+                                      max_position_embeddings=max(512, args.seq_len))
+                    if args.model is None else load_backbone(args.model, dtype=base_dtype, weights=run.env.is_main))
+        for parameter in backbone.model.parameters() if args.model is None else ():  # a new tiny model's;
+            parameter.data = parameter.data.to(base_dtype)  # its buffers (rotary tables) stay fp32
+    n_blocks = len(backbone.family.blocks(backbone.model))
+    if not -n_blocks - 1 <= args.embed_layer <= n_blocks:
+        raise ValueError(f"--embed-layer {args.embed_layer}: the model has {n_blocks} blocks, so hidden "
+                         f"states 0..{n_blocks} (or {-n_blocks - 1}..-1)")
+    return backbone
+
+
+def add_lora(run: Run):
+    """LoRA's adapters, in place, on every rank alike (on meta too): the base frozen, adapters
+    trained. --lora-alpha and --lora-targets are settled to what was applied, so that
+    config.json, and a resume's comparison with it, name them."""
+    args, backbone = run.args, run.backbone
+    args.lora_alpha = args.lora_alpha or 2.0 * args.lora_rank
+    with run.on_meta():
+        lora.apply_lora(backbone.model, backbone.family.name, args.lora_rank, args.lora_alpha,
+                        args.lora_dropout, args.lora_targets)
+    names = args.lora_targets.split(",") if args.lora_targets else lora.DEFAULT_TARGETS[backbone.family.name]
+    args.lora_targets = ",".join(dict.fromkeys(name.strip() for name in names if name.strip()))
+
+
+def shard(run: Run):
+    """DLLMJEPA around the backbone, sharded by FSDP2 (one code path, one process or many), every
+    rank's shards filled from rank 0's weights, and the optimizer over what trains."""
+    args, env, backbone = run.args, run.env, run.backbone
+    with run.on_meta():  # the predictor and the EMA target and anchor copies too (LoRA: an EMA adapter, no copy)
+        run.model = model = DLLMJEPA(backbone.model, run.config, backbone.mask_token_id,
+                                     backbone.family.shift_logits, blocks_of=backbone.family.blocks,
+                                     **(lora.dllm_jepa_kwargs(backbone.model, run.config) if args.lora_rank else {}))
         if model.predictor is not None:
             model.predictor.float()  # fp32 masters (built in the backbone's dtype: a LoRA base may be bf16)
     if env.is_main and args.lora_rank:
-        adapter = sum(p.numel() for p in lora.adapter_parameters(backbone.model))
-        ema = (sum(p.numel() * p.element_size() for p in lora.adapter_parameters(backbone.model, lora.EMA))
-               if isinstance(model.target_encoder, lora.EMAAdapterTarget) else 0)
-        predictor = sum(p.numel() for p in model.predictor.parameters()) if model.predictor is not None else 0
-        print(f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g} on {args.lora_targets.replace(',', ', ')} "
-              f"({len(lora.lora_layers(backbone.model))} layers): {adapter:,} trainable parameters "
-              f"({adapter / base_parameters:.1%} of the base's {base_parameters:,})"
-              + (f", plus the predictor's {predictor:,}" if predictor else "")
-              + (f"; EMA target: an EMA adapter, {ema / 2**20:.2f} MiB" if ema else ""))
+        report_lora(run)
     full_state = distributed.weights_to_send(model) if env.is_main and env.world_size > 1 else None
+    dtype = run.dtype
     distributed.shard_model(model, backbone.family.blocks, param_dtype=dtype if dtype != torch.float32 else None,
                             cpu_offload=args.cpu_offload, activation_checkpointing=args.activation_checkpointing)
     distributed.materialize(model, full_state, env, args.cpu_offload)
     del full_state  # rank 0's full copy: freed now that every rank holds its shards
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    run.optimizer = make_optimizer(model, args.lr, args.weight_decay)
 
-    out = Path(args.out)
-    run_config = {"args": vars(args), "objective": dataclasses.asdict(config), "world_size": env.world_size,
-                  "model_family": backbone.family.name, "compatibility_fixes": backbone.fixes,
-                  "model_parameters": sum(p.numel() for p in backbone.model.parameters())}
-    start_step, skipped = 0, 0
-    resume = (distributed.latest_checkpoint(out / "checkpoints") if args.resume == "auto"
-              else Path(args.resume) if args.resume else None)
-    if resume is not None:
-        try:  # distributed's errors name the checkpoint; check_resume's do not
-            saved = distributed.checkpoint_extra(resume)["config"]
-            try:
-                changed = check_resume(saved, run_config)
-            except ValueError as e:
-                raise ValueError(f"{resume}: {e}") from None
-            extra = distributed.load_checkpoint(resume, model, optimizer, env)
-        except ValueError as e:
-            raise SystemExit(f"error: --resume {e}") from None
-        start_step, skipped = extra["step"], extra.get("skipped", 0)
-        if start_step > args.steps:
-            raise SystemExit(f"error: --resume {resume}: the checkpoint is at step {start_step}, past "
-                             f"--steps {args.steps}; raise --steps to train on")
+
+def report_lora(run: Run):
+    """One line on what LoRA trains: the adapters' size against the base's, the predictor's, and
+    the EMA adapter's memory (the target encoder it replaces would be a full copy)."""
+    args, model, base = run.args, run.model, run.backbone.model
+    adapter = sum(p.numel() for p in lora.adapter_parameters(base))
+    ema = (sum(p.numel() * p.element_size() for p in lora.adapter_parameters(base, lora.EMA))
+           if isinstance(model.target_encoder, lora.EMAAdapterTarget) else 0)
+    predictor = sum(p.numel() for p in model.predictor.parameters()) if model.predictor is not None else 0
+    print(f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g} on {args.lora_targets.replace(',', ', ')} "
+          f"({len(lora.lora_layers(base))} layers): {adapter:,} trainable parameters "
+          f"({adapter / run.base_parameters:.1%} of the base's {run.base_parameters:,})"
+          + (f", plus the predictor's {predictor:,}" if predictor else "")
+          + (f"; EMA target: an EMA adapter, {ema / 2**20:.2f} MiB" if ema else ""))
+
+
+def resume(run: Run):
+    """The run's config, the checkpoint it continues (--resume), --out laid out for it by rank 0
+    (every rank stops on its error rather than wait at the barrier), and the opening lines."""
+    args, env, out = run.args, run.env, run.out
+    run.run_config = {"args": vars(args), "objective": dataclasses.asdict(run.config), "world_size": env.world_size,
+                      "model_family": run.backbone.family.name, "compatibility_fixes": run.backbone.fixes,
+                      "model_parameters": sum(p.numel() for p in run.backbone.model.parameters())}
+    checkpoint = (distributed.latest_checkpoint(out / "checkpoints") if args.resume == "auto"
+                  else Path(args.resume) if args.resume else None)
+    changed = continue_from(run, checkpoint) if checkpoint is not None else []
     error = None
     if env.is_main:
         try:
-            prepare_output(out, resume, start_step, run_config, eval_examples)
+            prepare_output(out, checkpoint, run.start_step, run.run_config, run.eval_examples)
         except (ValueError, OSError) as e:
             error = f"error: {e}"
     if error := distributed.agreed_error(error, env):  # the other ranks must not wait at a barrier
         raise SystemExit(error)
     if env.is_main:
-        print(json.dumps(run_config, indent=2, default=str))
-        if args.resume == "auto" and resume is None:
+        print(json.dumps(run.run_config, indent=2, default=str))
+        if args.resume == "auto" and checkpoint is None:
             print(f"note: --resume auto: no checkpoint in {out / 'checkpoints'}; starting fresh")
-        if resume and changed:
+        if changed:
             print(f"warning: resuming with changed settings ({'; '.join(changed)}): the run will not "
                   "reproduce an uninterrupted one")
-        print(f"{len(train_rows.input_ids)} training rows, {len(eval_rows.input_ids)} held-out rows; "
-              f"{'resuming from ' + str(resume) if resume else 'starting'} at step {start_step}")
+        print(f"{len(run.train_rows.input_ids)} training rows, {len(run.eval_rows.input_ids)} held-out rows; "
+              f"{'resuming from ' + str(checkpoint) if checkpoint else 'starting'} at step {run.start_step}")
     distributed.barrier()
 
-    stop_signal = []  # SIGTERM/SIGINT: finish the step, save a resumable checkpoint, exit
 
-    def on_signal(signum, frame):
-        if stop_signal:  # a second signal: stop now (the last complete checkpoint stays intact)
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        stop_signal.append(signum)
-    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+def continue_from(run: Run, checkpoint: Path) -> list[str]:
+    """Load `checkpoint` (model, predictor, EMA target, optimizer, RNG) and take its step and
+    skipped count -> the settings changed since (check_resume's warnings). A checkpoint this run
+    cannot continue stops it in one line."""
+    try:  # distributed's errors name the checkpoint; check_resume's do not
+        saved = distributed.checkpoint_extra(checkpoint)["config"]
+        try:
+            changed = check_resume(saved, run.run_config)
+        except ValueError as e:
+            raise ValueError(f"{checkpoint}: {e}") from None
+        extra = distributed.load_checkpoint(checkpoint, run.model, run.optimizer, run.env)
+    except ValueError as e:
+        raise SystemExit(f"error: --resume {e}") from None
+    run.start_step, run.skipped = extra["step"], extra.get("skipped", 0)
+    if run.start_step > run.args.steps:
+        raise SystemExit(f"error: --resume {checkpoint}: the checkpoint is at step {run.start_step}, past "
+                         f"--steps {run.args.steps}; raise --steps to train on")
+    return changed
 
-    def save(step):
-        return distributed.save_checkpoint(out / "checkpoints", step, model, optimizer,
-                                           {"step": step, "skipped": skipped, "config": run_config},
-                                           args.keep, env)
 
+def train(run: Run):
+    """Steps start_step..--steps (1-4 of the module docstring): one log.jsonl row a step, held-out
+    evaluations every --eval-every steps, checkpoints every --save-every. A non-finite step is
+    skipped (--max-bad-steps in a row stop the run); SIGTERM/SIGINT save and exit after the step."""
+    args, env, model, optimizer, train_rows = run.args, run.env, run.model, run.optimizer, run.train_rows
     global_batch = args.batch_size * args.grad_accum * env.world_size
-    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps,
+    bar = tqdm(range(run.start_step, args.steps), initial=run.start_step, total=args.steps,
                disable=not env.is_main or args.no_progress, dynamic_ncols=True)
-    bad_in_a_row, t0 = 0, time.time()
-    log = open(out / "log.jsonl", "a", buffering=1) if env.is_main else None  # line-buffered: a kill loses no row
-
-    def log_eval(step):
-        model.eval()  # dropout off (LLaDA, Dream and the tiny model have none; others may)
-        held_out = held_out_eval(model, eval_rows, args, env)
-        if env.is_main:
-            log.write(distributed.strict_json({"step": step, "held_out": held_out}) + "\n")
-            tqdm.write(f"step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
-
-    try:
-        if start_step == 0 or start_step % args.eval_every == 0 or start_step == args.steps:
-            log_eval(start_step)  # a resumed run logs what the uninterrupted one logged at this step, no more
+    bad_in_a_row, run.started = 0, time.time()
+    with (stop_requests() as stop_signal, bar,  # line-buffered log: a kill loses no row
+          (open(run.out / "log.jsonl", "a", buffering=1) if env.is_main else contextlib.nullcontext()) as log):
+        start = run.start_step  # a resumed run logs what the uninterrupted one logged at this step, no more
+        if start == 0 or start % args.eval_every == 0 or start == args.steps:
+            log_eval(run, log, start)
         for step in bar:
             model.train()
             rows = data.batch_rows(step, len(train_rows.input_ids), global_batch, args.seed)
@@ -799,13 +869,13 @@ def main(argv=None) -> Path:
             for micro in range(args.grad_accum):
                 shard = env.rank * args.grad_accum + micro
                 idx = rows[shard * args.batch_size:(shard + 1) * args.batch_size]
-                output = model(*micro_batch(train_rows, idx, args, step, shard, env.device),
+                output = model(*micro_batch(train_rows, idx, args, step, shard, env.device),  # 1-2. target, context
                                generator=mask_generator(args.seed, step, shard, env.device))
                 (output.loss / args.grad_accum).backward()  # FSDP averages over ranks: the global mean
                 parts += loss_parts(output) / args.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), args.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            parts = reduce_parts(parts, config, env.world_size)
+            parts = reduce_parts(parts, run.config, env.world_size)
             done = step + 1
             if torch.isfinite(grad_norm) and math.isfinite(parts["loss"]):
                 bad_in_a_row = 0
@@ -814,7 +884,7 @@ def main(argv=None) -> Path:
                 optimizer.step()
                 model.update_target(done, args.steps)  # 4. EMA
             else:  # skip: weights, optimizer moments and EMA stay exactly as they were
-                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+                bad_in_a_row, run.skipped = bad_in_a_row + 1, run.skipped + 1
             optimizer.zero_grad(set_to_none=True)
             bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "diffusion", "jepa", "answer_loss")}
                             | {"lr": f"{lr_at(step, args):.1e}"})
@@ -826,29 +896,88 @@ def main(argv=None) -> Path:
                                  f"-{done}), each skipped: stopping. Lower --lr or --grad-clip, check the data, "
                                  f"or raise --max-bad-steps; the checkpoints hold the weights from before")
             if done % args.eval_every == 0 or done == args.steps:
-                log_eval(done)
+                log_eval(run, log, done)
             stop = distributed.agreed_signal(stop_signal[0] if stop_signal else 0, env.device)  # all ranks stop together
             if done % args.save_every == 0 or done == args.steps or stop:
-                try:
-                    path = save(done)
-                except ValueError as e:  # disk full, no permission: every rank stops with the same line
-                    raise SystemExit(f"error: {e}") from None
+                path = save(run, done)
                 if stop:
                     if env.is_main:
                         print(f"stopped by signal {stop} after step {done}; continue with --resume auto "
                               f"(or --resume {path})")
                     sys.exit(128 + stop)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGTERM/SIGINT: finish the step, save a resumable checkpoint, exit. Yields the signals
+    received so far (the loop reads them after each step); the previous handlers come back on
+    leaving, however the loop ends."""
+    stop_signal = []
+
+    def on_signal(signum, frame):
+        if stop_signal:  # a second signal: stop now (the last complete checkpoint stays intact)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        stop_signal.append(signum)
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop_signal
     finally:
-        bar.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-        if env.is_main:
-            log.close()
 
+
+def log_eval(run: Run, log, step: int):
+    """The held-out evaluation at `step`: a log.jsonl row and a line under the progress bar (rank 0)."""
+    run.model.eval()  # dropout off (LLaDA, Dream and the tiny model have none; others may)
+    held_out = held_out_eval(run.model, run.eval_rows, run.args, run.env)
+    if run.env.is_main:
+        log.write(distributed.strict_json({"step": step, "held_out": held_out}) + "\n")
+        tqdm.write(f"step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
+
+
+def save(run: Run, step: int) -> Path:
+    """A resumable checkpoint of `step` -> its folder. Disk full, no permission: every rank stops
+    with the same line."""
+    try:
+        return distributed.save_checkpoint(run.out / "checkpoints", step, run.model, run.optimizer,
+                                           {"step": step, "skipped": run.skipped, "config": run.run_config},
+                                           run.args.keep, run.env)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def export(run: Run) -> Path:
+    """final/ (save_final), the held-out answers (final_answers) and the closing lines, which say
+    how to load what was written -> final/."""
+    args, out = run.args, run.out
     final = out / "final"
-    # In the loaded checkpoint's dtype by default (LLaDA/Dream: bf16, 16 GB for 8B, not 32); with LoRA
-    # the adapter merged in (a plain model, no peft needed), and on request the adapter alone too.
-    export_dtype = ((backbone.saved_dtype or torch.float32) if args.export_dtype == "auto"
+    export_dtype, remote_code = save_final(run, final)
+    summary = final_answers(run)
+    if run.env.is_main:
+        print(f"done: step {args.steps} ({args.steps - run.start_step} steps in {time.time() - run.started:.0f}s here; "
+              f"{run.skipped} skipped as non-finite in all){summary}")
+        how = ("`import tiny_model; AutoModel.from_pretrained(path)`" if run.backbone.family.name == "tiny-dlm" else
+               "`AutoModel.from_pretrained(path, trust_remote_code=True)`" if remote_code else
+               "`backbones.load_backbone(path).model`")  # remote code this repo's fixes do not cover
+        print(f"fine-tuned model: {final} ({str(export_dtype).removeprefix('torch.')}"
+              f"{', LoRA adapter merged in' if args.lora_rank else ''}; load with {how}, or "
+              f"`backbones.load_backbone(path)` for the model and its tokenizer); resumable checkpoints: "
+              f"{out / 'checkpoints'}")
+        if args.export_adapter:
+            print(f"adapter alone: {final / 'adapter'} (peft: PeftModel.from_pretrained(base, path); "
+                  f"evaluate.py --model {final / 'adapter'}, or --model BASE --adapter {final / 'adapter'})")
+    return final
+
+
+def save_final(run: Run, final: Path) -> tuple[torch.dtype, str | None]:
+    """The fine-tuned backbone and tokenizer, save_pretrained into `final` (written whole or not
+    at all) -> (its dtype, the auto_map entry of remote_fixes/ its code loads with, or None).
+    In the loaded checkpoint's dtype by default (LLaDA/Dream: bf16, 16 GB for 8B, not 32); with
+    LoRA the adapter merged in (a plain model, no peft needed), and on request the adapter alone
+    too."""
+    args, model = run.args, run.model
+    export_dtype = ((run.backbone.saved_dtype or torch.float32) if args.export_dtype == "auto"
                     else getattr(torch, args.export_dtype))
     adapter = lora.adapter_state(model.backbone) if args.export_adapter else None  # every rank gathers it
     if args.model is not None and Path(args.model).expanduser().is_dir():  # the adapter names its base by
@@ -856,46 +985,58 @@ def main(argv=None) -> Path:
     load_code = []
 
     def finish(folder):  # rank 0, inside final.tmp
-        load_code.append(install_remote_fixes(folder, backbone.family))
+        load_code.append(install_remote_fixes(folder, run.backbone.family))
         if adapter is not None:
             lora.save_adapter(model.backbone, folder / "adapter", state=adapter)
-            (folder / "adapter" / "training_config.json").write_text(distributed.metadata_json(run_config))
+            (folder / "adapter" / "training_config.json").write_text(distributed.metadata_json(run.run_config))
     try:
-        distributed.export_pretrained(model.backbone, backbone.tokenizer, final, env, run_config,
+        distributed.export_pretrained(model.backbone, run.backbone.tokenizer, final, run.env, run.run_config,
                                       transform=(lambda state: lora.merged_state(model.backbone, state))
                                       if args.lora_rank else None, dtype=export_dtype, finish=finish)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    generated = final_generation(backbone, eval_examples, args, env) if args.final_eval and eval_examples else None
-    summary = ""
-    if env.is_main and generated:
-        samples = generated.pop("samples", [])
-        with open(out / "log.jsonl", "a") as log:
-            log.write(distributed.strict_json({"step": args.steps, "final_eval": generated}) + "\n")
-        if "exact_match" in generated:
-            (out / "final_eval.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-            print(f"held-out answers, generated ({generated['gen_length']} masks after each prompt):")
-            for sample in samples[:6]:
-                print(f"  {'right' if sample['right'] else 'WRONG'}  {sample['prompt']!r} -> {sample['answer']!r}"
-                      f" (reference {sample['reference']!r})")
-            summary = (f"; held-out exact match {generated['exact_match']:.1%} of {generated['n']} "
-                       f"(all answers: {out / 'final_eval.jsonl'})")
-        else:
-            print(f"warning: no final generation: {generated['skipped']}")
-    if env.is_main:
-        print(f"done: step {args.steps} ({args.steps - start_step} steps in {time.time() - t0:.0f}s here; "
-              f"{skipped} skipped as non-finite in all){summary}")
-        how = ("`import tiny_model; AutoModel.from_pretrained(path)`" if backbone.family.name == "tiny-dlm" else
-               "`AutoModel.from_pretrained(path, trust_remote_code=True)`" if load_code and load_code[0] else
-               "`backbones.load_backbone(path).model`")  # remote code this repo's fixes do not cover
-        print(f"fine-tuned model: {final} ({str(export_dtype).removeprefix('torch.')}"
-              f"{', LoRA adapter merged in' if args.lora_rank else ''}; load with {how}, or "
-              f"`backbones.load_backbone(path)` for the model and its tokenizer); resumable checkpoints: "
-              f"{out / 'checkpoints'}")
-        if adapter is not None:
-            print(f"adapter alone: {final / 'adapter'} (peft: PeftModel.from_pretrained(base, path); "
-                  f"evaluate.py --model {final / 'adapter'}, or --model BASE --adapter {final / 'adapter'})")
-    distributed.leave(env)  # under torchrun: the group taken down in order, no 'terminate called' at exit
+    return export_dtype, load_code[0] if load_code else None
+
+
+def final_answers(run: Run) -> str:
+    """With --final-eval and held-out examples: the model answers them with the sampler (every
+    rank a share); rank 0 logs the score, writes every answer to final_eval.jsonl and shows a
+    few -> the exact match for the closing line ('' when there is none)."""
+    args, out = run.args, run.out
+    generated = (final_generation(run.backbone, run.eval_examples, args, run.env)
+                 if args.final_eval and run.eval_examples else None)
+    if not (run.env.is_main and generated):
+        return ""
+    samples = generated.pop("samples", [])
+    with open(out / "log.jsonl", "a") as log:
+        log.write(distributed.strict_json({"step": args.steps, "final_eval": generated}) + "\n")
+    if "exact_match" not in generated:
+        print(f"warning: no final generation: {generated['skipped']}")
+        return ""
+    (out / "final_eval.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    print(f"held-out answers, generated ({generated['gen_length']} masks after each prompt):")
+    for sample in samples[:6]:
+        print(f"  {'right' if sample['right'] else 'WRONG'}  {sample['prompt']!r} -> {sample['answer']!r}"
+              f" (reference {sample['reference']!r})")
+    return (f"; held-out exact match {generated['exact_match']:.1%} of {generated['n']} "
+            f"(all answers: {out / 'final_eval.jsonl'})")
+
+
+@out_of_memory_in_one_line  # issue 15: an out-of-memory error in one line naming the flag
+def main(argv=None) -> Path:
+    """Run training; returns the folder of the exported model. --out/log.jsonl has one line per
+    step ({"step", "loss", "diffusion", "jepa", "lr", "grad_norm", "skipped"}) and per held-out
+    evaluation. Every refusal is one line: exit 2 for a bad flag, 1 for bad data or files.
+    Every file is strict JSON: a non-finite value (a skipped step's loss) is the string "NaN",
+    "Infinity" or "-Infinity" (float() reads it back), not a bare NaN that strict parsers refuse.
+    The stages run in the module docstring's order, each handing the Run on to the next."""
+    run = set_up(argv)  # flags, paths and sizes checked; the process group joined
+    load(run)  # backbone, LoRA, data; the same run on every rank
+    shard(run)  # DLLMJEPA, FSDP2, rank 0's weights to every rank, optimizer
+    resume(run)  # checkpoint, --out, config.json
+    train(run)  # the steps
+    final = export(run)  # final/, the held-out answers, the closing lines
+    distributed.leave(run.env)  # under torchrun: the group taken down in order, no 'terminate called' at exit
     return final
 
 
