@@ -59,6 +59,20 @@ def test_two_processes_match_one(runs):
     held_out = lambda log: [row["held_out"] for row in log if "held_out" in row]
     for a, b in zip(held_out(two), held_out(one)):  # evaluation does not depend on the world size
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+        assert abs(a["embedding_rank"] - b["embedding_rank"]) < 1e-3, (a, b)
+
+
+def test_final_generation_splits_prompts_across_ranks_and_gathers_them_in_order(runs):
+    """Each rank answers half of the 20 held-out questions; rank 0 writes all 20, in the order
+    and with the answers of the one-process run."""
+    root, two, one = runs
+    final = lambda log: [row["final_eval"] for row in log if "final_eval" in row]
+    assert len(final(two)) == 1 and final(two)[0]["n"] == 20
+    assert final(two)[0]["exact_match"] == final(one)[0]["exact_match"]
+    answers = lambda run: [json.loads(line) for line in (root / run / "final_eval.jsonl").read_text().splitlines()]
+    assert answers("two") == answers("one")
+    held_out = [json.loads(line)["messages"][0]["content"] for line in (root / "two" / "held_out.jsonl").open()]
+    assert [a["prompt"] for a in answers("two")] == held_out
 
 
 def test_l2_anchor_gradient_is_right_on_shards(tmp_path):
