@@ -52,7 +52,8 @@ import torch
 import data
 import distributed
 from dllm_jepa import answer_regions, diffusion_loss, mask_probability, masked_logits
-from generate import SamplerConfig, aligned_logits, conventions, generate_text, left_pad
+from generate import (SamplerConfig, aligned_logits, conventions, generate_text, left_pad, sampler_for,
+                      trained_seq_len)
 
 GENERATION_TASKS = ("exact", "gsm8k", "nl-rx-synth", "nl-rx-turk", "spider", "django")
 TASKS = GENERATION_TASKS + ("probe", "mmlu", "drift")
@@ -842,31 +843,10 @@ def parse_args(argv=None):
     return p, p.parse_args(argv)
 
 
-def trained_seq_len(model: str) -> int | None:
-    """The longest canvas a train.py model was fine-tuned on (--seq-len in the training_config.json
-    its final/ holds); None for any other model."""
-    try:
-        return int(json.loads((Path(model) / "training_config.json").read_text())["args"]["seq_len"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def canvas_for(backbone, items: list[Item], sampler_args: dict, trained: int | None) -> SamplerConfig:
-    """The sampler, with the canvas the model was trained on when it is known: --gen-length
-    defaults to its --seq-len minus the longest prompt (one block, one token per step), as
-    train.py's final generation does; a canvas longer than any trained one gets a warning."""
+    """generate.sampler_for with the longest of the items' chat prompts."""
     longest = max(len(data.prompt_ids(backbone.tokenizer, item.prompt)) for item in items)
-    if sampler_args["gen_length"] is None:
-        if trained - longest < 1:
-            raise ValueError(f"the longest prompt ({longest} tokens) fills the model's trained canvas ({trained}); "
-                             "give --gen-length")
-        sampler_args = sampler_args | {"gen_length": trained - longest,
-                                       "block_length": sampler_args["block_length"] or trained - longest}
-    elif trained is not None and longest + sampler_args["gen_length"] > trained:
-        print(f"warning: prompt + --gen-length reaches {longest + sampler_args['gen_length']} tokens, past the "
-              f"longest canvas the model was trained on ({trained}): answers may not end where they should; "
-              f"--gen-length {max(1, trained - longest)} stays inside it", file=sys.stderr)
-    return SamplerConfig(**sampler_args)
+    return sampler_for(longest, sampler_args, trained)
 
 
 def pick_device(name: str) -> str:

@@ -228,6 +228,33 @@ def generate(model, prompts, mask_token_id: int, config: SamplerConfig | None = 
     return x[:, P:]
 
 
+def trained_seq_len(model: str) -> int | None:
+    """The longest canvas a train.py model was fine-tuned on (--seq-len in the training_config.json
+    its final/ holds); None for any other model."""
+    try:
+        return int(json.loads((Path(model) / "training_config.json").read_text())["args"]["seq_len"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def sampler_for(longest_prompt: int, sampler_args: dict, trained: int | None) -> SamplerConfig:
+    """The sampler, with the canvas the model was trained on when it is known: a gen_length of
+    None becomes its --seq-len minus the longest prompt (one block, one token per step), the
+    default of train.py's final generation, evaluate.py and the command line below; a canvas
+    longer than any trained one gets a warning on stderr."""
+    if sampler_args["gen_length"] is None:
+        if trained - longest_prompt < 1:
+            raise ValueError(f"the longest prompt ({longest_prompt} tokens) fills the model's trained canvas "
+                             f"({trained}); give --gen-length")
+        sampler_args = sampler_args | {"gen_length": trained - longest_prompt,
+                                       "block_length": sampler_args["block_length"] or trained - longest_prompt}
+    elif trained is not None and longest_prompt + sampler_args["gen_length"] > trained:
+        print(f"warning: prompt + --gen-length reaches {longest_prompt + sampler_args['gen_length']} tokens, past "
+              f"the longest canvas the model was trained on ({trained}): answers may not end where they should; "
+              f"--gen-length {max(1, trained - longest_prompt)} stays inside it", file=sys.stderr)
+    return SamplerConfig(**sampler_args)
+
+
 def conventions(backbone) -> dict:
     """A backbones.Backbone's family conventions, as keyword arguments of aligned_logits."""
     return dict(shift_logits=backbone.family.shift_logits,
@@ -457,8 +484,11 @@ def parse_args(argv=None):
                    "or .json, a list of them")
     g.add_argument("--system", metavar="TEXT", help="a system message before each prompt that has none")
     g = p.add_argument_group("generation (LLaDA sampler)")
-    g.add_argument("--gen-length", type=int, default=default.gen_length, help="masked positions after the prompt")
-    g.add_argument("--block-length", type=int, default=default.block_length, help="semi-autoregressive block size")
+    g.add_argument("--gen-length", type=int, default=None,
+                   help="masked positions after the prompt; default: for a train.py model, the canvas it was "
+                        f"trained on (its --seq-len minus the longest prompt), else {default.gen_length}")
+    g.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size; default: "
+                   f"--gen-length for a train.py model, else {default.block_length}")
     g.add_argument("--steps", type=int, default=None, help="default: --gen-length (one token per step)")
     g.add_argument("--temperature", type=float, default=default.temperature, help="0: greedy")
     g.add_argument("--remasking", default=default.remasking, choices=["low_confidence", "random"],
@@ -484,16 +514,22 @@ def parse_args(argv=None):
         p.error(f"--batch-size {args.batch_size}: must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
-    try:
-        sampler = SamplerConfig(args.gen_length, args.block_length, args.steps, args.temperature,
-                                args.remasking, args.suppress_eos)
-    except ValueError as e:
-        p.error(str(e))
-    return p, args, sampler
+    trained = trained_seq_len(args.model)
+    sampler_args = dict(gen_length=args.gen_length or (None if trained else default.gen_length),
+                        block_length=args.block_length or (args.gen_length if trained else default.block_length),
+                        steps=args.steps, temperature=args.temperature, remasking=args.remasking,
+                        suppress_eos=args.suppress_eos)
+    if sampler_args["gen_length"] is not None:  # checked now; a trained canvas once the prompts are known
+        try:
+            SamplerConfig(**sampler_args)
+        except ValueError as e:
+            p.error(str(e))
+    return p, args, sampler_args, trained
 
 
-def run(args, sampler: SamplerConfig, stdout) -> list[str]:
-    """Prompts and the model's size are checked before the weights load."""
+def run(args, sampler_args: dict, trained: int | None, stdout) -> list[str]:
+    """Prompts and the model's size are checked before the weights load (the canvas of a
+    train.py model, which depends on the prompts' tokens, once its tokenizer has)."""
     from backbones import load_backbone
     prompts = [Prompt([{"role": "user", "content": text}], f"--prompt {i}")
                for i, text in enumerate(args.prompt, start=1)]
@@ -504,13 +540,15 @@ def run(args, sampler: SamplerConfig, stdout) -> list[str]:
             if p.messages[0]["role"] != "system":
                 p.messages.insert(0, {"role": "system", "content": args.system})
     limit = model_positions(args.model)
-    if limit is not None and sampler.gen_length >= limit:
-        raise BadFlag(f"--gen-length {sampler.gen_length} leaves no room for a prompt in the model's "
+    if limit is not None and (sampler_args["gen_length"] or 0) >= limit:
+        raise BadFlag(f"--gen-length {sampler_args['gen_length']} leaves no room for a prompt in the model's "
                       f"{limit} positions: give a smaller --gen-length")
     path = Path(args.model).expanduser()
     backbone = load_backbone(str(path) if path.exists() else args.model, dtype=getattr(torch, args.dtype))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     backbone.model.to(device).eval()
+    longest = max(len(data.prompt_ids(backbone.tokenizer, p.messages)) for p in prompts)
+    sampler = sampler_for(longest, sampler_args, trained)
     ids = [prompt_tokens(backbone.tokenizer, p, sampler.gen_length, limit) for p in prompts]
     answers = generate_text(backbone, ids, sampler, args.batch_size, args.seed,
                             on_step=Show(backbone, stdout) if args.show else None)
@@ -521,9 +559,9 @@ def run(args, sampler: SamplerConfig, stdout) -> list[str]:
 
 
 def main(argv=None) -> list[str]:
-    parser, args, sampler = parse_args(argv)
+    parser, args, sampler_args, trained = parse_args(argv)
     try:
-        return run(args, sampler, sys.stdout)
+        return run(args, sampler_args, trained, sys.stdout)
     except BadFlag as e:
         parser.error(" ".join(str(e).split("\n")))
     except (ValueError, OSError) as e:
