@@ -72,8 +72,10 @@ class Env:
         return self.rank == 0
 
 
-def init_distributed(device: str) -> Env:
-    """Join torchrun's process group, or make a one-process group on the spot."""
+def init_distributed(device: str, timeout: timedelta | None = None) -> Env:
+    """Join torchrun's process group, or make a one-process group on the spot. `timeout`: how
+    long a collective waits for the other ranks before it fails (torch's default if None), so a
+    stopped or hung rank ends the run with an error instead of a hang (see is_timeout)."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
@@ -81,7 +83,7 @@ def init_distributed(device: str) -> Env:
     if dist.is_initialized():  # a second run in the same process (tests, notebooks)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
     elif "RANK" in os.environ:  # launched by torchrun
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -91,6 +93,13 @@ def init_distributed(device: str) -> Env:
     return Env(dist.get_rank(), dist.get_world_size(),
                torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
                dist.new_group(backend="gloo", timeout=START_UP_TIMEOUT))
+
+
+def is_timeout(error: BaseException) -> bool:
+    """A collective that gave up waiting for another rank (gloo: "Timed out waiting ... for recv";
+    NCCL's watchdog: "Watchdog caught collective operation timeout"): the peer stopped, hung or died."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
 def agreed_error(error: str | None, env: Env) -> str | None:

@@ -47,6 +47,7 @@ import signal
 import sys
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -139,6 +140,9 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seeds init, data order and every mask")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
     g.add_argument("--cpu-offload", action="store_true", help="FSDP parameter/optimizer offload to CPU")
+    g.add_argument("--collective-timeout", type=float, default=30.0, metavar="MINUTES",
+                   help="under torchrun: how long a process waits for the others in a collective before it stops "
+                        "with an error (another process stopped or hung); above the longest step, evaluation or save")
     g.add_argument("--max-bad-steps", type=int, default=5,
                    help="stop after this many non-finite steps in a row (each is skipped)")
     def within(kind, low, below=math.inf):  # argparse type: a bad value is a usage error before anything loads
@@ -211,6 +215,7 @@ def validate(args):
                if isinstance(v, float) and not math.isfinite(v) and (flag, v) != ("grad_clip", math.inf)]
         need(not bad, f"--{flag.replace('_', '-')} {bad[0] if bad else ''}: must be a finite number")
     need(args.final_eval is None or args.final_eval >= 0, f"--final-eval {args.final_eval}: must be >= 0")
+    need(args.collective_timeout > 0, f"--collective-timeout {args.collective_timeout}: must be > 0 (minutes)")
     need(args.seq_len >= 2, f"--seq-len {args.seq_len}: must be >= 2 (a prompt token and an answer token)")
     need(0 <= args.seed < 2 ** 27, f"--seed {args.seed}: must lie in [0, 2**27) (masks are seeded from it)")
     need(0 < args.eval_fraction < 1, f"--eval-fraction {args.eval_fraction}: must lie in (0, 1)")
@@ -693,7 +698,7 @@ def set_up(argv) -> Run:
         raise SystemExit(f"error: {e}") from None
     distributed.stop_on_second_signal()  # even a rank stuck in a collective stops on a second SIGTERM
     hf_logging.disable_progress_bar()  # one progress bar: ours
-    env = distributed.init_distributed(args.device)
+    env = distributed.init_distributed(args.device, timedelta(minutes=args.collective_timeout))
     torch.manual_seed(args.seed)
     return Run(args, config, env)
 
@@ -1031,11 +1036,18 @@ def main(argv=None) -> Path:
     "Infinity" or "-Infinity" (float() reads it back), not a bare NaN that strict parsers refuse.
     The stages run in the module docstring's order, each handing the Run on to the next."""
     run = set_up(argv)  # flags, paths and sizes checked; the process group joined
-    load(run)  # backbone, LoRA, data; the same run on every rank
-    shard(run)  # DLLMJEPA, FSDP2, rank 0's weights to every rank, optimizer
-    resume(run)  # checkpoint, --out, config.json
-    train(run)  # the steps
-    final = export(run)  # final/, the held-out answers, the closing lines
+    try:
+        load(run)  # backbone, LoRA, data; the same run on every rank
+        shard(run)  # DLLMJEPA, FSDP2, rank 0's weights to every rank, optimizer
+        resume(run)  # checkpoint, --out, config.json
+        train(run)  # the steps
+        final = export(run)  # final/, the held-out answers, the closing lines
+    except RuntimeError as e:
+        if not distributed.is_timeout(e):
+            raise
+        raise SystemExit(f"error: rank {run.env.rank}: another process did not join a collective within "
+                         f"--collective-timeout {run.args.collective_timeout:g} minutes (stopped, hung or died: see "
+                         "its output); the last complete checkpoint is where --resume auto continues") from None
     distributed.leave(run.env)  # under torchrun: the group taken down in order, no 'terminate called' at exit
     return final
 

@@ -582,3 +582,34 @@ def test_other_runtime_errors_pass_through(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "make_optimizer", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with contextlib.redirect_stdout(io.StringIO()), pytest.raises(RuntimeError, match="a bug"):
         train.main(SMALL + ["--out", str(tmp_path / "out"), "--steps", "1"])
+
+
+def test_a_stopped_rank_ends_the_run_with_one_line_not_a_hang(tmp_path):
+    """Rank 1 is stopped (SIGSTOP: a hung node) after a few steps. Rank 0 waits in the next
+    collective for --collective-timeout (6 s here), then stops with one line; before the flag,
+    gloo's default (30 minutes) held it, and NCCL's watchdog ended it with a trace."""
+    flags = ["--tiny-width", "32", "--tiny-layers", "2", "--seq-len", "32", "--builtin-size", "400",
+             "--batch-size", "4", "--steps", "400", "--no-progress", "--final-eval", "0",
+             "--collective-timeout", "0.1", "--out", str(tmp_path / "run")]
+    procs = two_ranks(lambda rank: [sys.executable, str(ROOT / "train.py"), *flags])
+    try:
+        log, deadline = tmp_path / "run" / "log.jsonl", time.time() + 120
+        while (not log.exists() or len(log.read_text().splitlines()) < 5) and time.time() < deadline:
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGSTOP)
+        stopped = time.time()
+        output = procs[0].communicate(timeout=90)[0]
+        assert procs[0].returncode == 1, output[-3000:]
+        assert time.time() - stopped < 60
+        last = output.strip().splitlines()[-1]
+        assert last.startswith("error: rank 0: another process did not join a collective within "
+                               "--collective-timeout 0.1 minutes"), output[-3000:]
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+def test_collective_timeout_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--collective-timeout", "0"])
+    assert e.value.code == 2 and "--collective-timeout 0.0: must be > 0 (minutes)" in capsys.readouterr().err
