@@ -168,7 +168,10 @@ assert model.backbone.lm_head.weight is model.backbone.embed.weight
 assert model.backbone.table_alias is model.backbone.table
 after.update({"buffer " + k: v for k, v in model.named_buffers()})
 torch.save({"before": before, "after": after}, f"{sys.argv[1]}/rank{env.rank}.pt")
-distributed.leave(env)  # the group taken down in order: no 'terminate called' abort at exit
+distributed.leave(env)
+# gloo's threads can still abort at interpreter teardown now and then ('terminate called without
+# an active exception', exit -6: seen in 1 of ~10 CI runs): the results are written, so skip it
+import os; os._exit(0)
 """
 
 

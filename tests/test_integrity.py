@@ -257,7 +257,10 @@ try:
 except ValueError as e:
     line = str(e)
 (root / f"rank{env.rank}.txt").write_text(line)
-distributed.leave(env)  # the group taken down in order: no 'terminate called' abort at exit
+distributed.leave(env)
+# gloo's threads can still abort at interpreter teardown now and then ('terminate called without
+# an active exception', exit -6: seen in 1 of ~10 CI runs): the results are written, so skip it
+import os; os._exit(0)
 """
 
 
