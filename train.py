@@ -1045,9 +1045,11 @@ def main(argv=None) -> Path:
     except RuntimeError as e:
         if not distributed.is_timeout(e):
             raise
-        raise SystemExit(f"error: rank {run.env.rank}: another process did not join a collective within "
-                         f"--collective-timeout {run.args.collective_timeout:g} minutes (stopped, hung or died: see "
-                         "its output); the last complete checkpoint is where --resume auto continues") from None
+        print(f"error: rank {run.env.rank}: another process did not join a collective within "
+              f"--collective-timeout {run.args.collective_timeout:g} minutes (stopped, hung or died: see its "
+              "output); the last complete checkpoint is where --resume auto continues", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # the group is broken: tearing it down at exit aborts in gloo's threads (exit -6)
     distributed.leave(run.env)  # under torchrun: the group taken down in order, no 'terminate called' at exit
     return final
 
