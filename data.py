@@ -178,14 +178,16 @@ def clean_examples(examples: list[Example], source: str) -> tuple[list[Example],
 
 
 def load_hub_dataset(name: str, split: str) -> list[Example]:
-    """A Hugging Face dataset, e.g. "openai/gsm8k:main" (name[:config]); needs network."""
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"{name}: not a local file; reading it as a Hugging Face dataset needs "
-                         "`pip install datasets` (or give a .jsonl, .json or .txt file)") from None
+    """A dataset of the paper by its name in hub.py (gsm8k, nl-rx-synth, spider, ...; NAME:split
+    picks a split), through its adapter; or any Hugging Face dataset, e.g. "openai/gsm8k:main"
+    (id[:config]), whose rows have one of SHAPES. Needs network; a failure is one line."""
+    import hub  # here: hub imports this module
+    if hub.registered(name):
+        return hub.training_examples(name, split)
     dataset_name, _, config = name.partition(":")
-    rows = datasets.load_dataset(dataset_name, config or None, split=split)
+    rows = hub.load_split(dataset_name, config or None, split, f"{name} (split {split})",
+                          "check the name, config and split, and network access to the Hugging Face hub; "
+                          "or give a local .jsonl, .json or .txt file")
     return [example_from_row(dict(row), f"{name}[{split}] row {i}") for i, row in enumerate(rows)]
 
 # -----------------------------------------------------------------------------

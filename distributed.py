@@ -102,6 +102,15 @@ def is_timeout(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
+def exit_on_timeout(env: Env, minutes: float, then: str = ""):
+    """After is_timeout: one line naming the rank and the flag, then out at once: the group is
+    broken, and tearing it down at exit aborts in gloo's threads (exit -6)."""
+    print(f"error: rank {env.rank}: another process did not join a collective within --collective-timeout "
+          f"{minutes:g} minutes (stopped, hung or died: see its output){then}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
 def agreed_error(error: str | None, env: Env) -> str | None:
     """Wait for every rank; return the first error any rank met (None if none), so that all
     stop together with the same line, none left waiting for a rank that has exited."""

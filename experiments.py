@@ -1,48 +1,60 @@
 """
-The DLLM-JEPA paper's experiments at CPU scale, from one command.
+The DLLM-JEPA paper's experiments from one command: at CPU scale with a tiny model, or the
+paper's protocol on LLaDA-8B / Dream-7B with GPUs.
 
-    python experiments.py --smoke          # the whole pipeline in about two minutes
-    python experiments.py                  # the CPU-scale protocol (about 20 minutes on 2 cores)
+    python experiments.py --smoke                     # the whole CPU pipeline in about two minutes
+    python experiments.py                             # the CPU-scale protocol (README: its time on 2 cores)
     python experiments.py --tasks nl-rx-synth gsm8k --methods diffusion dllm-jepa --seeds 0 1 2 3 4
+    python experiments.py --profile llada-8b --dry-run    # the GPU protocol: every command, and GPU-hours
+    python experiments.py --profile llada-8b              # run it (8 GPUs per fine-tune, torchrun)
 
-What the paper does with LLaDA-8B / Dream-7B, done here with the tiny model of tiny_model.py:
-1. a *pre-trained* base: diffusion pre-training of a new tiny model on plain text (the first
-   90% of WikiText-2 from a local file); the last 10% is the held-out probe text, so
-   "forgetting" and "drift from the base" mean something,
-2. fine-tuning from that base with each method (diffusion, dllm-jepa, l2-anchor, two-pass)
-   x seeds x tasks, all through train.py (one code path with the real runs),
-3. evaluation of the base and of every fine-tuned model (evaluate.py): the task metric on
-   generated answers (and the diffusion loss of the reference answers, which still moves
-   when a tiny model's exact match is 0), the held-out Wikitext probe and forgetting
-   (probe - base's), MMLU zero- and few-shot, per-layer weight distance and CKA to the base,
-4. results.md: one table per task, mean ± std over seeds per cell (the paper's format),
-   the same numbers in results.json, a drift plot and a metric plot per task.
+What the paper does with LLaDA-8B / Dream-7B (PAPER.md), as stages:
+1. data: the tasks' train and dev splits, carved with a fixed seed (identical for every method
+   and seed), WikiText-2's held-out text and an MMLU subset, written to --out/data; every file
+   read and checked before anything trains;
+2. a base: the hub model itself (GPU profiles), or at CPU scale a new tiny model with a BPE
+   tokenizer learned on the run's text, diffusion-pre-trained on 90% of WikiText-2 (the last
+   10% is the held-out probe text, so forgetting and drift from the base mean something);
+3. fine-tuning from the base with each method (diffusion, dllm-jepa with both readings of
+   Wide-t, l2-anchor, two-pass) x seeds x tasks: every run is `train.py` in its own process
+   (`torchrun` when a profile uses several processes), --jobs at a time;
+4. evaluation of the base and of every fine-tuned model, each measurement one `evaluate.py`
+   process (torchrun too): the task metric on sampler answers with the answer tokens' loss and
+   teacher-forced accuracy, the held-out Wikitext probe and forgetting (probe - base's), MMLU
+   zero- and few-shot, per-layer weight distance and CKA to the base;
+5. results.md: one table per task, mean ± std over seeds per cell (the paper's format), each
+   method minus diffusion with its standard error, results.json, a drift and a metric plot.
 
-Every stage is cached in --out (a finished run is not redone), so an interrupted run resumes.
-Data come from a local folder in the layout README.md describes (--data-dir, default data/); the
-splits are carved with a fixed seed, identical for every method and seed. Every file is read
-and checked before any training: a bad one stops the run at once, in one line.
+Every stage is cached in --out (a finished run or measurement is not redone), so an
+interrupted run resumes; --dry-run prints the commands and, for a GPU profile, an estimate of
+the GPU-hours. Data come from a local folder in the layout README.md describes (--data-dir,
+default data/; `python prepare.py --out data` writes it from the hub).
 """
 
 import argparse
-import contextlib
+import csv
 import json
 import math
+import os
 import random
 import statistics
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-
-import torch
 
 import data
 import distributed
-import evaluate as E
 import tiny_model
+from tasks import check_references, load_items
+from tasks.common import Item
+from tasks.drift import plot_drift
+from tasks.mmlu import Question, load_mmlu
+from tasks.spider import load_spider
 
 TASKS = ("nl-rx-synth", "nl-rx-turk", "gsm8k", "spider", "django")
+HERE = Path(__file__).resolve().parent
 
 # -----------------------------------------------------------------------------
 # Configurations
@@ -50,9 +62,13 @@ TASKS = ("nl-rx-synth", "nl-rx-turk", "gsm8k", "spider", "django")
 
 @dataclass
 class Profile:
-    """Sizes of one protocol run. `full` is the default command (README.md: its time on 2 CPU
+    """Sizes of one protocol run. `cpu` is the default command (README.md: its time on 2 CPU
     cores); `smoke` checks the pipeline end to end in a couple of minutes (its numbers mean
-    nothing)."""
+    nothing); `llada-8b` / `dream-7b` are the paper's protocol on GPUs (PAPER.md: full
+    fine-tuning, 2 epochs, lr 1e-5, 8 GPUs, GSM8K 4-shot; the rest is ours and says so)."""
+    # the base
+    model: str = ""                # hub id or folder to fine-tune; "": a new tiny model pre-trained here
+    params: float = 0.0            # the model's parameters, for the GPU-hours estimate (0: a tiny model)
     tiny_width: int = 128          # the tiny model's hidden size
     tiny_layers: int = 4
     merges: int = 2000             # BPE merges learned on the run's text (0: one token per byte)
@@ -60,34 +76,57 @@ class Profile:
     base_batch: int = 32
     base_lr: float = 1e-3
     seq_len: int = 128             # pre-training windows and the probe's
-    task_seq_len: int = 64         # longest fine-tuning canvas (prompt + answer + EOS padding)
-    steps: int = 3000              # fine-tuning steps per run
-    batch_size: int = 32
+    # fine-tuning (train.py flags)
+    task_seq_len: int = 48         # longest fine-tuning canvas (prompt + answer + EOS padding)
+    steps: int = 2000              # fine-tuning steps per run (when epochs is 0)
+    epochs: float = 0.0            # > 0: steps = epochs over the training rows at the global batch
+    batch_size: int = 32           # rows per micro-batch per process
+    grad_accum: int = 1
     lr: float = 1e-3               # fine-tuning peak lr (the base is tiny: 1e-5 would barely move it)
     loss_weight: str = "flat"      # train.py --loss-weight, for the base and every run
-    n_train: int = 6000            # training examples carved per task
+    dtype: str = "float32"         # train.py / evaluate.py --dtype
+    activation_checkpointing: bool = False
+    nproc: int = 1                 # processes per fine-tune and per evaluation (> 1: torchrun)
+    # data
+    n_train: int = 6000            # training examples carved per task (at most)
     n_dev: int = 200               # dev examples, generated and scored
+    system_prompt: bool = False    # keep NL-RX's constant system turn (30% of a tiny row)
+    # evaluation
+    gen_length: int = 0            # sampler canvas; 0: the trained one (task_seq_len minus the longest prompt)
+    block_length: int = 0          # 0: one block (gen_length)
+    gen_steps: int = 0             # 0: one token per step (gen_length)
+    task_shots: int = 0            # few-shot exemplars in task prompts (from the task's train split)
     probe_windows: int = 32        # Wikitext probe: windows x seq_len tokens, grid of t
     probe_grid: int = 8
     mmlu_questions: int = 200      # a fixed random subset of the MMLU test files
     mmlu_shots: int = 5
-    system_prompt: bool = False    # keep NL-RX's constant system turn (30% of a tiny row)
 
 
+GPU = dict(params=8.0e9, seq_len=1024, task_seq_len=1024, epochs=2.0, batch_size=4, lr=1e-5,
+           loss_weight="inverse-t", dtype="bfloat16", activation_checkpointing=True, nproc=8, n_train=10 ** 6,
+           n_dev=1000, gen_length=256, block_length=8, gen_steps=256, task_shots=4, probe_windows=64,
+           mmlu_questions=1000)
 PROFILES = {
-    "full": Profile(),
+    "cpu": Profile(),
     "smoke": Profile(tiny_width=32, tiny_layers=2, merges=200, base_steps=40, base_batch=8, seq_len=96,
                      task_seq_len=64, steps=12, batch_size=8, n_train=200, n_dev=8, probe_windows=4,
                      probe_grid=2, mmlu_questions=8, mmlu_shots=1),
+    # LLaDA's GSM8K sampler (gen 256, block 8, steps 256: 78.6 published) for every task
+    "llada-8b": Profile(model="GSAI-ML/LLaDA-8B-Instruct", **GPU),
+    "dream-7b": Profile(model="Dream-org/Dream-v0-Instruct-7B", **(GPU | {"params": 7.6e9})),
 }
+DEFAULT_TASKS = {"cpu": ["nl-rx-synth"], "smoke": ["nl-rx-synth"],
+                 "llada-8b": ["gsm8k", "nl-rx-synth", "spider", "django"],
+                 "dream-7b": ["gsm8k", "nl-rx-synth", "spider", "django"]}
 
-# What each row of the tables runs: train.py flags on top of the shared ones.
+# What each row of the tables runs: train.py flags on top of the shared ones, and its cost in
+# forward passes per step (F: backward = 2F; a no-grad target pass 1F), for the estimate.
 RUNS = {
-    "diffusion": ["--method", "diffusion"],
-    "dllm-jepa": ["--method", "dllm-jepa", "--views", "wide-range"],
-    "dllm-jepa wide-pair": ["--method", "dllm-jepa", "--views", "wide-pair"],
-    "l2-anchor": ["--method", "l2-anchor"],
-    "two-pass": ["--method", "two-pass", "--views", "wide-range"],
+    "diffusion": (["--method", "diffusion"], 3),
+    "dllm-jepa": (["--method", "dllm-jepa", "--views", "wide-range"], 4),
+    "dllm-jepa wide-pair": (["--method", "dllm-jepa", "--views", "wide-pair"], 4),
+    "l2-anchor": (["--method", "l2-anchor"], 3),
+    "two-pass": (["--method", "two-pass", "--views", "wide-range"], 6),
 }
 METHODS = tuple(RUNS)
 
@@ -101,7 +140,7 @@ def shuffled(rows: list, seed: int = 0) -> list:
     return rows
 
 
-def write_jsonl(path: Path, items: list[E.Item]):
+def write_jsonl(path: Path, items: list[Item]):
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for item in items:
@@ -115,7 +154,7 @@ def require(path: Path) -> Path:
     return path
 
 
-def carve(items: list[E.Item], n_train: int, n_dev: int, source: Path):
+def carve(items: list[Item], n_train: int, n_dev: int, source: Path):
     """(train, dev) from one file's shuffled items: dev first, so it never depends on n_train."""
     if len(items) <= n_dev:
         raise ValueError(f"{source}: {len(items)} examples leave none to train on after the "
@@ -129,23 +168,23 @@ def task_splits(task: str, data_dir: Path, n_train: int, n_dev: int, system_prom
     its dev files."""
     if task.startswith("nl-rx"):
         path = require(data_dir / task / f"{task.split('-')[-1]}_train.jsonl")
-        items = shuffled(E.load_items(task, path))
+        items = shuffled(load_items(task, path))
         if not system_prompt:
             items = [replace(i, prompt=[m for m in i.prompt if m["role"] != "system"]) for i in items]
         return carve(items, n_train, n_dev, path)
     if task == "gsm8k":
-        train = shuffled(E.load_items(task, require(data_dir / "gsm8k" / "train.jsonl")))
+        train = shuffled(load_items(task, require(data_dir / "gsm8k" / "train.jsonl")))
         dev_path = require(data_dir / "gsm8k" / "test_dev.jsonl")
-        dev = E.load_items(task, dev_path)[:n_dev]
-        E.check_references(task, dev, dev_path)  # a reference with no number would fail at scoring
+        dev = load_items(task, dev_path)[:n_dev]
+        check_references(task, dev, dev_path)  # a reference with no number would fail at scoring
         return train[:n_train], dev
     if task == "spider":
         path = require(data_dir / "spider" / "train_spider.json")
-        return carve(shuffled(E.load_spider(path, require(data_dir / "spider" / "tables.json"))),
+        return carve(shuffled(load_spider(path, require(data_dir / "spider" / "tables.json"))),
                      n_train, n_dev, path)
     if task == "django":
-        train = shuffled(E.load_items(task, require(data_dir / "django" / "train.anno")))
-        return train[:n_train], E.load_items(task, require(data_dir / "django" / "dev.anno"))[:n_dev]
+        train = shuffled(load_items(task, require(data_dir / "django" / "train.anno")))
+        return train[:n_train], load_items(task, require(data_dir / "django" / "dev.anno"))[:n_dev]
     raise ValueError(f"unknown task {task!r}: choose from {TASKS}")
 
 
@@ -157,8 +196,21 @@ def wikitext_split(data_dir: Path) -> tuple[str, str]:
     return "".join(lines[:cut]), "".join(lines[cut:])
 
 
-def mmlu_subset(data_dir: Path, n: int) -> list[E.Question]:
-    return shuffled(E.load_mmlu(require(data_dir / "mmlu" / "test")))[:n]
+def mmlu_subset(data_dir: Path, n: int) -> list[Question]:
+    return shuffled(load_mmlu(require(data_dir / "mmlu" / "test")))[:n]
+
+
+def write_mmlu(folder: Path, questions: list[Question], split: str):
+    """Questions as per-subject CSVs in the layout tasks.mmlu reads (header, answer 0-3)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    by_subject = {}
+    for q in questions:
+        by_subject.setdefault(q.subject, []).append(q)
+    for subject, rows in by_subject.items():
+        with (folder / f"{subject}_{split}.csv").open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["question", "choice0", "choice1", "choice2", "choice3", "answer"])
+            writer.writerows([q.question, *q.choices, q.answer] for q in rows)
 
 
 @dataclass
@@ -166,34 +218,54 @@ class Inputs:
     """Everything the protocol reads from --data-dir, read and checked before any training."""
     pretrain_text: str
     heldout_text: str
-    windows: torch.Tensor       # the held-out probe windows, (N, seq_len) tokens
     splits: dict                # task -> (train items, dev items)
     mmlu: list
     mmlu_dev: list
-    tokenizer: object           # the base's: byte-level BPE learned on the pre-training and training text
+    tokenizer: object = None    # a new tiny base's: byte-level BPE learned on the pre-training and training text
+    gen_lengths: dict = field(default_factory=dict)  # task -> its sampler canvas
 
 
 def read_inputs(data_dir: Path, tasks: list[str], profile: Profile) -> Inputs:
     """Read every file the run needs, so a missing or bad one stops it in seconds, not after
-    the base's pre-training. The tokenizer is learned here (deterministic: same files, same
-    merges) from the pre-training text and the tasks' training rows, never from held-out
-    text; the probe windows are cut with it."""
+    the base's pre-training. For a new tiny base the tokenizer is learned here (deterministic:
+    same files, same merges) from the pre-training text and the tasks' training rows, never
+    from held-out text, and the probe windows are cut with it as a check."""
     pretrain, heldout = wikitext_split(data_dir)
     splits = {task: task_splits(task, data_dir, profile.n_train, profile.n_dev, profile.system_prompt)
               for task in tasks}
-    corpus = pretrain.splitlines() + [message["content"] for train, _ in splits.values() for item in train
-                                      for message in item.prompt + [{"content": item.reference}]]
-    tokenizer = tiny_model.make_tokenizer(corpus, profile.merges)
-    windows = data.text_rows(heldout, tokenizer, profile.seq_len,
-                             f"{data_dir / 'wikitext2' / 'valid.txt'} (its held-out last 10%)",
-                             max_rows=profile.probe_windows)
-    return Inputs(pretrain, heldout, windows, splits, mmlu_subset(data_dir, profile.mmlu_questions),
-                  E.load_mmlu(require(data_dir / "mmlu" / "dev")), tokenizer)
+    inputs = Inputs(pretrain, heldout, splits, mmlu_subset(data_dir, profile.mmlu_questions),
+                    load_mmlu(require(data_dir / "mmlu" / "dev")))
+    if not profile.model:
+        corpus = pretrain.splitlines() + [message["content"] for train, _ in splits.values() for item in train
+                                          for message in item.prompt + [{"content": item.reference}]]
+        inputs.tokenizer = tiny_model.make_tokenizer(corpus, profile.merges)
+        data.text_rows(heldout, inputs.tokenizer, profile.seq_len,
+                       f"{data_dir / 'wikitext2' / 'valid.txt'} (its held-out last 10%)", max_rows=profile.probe_windows)
+    for task, (_, dev) in splits.items():
+        gen = profile.gen_length
+        if not gen:  # the canvas of training, as train.py's final generation: --seq-len minus the longest prompt
+            longest = max(len(data.prompt_ids(inputs.tokenizer, item.prompt)) for item in dev)
+            gen = profile.task_seq_len - longest
+            if gen < 1:
+                raise ValueError(f"{task}: a dev prompt of {longest} tokens leaves no answer room in "
+                                 f"--task-seq-len {profile.task_seq_len}; give a larger --task-seq-len")
+        inputs.gen_lengths[task] = gen
+    return inputs
+
+
+def fetch_missing(data_dir: Path, names: list[str]):
+    """--prepare: the datasets --data-dir lacks, written in its layout from the hub."""
+    import prepare
+    for name in names:
+        if not (data_dir / name).is_dir():
+            counts = prepare.prepare(name, data_dir)
+            print(f"{name}: {data_dir / name}/ " + ", ".join(f"{file} {n}" for file, n in counts.items()), flush=True)
 
 
 def new_base(path: Path, tokenizer, profile: Profile) -> Path:
     """A randomly initialised tiny model with the run's tokenizer, saved for train.py --model."""
     if not (path / "config.json").is_file():
+        import torch
         torch.manual_seed(0)
         model = tiny_model.make_tiny_model(tokenizer, hidden_size=profile.tiny_width,
                                            num_hidden_layers=profile.tiny_layers,
@@ -203,64 +275,244 @@ def new_base(path: Path, tokenizer, profile: Profile) -> Path:
         tokenizer.save_pretrained(path)
     return path
 
-# -----------------------------------------------------------------------------
-# Stage 2: training, through train.py
 
-
-def train_run(out: Path, argv: list[str]) -> tuple[Path, float]:
-    """train.main in this process, its log in out/train.log -> (final model, seconds taken).
-    Skipped when out/seconds.txt says a previous call finished."""
-    import train
-    done = out / "seconds.txt"
-    if not done.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        started = time.time()
-        with (out / "train.log").open("w") as log, contextlib.redirect_stdout(log):
-            train.main(argv + ["--out", str(out), "--no-progress"])
-        done.write_text(f"{time.time() - started:.1f}")
-    return out / "final", float(done.read_text())
-
-
-def base_argv(profile: Profile, init: Path, text: Path, seed: int) -> list[str]:
-    return ["--model", str(init), "--data", str(text), "--method", "diffusion", "--steps", str(profile.base_steps),
-            "--batch-size", str(profile.base_batch), "--seq-len", str(profile.seq_len),
-            "--lr", str(profile.base_lr), "--loss-weight", profile.loss_weight, "--seed", str(seed),
-            "--eval-every", str(profile.base_steps), "--save-every", str(profile.base_steps), "--keep", "1",
-            "--eval-batches", "2"]
-
-
-def finetune_argv(profile: Profile, base: Path, train_file: Path, dev_file: Path, method: str,
-                  seed: int) -> list[str]:
-    return ["--model", str(base), "--data", str(train_file), "--eval-data", str(dev_file), *RUNS[method],
-            "--steps", str(profile.steps), "--batch-size", str(profile.batch_size),
-            "--seq-len", str(profile.task_seq_len), "--lr", str(profile.lr), "--loss-weight", profile.loss_weight,
-            "--seed", str(seed), "--eval-every", str(profile.steps), "--save-every", str(profile.steps),
-            "--keep", "1", "--eval-batches", "2", "--final-eval", "0"]
+def write_data(out: Path, inputs: Inputs) -> Path:
+    """The run's data, as the train.py and evaluate.py processes read them -> the data folder."""
+    folder = out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "wikitext_pretrain.txt").write_text(inputs.pretrain_text, encoding="utf-8")
+    (folder / "wikitext_heldout.txt").write_text(inputs.heldout_text, encoding="utf-8")
+    for task, (train_items, dev) in inputs.splits.items():
+        write_jsonl(folder / task / "train.jsonl", train_items)
+        write_jsonl(folder / task / "dev.jsonl", dev)
+    write_mmlu(folder / "mmlu_test", inputs.mmlu, "test")
+    write_mmlu(folder / "mmlu_dev", inputs.mmlu_dev, "dev")
+    return folder
 
 # -----------------------------------------------------------------------------
-# Stage 3: evaluation
+# Stage 2: the plan, every training and evaluation as one command
 
 
-def evaluate_model(path: Path, task: str, dev: list[E.Item], ctx: dict, base=None) -> dict:
-    """Every measurement of one checkpoint (base=None: the base itself, no drift)."""
-    from backbones import load_backbone
-    backbone = load_backbone(str(path))
-    profile: Profile = ctx["profile"]
-    # the canvas every fine-tuning run trains on (the base too is scored on it): --task-seq-len
-    # minus the longest prompt, one block, one token per step, as train.py's final generation
-    sampler = E.canvas_for(backbone, dev, {"gen_length": None, "block_length": None, "steps": None},
-                           profile.task_seq_len)
-    generation = E.evaluate_generation(backbone, task, dev, sampler, batch_size=min(len(dev), 50),
-                                       probe=ctx["probe"])
-    result = {k: v for k, v in generation.items() if k not in ("task", "n", "sampler", "prompts_cut")}
-    result["probe_loss"] = E.diffusion_probe(backbone, ctx["windows"], ctx["probe"])["probe_loss"]
-    result["mmlu_0shot"] = E.mmlu_accuracy(backbone, ctx["mmlu"], batch_size=16)["accuracy"]
-    few = E.mmlu_accuracy(backbone, ctx["mmlu"], profile.mmlu_shots, ctx["mmlu_dev"], batch_size=16)
+@dataclass
+class Job:
+    """One train.py or evaluate.py process. Done when `done` exists (train: a file written
+    after it exits 0; evaluate: its --out, written atomically)."""
+    name: str
+    script: str                 # "train.py" | "evaluate.py"
+    argv: list[str]
+    done: Path
+    log: Path
+    after: list[str] = field(default_factory=list)  # names of jobs that must finish first
+    threads: int | None = None  # None: the run's --threads
+
+
+def fine_tune_steps(profile: Profile, n_rows: int) -> int:
+    if profile.epochs <= 0:
+        return profile.steps
+    return max(1, math.ceil(n_rows * profile.epochs / (profile.batch_size * profile.grad_accum * profile.nproc)))
+
+
+def train_job(name: str, out: Path, argv: list[str], after: list[str]) -> Job:
+    return Job(name, "train.py", argv + ["--out", str(out), "--no-progress"], out / "seconds.txt",
+               out / "train.log", after)
+
+
+def base_job(profile: Profile, init: Path, text: Path, out: Path) -> Job:
+    return train_job("base", out, [
+        "--model", str(init), "--data", str(text), "--method", "diffusion", "--steps", str(profile.base_steps),
+        "--batch-size", str(profile.base_batch), "--seq-len", str(profile.seq_len), "--lr", str(profile.base_lr),
+        "--loss-weight", profile.loss_weight, "--seed", "0", "--eval-every", str(profile.base_steps),
+        "--save-every", str(profile.base_steps), "--keep", "1", "--eval-batches", "2"], [])
+
+
+def finetune_job(profile: Profile, base: str, folder: Path, task: str, method: str, seed: int, steps: int,
+                 out: Path, after: list[str]) -> Job:
+    argv = ["--model", base, "--data", str(folder / "train.jsonl"), "--eval-data", str(folder / "dev.jsonl"),
+            *RUNS[method][0], "--steps", str(steps), "--batch-size", str(profile.batch_size),
+            "--grad-accum", str(profile.grad_accum), "--seq-len", str(profile.task_seq_len), "--lr", str(profile.lr),
+            "--loss-weight", profile.loss_weight, "--dtype", profile.dtype, "--seed", str(seed),
+            "--eval-every", str(steps), "--save-every", str(steps), "--keep", "1", "--eval-batches", "2",
+            "--final-eval", "0"]
+    if profile.activation_checkpointing:
+        argv.append("--activation-checkpointing")
+    return train_job(f"{task} / {method} / seed {seed}", out, argv, after)
+
+
+def eval_jobs(profile: Profile, model: str, name: str, out: Path, folder: Path, task: str, gen_length: int,
+              base: str | None, after: list[str], model_level: bool = True) -> list[Job]:
+    """The measurements of one model, each an evaluate.py process writing out/eval/*.json:
+    the task's, then (model_level) MMLU and the probe: for the base (base=None) the probe, for
+    a fine-tuned model the drift report, which holds its probe and forgetting too."""
+    common = ["--model", model, "--dtype", profile.dtype, "--no-progress"]
+    probe = ["--probe-seq-len", str(profile.seq_len), "--probe-windows", str(profile.probe_windows),
+             "--probe-grid", str(profile.probe_grid)]
+    sampler = ["--gen-length", str(gen_length), "--block-length", str(profile.block_length or gen_length),
+               "--steps", str(profile.gen_steps or gen_length)]
+    shots = ["--shots", str(profile.task_shots), "--fewshot-data", str(folder / task / "train.jsonl")] \
+        if profile.task_shots else []
+    heldout = str(folder / "wikitext_heldout.txt")
+    measurements = {
+        task: ["--task", task, "--data", str(folder / task / "dev.jsonl"), *sampler, *shots, *probe,
+               "--batch-size", str(min(profile.n_dev, 50))],
+        "mmlu_0shot": ["--task", "mmlu", "--data", str(folder / "mmlu_test"), "--batch-size", "16"],
+        f"mmlu_{profile.mmlu_shots}shot": ["--task", "mmlu", "--data", str(folder / "mmlu_test"), "--batch-size",
+                                           "16", "--shots", str(profile.mmlu_shots), "--fewshot-data",
+                                           str(folder / "mmlu_dev")],
+        "probe": ["--task", "probe", "--data", heldout, *probe] if base is None else
+                 ["--task", "drift", "--base", base, "--data", heldout, *probe],
+    }
+    if not model_level:
+        measurements = {task: measurements[task]}
+    return [Job(f"{name}: {what}", "evaluate.py", common + argv + ["--out", str(out / "eval" / f"{what}.json")],
+                out / "eval" / f"{what}.json", out / "eval" / f"{what}.log", after)
+            for what, argv in measurements.items()]
+def make_plan(profile: Profile, inputs: Inputs, tasks: list[str], methods: list[str], seeds: list[int],
+              out: Path) -> list[Job]:
+    """Every process of the protocol, in order, each naming the jobs it waits for."""
+    folder = out / "data"
+    jobs, base, after = [], profile.model, []
+    if not profile.model:  # stage 2 at CPU scale: pre-train the new tiny base
+        jobs.append(base_job(profile, out / "init", folder / "wikitext_pretrain.txt", out / "base"))
+        base, after = str(out / "base" / "final"), ["base"]
+    for i, task in enumerate(tasks):
+        jobs += eval_jobs(profile, base, "base", out / "base", folder, task, inputs.gen_lengths[task], None, after,
+                          model_level=i == 0)
+    for task in tasks:
+        steps = fine_tune_steps(profile, len(inputs.splits[task][0]))
+        # the costliest methods first: --jobs at a time finish together, no long run left alone at the end
+        for method in sorted(methods, key=lambda m: -RUNS[m][1]):
+            for seed in seeds:
+                run_dir = out / task / method / f"seed{seed}"
+                job = finetune_job(profile, base, folder / task, task, method, seed, steps, run_dir, after)
+                jobs += [job] + eval_jobs(profile, str(run_dir / "final"), job.name, run_dir, folder, task,
+                                          inputs.gen_lengths[task], base, after + [job.name])
+    return jobs
+
+# -----------------------------------------------------------------------------
+# Stage 3: running the plan
+
+
+def launcher(profile: Profile) -> list[str]:
+    """How each train.py / evaluate.py starts: torchrun (one node, a free port each) when a
+    profile uses several processes per job, else plain python."""
+    if profile.nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(profile.nproc)]
+    return [sys.executable]
+
+
+def last_error(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["(no output)"])[-1].strip()
+
+
+def run_jobs(jobs: list[Job], profile: Profile, at_once: int, threads: int, t0: float):
+    """Run every job not done yet, at most `at_once` together, each once the jobs it waits for
+    are done; each process gets `threads` CPU threads. A failed job stops the run once the
+    running ones end (Ctrl-C stops them: train.py checkpoints on SIGTERM), in one line that
+    names its log; what finished stays cached."""
+    finished = {job.name for job in jobs if job.done.is_file()}
+    pending = [job for job in jobs if job.name not in finished]
+    running, failed = {}, None
+    try:
+        while (pending and failed is None) or running:
+            ready = [job for job in pending if all(name in finished for name in job.after)]
+            for job in ready[: max(0, at_once - len(running))] if failed is None else []:
+                pending.remove(job)
+                job.log.parent.mkdir(parents=True, exist_ok=True)
+                n = str(job.threads or threads)
+                env = os.environ | {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+                print(f"[{time.time() - t0:5.0f}s] {job.name}", flush=True)
+                with job.log.open("w") as log:
+                    proc = subprocess.Popen(launcher(profile) + [str(HERE / job.script)] + job.argv,
+                                            stdout=log, stderr=subprocess.STDOUT, env=env)
+                running[job.name] = (job, proc, time.time())
+            if not running:
+                raise RuntimeError(f"no job can start: {[job.name for job in pending]} wait for jobs not in the plan")
+            time.sleep(0.2)
+            for name, (job, proc, started) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                if proc.returncode == 0 and job.script == "train.py":
+                    job.done.write_text(f"{time.time() - started:.1f}")
+                if proc.returncode == 0 and job.done.is_file():
+                    finished.add(name)
+                elif failed is None:
+                    failed = job, proc.returncode
+    finally:
+        for job, proc, _ in running.values():
+            proc.terminate()
+        for job, proc, _ in running.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if failed:
+        job, code = failed
+        raise ValueError(f"{job.name} failed (exit {code}): {last_error(job.log)} (its output: {job.log}); "
+                         "finished stages are kept: run the same command again to resume")
+
+
+# Assumptions of the GPU-hours estimate: an H100 SXM's dense bf16 peak (NVIDIA's datasheet),
+# and the fraction of it we expect (model FLOPs utilisation), lower for generation.
+PEAK_FLOPS, MFU_TRAIN, MFU_GENERATE = 989e12, 0.40, 0.30
+
+
+def gpu_hours(profile: Profile, inputs: Inputs, tasks: list[str], methods: list[str], seeds: list[int]) -> list[str]:
+    """An estimate of the GPU-hours of a GPU profile, from its FLOPs: training 2N FLOPs per
+    token per forward-equivalent (RUNS: 3 for diffusion, 4 for dllm-jepa, 6 for two-pass) on
+    full canvases; generation one forward over prompt + canvas per sampler step (prompt tokens
+    estimated as characters / 4, with the few-shot exemplars); MMLU and the probe likewise."""
+    forward = 2 * profile.params  # FLOPs per token of one forward
+    lines, total = [], 0.0
+    chars = lambda item: sum(len(m["content"]) for m in item.prompt)
+    for task in tasks:
+        train, dev = inputs.splits[task]
+        steps = fine_tune_steps(profile, len(train))
+        tokens = steps * profile.batch_size * profile.grad_accum * profile.nproc * profile.task_seq_len
+        training = sum(RUNS[m][1] for m in methods) * len(seeds) * forward * tokens / (PEAK_FLOPS * MFU_TRAIN)
+        example = statistics.mean(chars(i) + len(i.reference) for i in train[:500])
+        prompt = statistics.mean(chars(i) for i in dev) / 4 + profile.task_shots * example / 4
+        gen = inputs.gen_lengths[task]
+        per_model = len(dev) * (profile.gen_steps or gen) * (prompt + gen) * forward / (PEAK_FLOPS * MFU_GENERATE)
+        models = len(methods) * len(seeds) + 1
+        lines.append(f"  {task}: {len(train)} training rows, {steps} steps per fine-tune ({len(methods) * len(seeds)} "
+                     f"runs): {training / 3600:.1f} GPU-h training; {len(dev)} dev items x {profile.gen_steps or gen} "
+                     f"sampler steps over ~{prompt + gen:.0f} tokens: {per_model / 3600:.1f} GPU-h per model, "
+                     f"{models * per_model / 3600:.1f} for {models} models")
+        total += training + models * per_model
+    models = len(tasks) * len(methods) * len(seeds) + 1
+    mmlu = profile.mmlu_questions * 120 * (2 + profile.mmlu_shots) * forward  # ~120 tokens a question
+    probe = profile.probe_windows * profile.probe_grid * profile.seq_len * 2 * forward  # drift scores the base too
+    other = models * (mmlu + probe) / (PEAK_FLOPS * MFU_GENERATE)
+    total += other
+    lines.append(f"  MMLU and the probe: {other / 3600:.1f} GPU-h for {models} models")
+    lines.append(f"total: about {total / 3600:.0f} GPU-hours ({total / 3600 / max(profile.nproc, 1):.0f} hours on "
+                 f"{profile.nproc} GPUs), assuming {PEAK_FLOPS / 1e12:.0f} TFLOP/s per GPU (H100 bf16 dense) at "
+                 f"{MFU_TRAIN:.0%} MFU training and {MFU_GENERATE:.0%} generating; an estimate, not a measurement")
+    return lines
+
+# -----------------------------------------------------------------------------
+# Stage 4: measurements, tables and plots
+
+
+def measurements(run_dir: Path, task: str, profile: Profile) -> dict:
+    """One model's numbers, from its evaluate.py outputs (and, for a fine-tune, train.py's log)."""
+    read = lambda name: json.loads((run_dir / "eval" / f"{name}.json").read_text())
+    scores = read(task)
+    result = {k: v for k, v in scores.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n", "prompts_cut")}
+    result["mmlu_0shot"] = read("mmlu_0shot")["accuracy"]
+    few = read(f"mmlu_{profile.mmlu_shots}shot")
     result[f"mmlu_{profile.mmlu_shots}shot"] = few["accuracy"]
     result["mmlu_shots_used"] = few["mean_shots_used"]  # fewer when the context cannot hold them
-    if base is not None:
-        result["weight_distance"] = E.weight_drift(backbone, base)
-        result["cka"] = E.representation_drift(backbone, base, ctx["windows"], max_tokens=2048)
+    probe = read("probe")
+    result["probe_loss"] = probe["probe_loss"]
+    if "weight_distance" in probe:  # a fine-tune: drift from the base, and the run's own record
+        result |= {k: probe[k] for k in ("weight_distance", "cka", "forgetting")}
+        result["train_seconds"] = float((run_dir / "seconds.txt").read_text())
+        result["embedding_rank"] = embedding_rank(run_dir)
     return result
 
 
@@ -269,17 +521,6 @@ def embedding_rank(run_dir: Path) -> float:
     rank of the pooled context embeddings of held-out rows."""
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     return [row for row in rows if "held_out" in row][-1]["held_out"]["embedding_rank"]
-
-
-def cached(path: Path, compute) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = compute()
-    path.write_text(distributed.strict_json(result, indent=1))
-    return result
-
-# -----------------------------------------------------------------------------
-# Stage 4: tables and plots
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -306,13 +547,14 @@ def columns(task: str, shots: int) -> list[tuple[str, str, float, int]]:
                      ("train_seconds", "train s", 1, 1)]
 
 
-def summarise(run: dict, n_blocks: int) -> dict:
-    """Scalar columns derived from a run's per-layer drift."""
+def summarise(run: dict) -> dict:
+    """Scalar columns derived from a run's per-layer drift ("block 0", "block 1", ...)."""
     out = dict(run)
     if "weight_distance" in run:
-        blocks = [run["weight_distance"][f"block {i}"] for i in range(n_blocks)]
-        middle = blocks[n_blocks // 4: n_blocks - n_blocks // 4] or blocks
-        out["mean_weight_distance"] = sum(blocks) / len(blocks)
+        blocks = [v for k, v in run["weight_distance"].items() if k.startswith("block ")]
+        n = len(blocks)
+        middle = blocks[n // 4: n - n // 4] or blocks
+        out["mean_weight_distance"] = sum(blocks) / n
         out["mid_weight_distance"] = sum(middle) / len(middle)
         out["mean_cka"] = sum(run["cka"][1:]) / len(run["cka"][1:])
     return out
@@ -382,32 +624,44 @@ def plot_metrics(task: str, base: dict, runs: dict[str, list[dict]], shots: int,
 
 
 def mean_report(results: list[dict]) -> dict:
-    """Per-layer drift averaged over seeds, in evaluate.plot_drift's format."""
+    """Per-layer drift averaged over seeds, in tasks.drift.plot_drift's format."""
     groups = results[0]["weight_distance"]
     return {"weight_distance": {g: sum(r["weight_distance"][g] for r in results) / len(results) for g in groups},
             "cka": [sum(r["cka"][i] for r in results) / len(results) for i in range(len(results[0]["cka"]))]}
 
 
-def write_report(out: Path, profile: Profile, args, tables: dict, elapsed: float):
-    lines = ["# DLLM-JEPA at CPU scale", "",
-             f"One command: `python experiments.py {' '.join(sys.argv[1:])}`, {elapsed / 60:.1f} minutes. "
-             f"Tiny model ({profile.tiny_width} wide, {profile.tiny_layers} blocks, byte-level BPE with "
-             f"{profile.merges} merges learned on the training text), pre-trained {profile.base_steps} steps on "
-             f"90% of WikiText-2 (valid), then fine-tuned {profile.steps} steps per run (lr {profile.lr}, batch "
-             f"{profile.batch_size}, canvases up to {profile.task_seq_len} tokens, {profile.loss_weight} loss "
-             f"weight), seeds {args.seeds}. Rows: " + "; ".join(f"{m} = `{' '.join(RUNS[m])}`" for m in args.methods)
-             + ". Cells: mean ± sample std over seeds.", "",
-             "Columns: the task metric on greedy LLaDA-sampler answers of the dev split "
-             f"({profile.n_dev} examples; the canvas of training: {profile.task_seq_len} tokens minus the longest "
-             "prompt, one block, one token per step); answer loss = diffusion loss of the reference answers and "
-             "answer token acc. = teacher-forced argmax accuracy on them (fixed masks); Wikitext probe = LLaDA's pre-training loss on the held-out 10% "
-             f"({profile.probe_windows} windows x {profile.seq_len} tokens, {profile.probe_grid} "
-             "grid points of t, fixed masks); forgetting = probe - base's; MMLU on "
-             f"{profile.mmlu_questions} test questions (chance 25%); weight distance = "
-             "||W - W_base|| / ||W_base|| per block (middle = the central half of the blocks); "
-             "CKA = linear CKA of block outputs with the base's on held-out text; embedding eff. rank = the "
-             "effective rank of the pooled context embeddings of held-out rows at the end of training (the "
-             "paper's collapse check).", ""]
+def describe(profile: Profile, name: str, methods: list[str], seeds: list[int], tasks: dict, steps: dict) -> str:
+    """The setup paragraph of results.md."""
+    if profile.model:
+        model = (f"{profile.model}, fine-tuned {profile.epochs:g} epochs ({', '.join(f'{t}: {s} steps' for t, s in steps.items())}) "
+                 f"on {profile.nproc} processes (torchrun), {profile.dtype}, lr {profile.lr}, batch {profile.batch_size} "
+                 f"per process, canvases up to {profile.task_seq_len} tokens, {profile.loss_weight} loss weight")
+        sampler = (f"gen length {profile.gen_length}, block {profile.block_length}, {profile.gen_steps} steps, "
+                   f"{profile.task_shots}-shot")
+    else:
+        model = (f"Tiny model ({profile.tiny_width} wide, {profile.tiny_layers} blocks, byte-level BPE with "
+                 f"{profile.merges} merges learned on the training text), pre-trained {profile.base_steps} steps on "
+                 f"90% of WikiText-2 (valid), then fine-tuned {profile.steps} steps per run (lr {profile.lr}, batch "
+                 f"{profile.batch_size}, canvases up to {profile.task_seq_len} tokens, {profile.loss_weight} loss weight)")
+        sampler = f"the canvas of training: {profile.task_seq_len} tokens minus the longest prompt, one block, one token per step"
+    return (f"Profile `{name}`. {model}; seeds {seeds}. Rows: "
+            + "; ".join(f"{m} = `{' '.join(RUNS[m][0])}`" for m in methods)
+            + ". Cells: mean ± sample std over seeds.\n\n"
+            f"Columns: the task metric on greedy LLaDA-sampler answers of the dev split ({profile.n_dev} examples at "
+            f"most; {sampler}); answer loss = diffusion loss of the reference answers and answer token acc. = "
+            "teacher-forced argmax accuracy on them (fixed masks); Wikitext probe = LLaDA's pre-training loss on the "
+            f"held-out 10% ({profile.probe_windows} windows x {profile.seq_len} tokens, {profile.probe_grid} grid points "
+            f"of t, fixed masks); forgetting = probe - base's; MMLU on {profile.mmlu_questions} test questions (chance "
+            "25%); weight distance = ||W - W_base|| / ||W_base|| per block (middle = the central half of the blocks); "
+            "CKA = linear CKA of block outputs with the base's on held-out text; embedding eff. rank = the effective "
+            "rank of the pooled context embeddings of held-out rows at the end of training (the paper's collapse "
+            "check); train s = wall-clock seconds of the fine-tune.")
+
+
+def write_report(out: Path, profile: Profile, setup: str, tables: dict, elapsed: float, at_once: int, threads: int):
+    lines = ["# DLLM-JEPA experiments", "",
+             f"One command: `python experiments.py {' '.join(sys.argv[1:])}`, {elapsed / 60:.1f} minutes "
+             f"({at_once} processes at a time, {threads} threads each). {setup}", ""]
     for task, table in tables.items():
         lines += [f"## {task}", "", table["markdown"], "",
                   f"MMLU {profile.mmlu_shots}-shot prompts held {table['shots_used']:.1f} exemplars on average "
@@ -415,10 +669,10 @@ def write_report(out: Path, profile: Profile, args, tables: dict, elapsed: float
                   "Differences (each method minus diffusion, ± the standard error over seeds):", "",
                   *table["comparisons"], "",
                   f"![metrics]({table['metrics_plot']}) ![drift]({table['drift_plot']})", ""]
-    (out / "results.md").write_text("\n".join(lines), encoding="utf-8")
+    distributed.atomic_write_text(out / "results.md", "\n".join(lines))
 
 # -----------------------------------------------------------------------------
-# The protocol
+# The command line
 
 
 def yes_no(text: str) -> bool:
@@ -433,11 +687,12 @@ def yes_no(text: str) -> bool:
 def check_profile(profile: Profile):
     """Refuse bad overrides of the data, sampler, probe and MMLU sizes now, in one line, not
     after the base has been pre-trained. The training flags are train.py's to check."""
-    for field in ("n_train", "n_dev", "mmlu_questions", "probe_windows", "probe_grid"):
-        if getattr(profile, field) < 1:
-            raise SystemExit(f"error: --{field.replace('_', '-')} {getattr(profile, field)}: must be >= 1")
-    if profile.mmlu_shots < 0:
-        raise SystemExit(f"error: --mmlu-shots {profile.mmlu_shots}: must be >= 0")
+    for name in ("n_train", "n_dev", "mmlu_questions", "probe_windows", "probe_grid", "nproc"):
+        if getattr(profile, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(profile, name)}: must be >= 1")
+    for name in ("mmlu_shots", "task_shots", "gen_length", "block_length", "gen_steps"):
+        if getattr(profile, name) < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(profile, name)}: must be >= 0")
     if profile.loss_weight not in ("inverse-t", "flat"):
         raise SystemExit(f"error: --loss-weight {profile.loss_weight}: 'inverse-t' or 'flat'")
 
@@ -457,25 +712,38 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("what to run")
-    g.add_argument("--smoke", action="store_true", help="tiny sizes: check the pipeline in ~2 minutes")
-    g.add_argument("--tasks", nargs="+", default=["nl-rx-synth"], choices=TASKS)
+    g.add_argument("--profile", default="cpu", choices=list(PROFILES),
+                   help="cpu: tiny model, 2-core CPU; llada-8b / dream-7b: the paper's protocol on GPUs")
+    g.add_argument("--smoke", action="store_true", help="the smoke profile: check the CPU pipeline in ~2 minutes")
+    g.add_argument("--tasks", nargs="+", default=None, choices=TASKS,
+                   help="default: nl-rx-synth (cpu, smoke); gsm8k nl-rx-synth spider django (GPU profiles)")
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    g = p.add_argument_group("data and output")
-    g.add_argument("--data-dir", default="data",
-                   help="folder in the layout README.md describes (wikitext2/, mmlu/, nl-rx-synth/, gsm8k/, ...)")
+    g.add_argument("--dry-run", action="store_true", help="read and check the data, print every command (and "
+                   "for a GPU profile the GPU-hours estimate), run nothing")
+    g = p.add_argument_group("data, output and processes")
+    g.add_argument("--data-dir", default="data", help="folder in the layout README.md describes (wikitext2/, "
+                   "mmlu/, nl-rx-synth/, gsm8k/, ...); `python prepare.py --out data` writes it from the hub")
+    g.add_argument("--prepare", action="store_true", help="first download into --data-dir each dataset the run "
+                   "needs that it lacks (prepare.py, from the hub: needs network)")
     g.add_argument("--out", default="runs/experiments", help="output folder (cached stages are reused)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--jobs", type=int, default=None,
+                   help="processes at a time (default: 1 for a GPU profile, else min(2, CPU cores))")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: cores / jobs)")
     g = p.add_argument_group("overrides of the profile", "each field of experiments.Profile, where its "
-                             "meaning is commented; the help shows its value in the full and smoke profiles")
-    full, smoke = asdict(PROFILES["full"]), asdict(PROFILES["smoke"])
-    for field, default in full.items():
-        g.add_argument(f"--{field.replace('_', '-')}", default=None, help=f"full {default}, smoke {smoke[field]}",
+                             "meaning is commented; the help shows its value in the cpu and llada-8b profiles")
+    cpu, gpu = asdict(PROFILES["cpu"]), asdict(PROFILES["llada-8b"])
+    for name, default in cpu.items():
+        g.add_argument(f"--{name.replace('_', '-')}", default=None, help=f"cpu {default!r}, llada-8b {gpu[name]!r}",
                        type=yes_no if isinstance(default, bool) else type(default))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("jobs", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    return args
 
 
-def main(argv=None) -> Path:
+def main(argv=None) -> Path | None:
     args = parse_args(argv)
     try:
         check_output(args)
@@ -484,72 +752,58 @@ def main(argv=None) -> Path:
         raise SystemExit(f"error: {e}") from None
 
 
-def run(args) -> Path:
-    """The whole protocol -> the path of results.md."""
+def run(args) -> Path | None:
+    """The whole protocol -> the path of results.md (None for --dry-run)."""
     t0 = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    profile = PROFILES["smoke" if args.smoke else "full"]
-    profile = replace(profile, **{k: v for k, v in vars(args).items() if k in asdict(profile) and v is not None})
+    name = "smoke" if args.smoke else args.profile
+    profile = replace(PROFILES[name], **{k: v for k, v in vars(args).items()
+                                         if k in asdict(PROFILES[name]) and v is not None})
     check_profile(profile)
+    tasks = args.tasks or DEFAULT_TASKS[name]
+    at_once = args.jobs or (1 if profile.model else min(2, os.cpu_count() or 1))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // at_once)
     data_dir, out = Path(args.data_dir), Path(args.out)
-    settings = {"profile": asdict(profile), "data_dir": str(data_dir.resolve()), "tasks": sorted(args.tasks)}
+    settings = {"profile": asdict(profile), "data_dir": str(data_dir.resolve()), "tasks": sorted(tasks)}
     if (out / "profile.json").is_file() and json.loads((out / "profile.json").read_text()) != settings:
         raise SystemExit(f"error: {out} holds runs made with other settings (see {out / 'profile.json'}); "
                          "its cached stages would be reused: choose a new --out")
-    inputs = read_inputs(data_dir, args.tasks, profile)
+    if args.prepare:
+        fetch_missing(data_dir, ["wikitext2", "mmlu", *tasks])
+    inputs = read_inputs(data_dir, tasks, profile)       # 1. every input, checked
+    plan = make_plan(profile, inputs, tasks, args.methods, args.seeds, out)
+    if args.dry_run:
+        for job in plan:
+            print(f"# {job.name}\nOMP_NUM_THREADS={job.threads or threads} "
+                  + " ".join(launcher(profile) + [job.script] + job.argv))
+        if profile.model:
+            print("\n".join(gpu_hours(profile, inputs, tasks, args.methods, args.seeds)))
+        return None
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.json").write_text(json.dumps(settings, indent=1))
-
-    # 1-2. data, and the pre-trained base
-    pretrain_text = out / "data" / "wikitext_pretrain.txt"
-    pretrain_text.parent.mkdir(parents=True, exist_ok=True)
-    pretrain_text.write_text(inputs.pretrain_text, encoding="utf-8")
-    (out / "data" / "wikitext_heldout.txt").write_text(inputs.heldout_text, encoding="utf-8")  # for the record
-    for task, (train_items, dev) in inputs.splits.items():
-        write_jsonl(out / "data" / task / "train.jsonl", train_items)
-        write_jsonl(out / "data" / task / "dev.jsonl", dev)
-    print(f"[{time.time() - t0:5.0f}s] pre-training the base ({profile.base_steps} steps)", flush=True)
-    init = new_base(out / "init", inputs.tokenizer, profile)
-    base_path, _ = train_run(out / "base", base_argv(profile, init, pretrain_text, seed=0))
-    from backbones import load_backbone
-    base = load_backbone(str(base_path))
-    probe = E.ProbeConfig(profile.seq_len, profile.probe_windows, profile.probe_grid)
-    ctx = {"profile": profile, "probe": probe, "windows": inputs.windows, "mmlu": inputs.mmlu,
-           "mmlu_dev": inputs.mmlu_dev}
-    n_blocks = len(base.blocks)
-
-    tables, everything = {}, {}
-    for task, (_, dev) in inputs.splits.items():
-        task_dir = out / "data" / task
-        base_eval = cached(out / "base" / f"eval_{task}.json",
-                           lambda: evaluate_model(base_path, task, dev, ctx))
-        runs = {}
-        for method in args.methods:
-            for seed in args.seeds:
-                run_dir = out / task / method / f"seed{seed}"
-                print(f"[{time.time() - t0:5.0f}s] {task} / {method} / seed {seed}", flush=True)
-                final, seconds = train_run(run_dir, finetune_argv(profile, base_path, task_dir / "train.jsonl",
-                                                                  task_dir / "dev.jsonl", method, seed))
-
-                def measure():
-                    result = evaluate_model(final, task, dev, ctx, base)
-                    return result | {"forgetting": result["probe_loss"] - base_eval["probe_loss"],
-                                     "train_seconds": seconds, "embedding_rank": embedding_rank(run_dir)}
-                runs.setdefault(method, []).append(summarise(cached(run_dir / "eval.json", measure), n_blocks))
+    distributed.atomic_write_text(out / "profile.json", json.dumps(settings, indent=1))
+    write_data(out, inputs)
+    if not profile.model:                                 # 2. the tiny base: a new model, pre-trained in the plan
+        new_base(out / "init", inputs.tokenizer, profile)
+        plan[0].threads = args.threads or os.cpu_count()  # it runs alone: every core
+    run_jobs(plan, profile, at_once, threads, t0)        # 3-4. fine-tunes and evaluations
+    tables, everything, steps = {}, {}, {}                # 5. tables
+    for task in tasks:
+        base_eval = measurements(out / "base", task, profile)
+        runs = {method: [summarise(measurements(out / task / method / f"seed{seed}", task, profile))
+                         for seed in args.seeds] for method in args.methods}
+        steps[task] = fine_tune_steps(profile, len(inputs.splits[task][0]))
         markdown = task_table(task, base_eval, runs, profile.mmlu_shots)
         metrics_plot, drift_plot = f"{task}_metrics.png", f"{task}_drift.png"
         plot_metrics(task, base_eval, runs, profile.mmlu_shots, out / metrics_plot)
-        E.plot_drift({m: mean_report(r) for m, r in runs.items()}, out / drift_plot,
-                     f"{task}: drift from the base, mean over seeds")
+        plot_drift({m: mean_report(r) for m, r in runs.items()}, out / drift_plot,
+                   f"{task}: drift from the base, mean over seeds")
         tables[task] = {"markdown": markdown, "comparisons": comparisons(runs, task, profile.mmlu_shots),
                         "shots_used": base_eval["mmlu_shots_used"],
                         "metrics_plot": metrics_plot, "drift_plot": drift_plot}
         everything[task] = {"base": base_eval, "runs": runs}
         print(f"\n## {task}\n{markdown}\n", flush=True)
-
-    (out / "results.json").write_text(distributed.strict_json(everything, indent=1))
-    write_report(out, profile, args, tables, time.time() - t0)
+    distributed.atomic_write_text(out / "results.json", distributed.strict_json(everything, indent=1))
+    setup = describe(profile, name, args.methods, args.seeds, tasks, steps)
+    write_report(out, profile, setup, tables, time.time() - t0, at_once, threads)
     print(f"[{time.time() - t0:5.0f}s] done: {out / 'results.md'}")
     return out / "results.md"
 

@@ -56,10 +56,11 @@ from transformers.utils import logging as hf_logging
 
 import data
 import distributed
-import evaluate
 import lora
 from backbones import Backbone, install_remote_fixes, load_backbone, new_tiny_backbone
 from dllm_jepa import DLLMJEPA, METHODS, VIEW_PRESETS, JEPAConfig, effective_rank
+from tasks.common import exact_match
+from tasks.generation import canvas_for, generate_sharded
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -84,8 +85,9 @@ def parse_args(argv=None):
     g.add_argument("--data", default="builtin",
                    help="'builtin' (generated task, offline), a .jsonl/.json file (chat 'messages', or "
                         "prompt/answer or question/answer fields), a .txt file (plain text: pre-training), "
-                        "or a Hugging Face dataset name[:config]")
-    g.add_argument("--split", default="train", help="split of a hub dataset")
+                        "a dataset of the paper by name (hub.py: gsm8k, nl-rx-synth, nl-rx-turk, spider, django; "
+                        "NAME:split picks a split), or a Hugging Face dataset id[:config]; names need network")
+    g.add_argument("--split", default="train", help="split of a named or hub dataset")
     g.add_argument("--eval-data", default=None, help="held-out file; default: carve --eval-fraction")
     g.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of --data")
     g.add_argument("--seq-len", type=int, default=32,
@@ -630,16 +632,16 @@ def final_generation(backbone, examples, args, env) -> dict:
     """Answer held-out examples with the sampler and score exact match: what the model can
     do, which the loss does not show. The canvas is the longest one trained (--seq-len): each
     prompt is followed by --seq-len minus the longest prompt masks, one block, one token per
-    step (evaluate.canvas_for, evaluate.py's default for this model). Every rank answers an
+    step (canvas_for, evaluate.py's default for this model). Every rank answers an
     equal share (FSDP runs every forward on all ranks)."""
     examples = examples[:args.final_eval]
     try:
-        sampler = evaluate.canvas_for(backbone, examples, {"gen_length": None, "block_length": None}, args.seq_len)
+        sampler = canvas_for(backbone, examples, {"gen_length": None, "block_length": None}, args.seq_len)
     except ValueError as e:
         return {"skipped": str(e)}
     prompts = [data.prompt_ids(backbone.tokenizer, ex.prompt) for ex in examples]
-    answers = evaluate.generate_sharded(backbone, prompts, sampler, args.batch_size, env.rank, env.world_size)
-    right = [evaluate.exact_match(a, ex.answer) for a, ex in zip(answers, examples)]
+    answers = generate_sharded(backbone, prompts, sampler, args.batch_size, env.rank, env.world_size)
+    right = [exact_match(a, ex.answer) for a, ex in zip(answers, examples)]
     return {"exact_match": sum(right) / len(right), "n": len(right), "gen_length": sampler.gen_length,
             "samples": [{"prompt": ex.prompt[-1]["content"], "answer": a, "reference": ex.answer, "right": r}
                         for ex, a, r in zip(examples, answers, right)]}
@@ -1045,11 +1047,8 @@ def main(argv=None) -> Path:
     except RuntimeError as e:
         if not distributed.is_timeout(e):
             raise
-        print(f"error: rank {run.env.rank}: another process did not join a collective within "
-              f"--collective-timeout {run.args.collective_timeout:g} minutes (stopped, hung or died: see its "
-              "output); the last complete checkpoint is where --resume auto continues", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)  # the group is broken: tearing it down at exit aborts in gloo's threads (exit -6)
+        distributed.exit_on_timeout(run.env, run.args.collective_timeout,
+                                    "; the last complete checkpoint is where --resume auto continues")
     distributed.leave(run.env)  # under torchrun: the group taken down in order, no 'terminate called' at exit
     return final
 

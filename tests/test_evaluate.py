@@ -13,6 +13,16 @@ import torch.nn as nn
 import backbones
 import data
 import evaluate as E
+from generate import SamplerConfig
+from tasks import load_items, score_answers
+from tasks.common import Item, exact_match, fit_prompt, with_shots
+from tasks.drift import drift_report, linear_cka, plot_drift, weight_drift
+from tasks.generation import evaluate_generation
+from tasks.gsm8k import gsm8k_correct, gsm8k_final, normalize_number
+from tasks.mmlu import Question, letter_tokens, load_mmlu, mmlu_accuracy, mmlu_prompt
+from tasks.nl_rx import regex_equivalent
+from tasks.probe import ProbeConfig, diffusion_probe, probe_masks, read_text_file
+from tasks.spider import execution_match, load_spider, normalize_sql, spider_database
 
 TINY = backbones.FAMILIES["tiny-dlm"]
 
@@ -29,7 +39,7 @@ def backbone_of(model, tokenizer, family=TINY):
     ("70%", "70"), ("-3 degrees", "-3"), ("0.0", "0"), ("100", "100"), ("5.", "5"), ("no number", None),
 ])
 def test_normalize_number(text, number):
-    assert E.normalize_number(text) == number
+    assert normalize_number(text) == number
 
 
 @pytest.mark.parametrize("prediction,correct", [
@@ -42,31 +52,31 @@ def test_normalize_number(text, number):
     ("", False),
 ])
 def test_gsm8k_strict(prediction, correct):
-    assert E.gsm8k_correct(prediction, "Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18") is correct
+    assert gsm8k_correct(prediction, "Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18") is correct
 
 
 def test_gsm8k_flexible_and_large_numbers():
-    assert E.gsm8k_correct("The answer is 18", "#### 18", flexible=True)
-    assert not E.gsm8k_correct("The answer is 17 or so", "#### 18", flexible=True)
-    assert E.gsm8k_correct("#### 1,000,000", "x\n#### 1000000")
-    assert E.gsm8k_final("a #### 3\n#### 5\nextra") == "5"
+    assert gsm8k_correct("The answer is 18", "#### 18", flexible=True)
+    assert not gsm8k_correct("The answer is 17 or so", "#### 18", flexible=True)
+    assert gsm8k_correct("#### 1,000,000", "x\n#### 1000000")
+    assert gsm8k_final("a #### 3\n#### 5\nextra") == "5"
 
 
 def test_gsm8k_reference_without_marker_must_be_a_bare_number():
-    assert E.gsm8k_correct("#### 16", " 16\n") and E.gsm8k_correct("#### 1000", "1,000")
+    assert gsm8k_correct("#### 16", " 16\n") and gsm8k_correct("#### 1000", "1,000")
     with pytest.raises(ValueError, match="no '#### answer' and is not a bare number"):
-        E.gsm8k_correct("#### 16", "Janet has 16 ducks and earns 18 dollars")  # was: gold 16
+        gsm8k_correct("#### 16", "Janet has 16 ducks and earns 18 dollars")  # was: gold 16
     with pytest.raises(ValueError, match=r"final answer 'many' \(after ####\) is not a number"):
-        E.gsm8k_correct("#### 16", "She has 16.\n#### many")
+        gsm8k_correct("#### 16", "She has 16.\n#### many")
 
 # -----------------------------------------------------------------------------
 # Exact match, SQL, regexes
 
 
 def test_exact_match_strips_outer_whitespace_only():
-    assert E.exact_match("  return result \n", "return result")
-    assert not E.exact_match("return  result", "return result")
-    assert not E.exact_match("Return result", "return result")
+    assert exact_match("  return result \n", "return result")
+    assert not exact_match("return  result", "return result")
+    assert not exact_match("Return result", "return result")
 
 
 @pytest.mark.parametrize("a,b", [
@@ -76,25 +86,25 @@ def test_exact_match_strips_outer_whitespace_only():
     ("SELECT T1.name FROM t AS T1", "select t1.name from t as t1"),
 ])
 def test_sql_normalisation_equal(a, b):
-    assert E.normalize_sql(a) == E.normalize_sql(b)
+    assert normalize_sql(a) == normalize_sql(b)
 
 
 def test_sql_normalisation_keeps_values():
-    assert E.normalize_sql("SELECT a FROM t WHERE n = 'France'") != E.normalize_sql("SELECT a FROM t WHERE n = 'france'")
-    assert E.normalize_sql("SELECT a FROM t WHERE x > 5") != E.normalize_sql("SELECT a FROM t WHERE x > 6")
+    assert normalize_sql("SELECT a FROM t WHERE n = 'France'") != normalize_sql("SELECT a FROM t WHERE n = 'france'")
+    assert normalize_sql("SELECT a FROM t WHERE x > 5") != normalize_sql("SELECT a FROM t WHERE x > 6")
 
 
 def test_fit_prompt_keeps_the_end():
-    assert E.fit_prompt([1, 2, 3], 5) == [1, 2, 3]
-    assert E.fit_prompt([1, 2, 3], 2) == [2, 3]
-    assert E.fit_prompt([1, 2, 3], 0) == []  # ids[-0:] would keep them all
+    assert fit_prompt([1, 2, 3], 5) == [1, 2, 3]
+    assert fit_prompt([1, 2, 3], 2) == [2, 3]
+    assert fit_prompt([1, 2, 3], 0) == []  # ids[-0:] would keep them all
 
 
 def test_generation_needs_room_for_a_prompt(make_model, tokenizer):
     backbone = backbone_of(make_model(max_position_embeddings=16), tokenizer)
-    items = [E.Item([{"role": "user", "content": "q"}], "a")]
+    items = [Item([{"role": "user", "content": "q"}], "a")]
     with pytest.raises(ValueError, match="--gen-length 16 leaves no room for a prompt in the model's 16 positions"):
-        E.evaluate_generation(backbone, "django", items, E.SamplerConfig(16, 8, 16))
+        evaluate_generation(backbone, "django", items, SamplerConfig(16, 8, 16))
 
 
 def test_execution_accuracy(tmp_path):
@@ -103,13 +113,13 @@ def test_execution_accuracy(tmp_path):
     with sqlite3.connect(db) as conn:
         conn.executescript("CREATE TABLE item(name TEXT, price INT);"
                            "INSERT INTO item VALUES ('a', 3), ('b', 1), ('c', 2);")
-    assert E.spider_database(tmp_path, "shop") == db
-    assert E.execution_match(db, "select name from item where price > 1", "SELECT name FROM item WHERE price >= 2")
-    assert E.execution_match(db, "select name from item order by price desc", "SELECT name FROM item")  # multiset
-    assert not E.execution_match(db, "select name from item", "SELECT name FROM item ORDER BY price")  # order counts
-    assert not E.execution_match(db, "select nonsense from", "SELECT name FROM item")
+    assert spider_database(tmp_path, "shop") == db
+    assert execution_match(db, "select name from item where price > 1", "SELECT name FROM item WHERE price >= 2")
+    assert execution_match(db, "select name from item order by price desc", "SELECT name FROM item")  # multiset
+    assert not execution_match(db, "select name from item", "SELECT name FROM item ORDER BY price")  # order counts
+    assert not execution_match(db, "select nonsense from", "SELECT name FROM item")
     with pytest.raises(ValueError, match="no database"):
-        E.spider_database(tmp_path, "missing")
+        spider_database(tmp_path, "missing")
 
 
 @pytest.mark.parametrize("a,b,equal", [
@@ -126,14 +136,14 @@ def test_execution_accuracy(tmp_path):
     ("(dog", "(dog)", False),                                    # unparsable prediction
 ])
 def test_regex_equivalence(a, b, equal):
-    assert E.regex_equivalent(a, b) is equal
+    assert regex_equivalent(a, b) is equal
 
 
 def test_score_answers_per_task():
-    items = [E.Item([], "#### 5"), E.Item([], "#### 7")]
-    assert E.score_answers("gsm8k", items, ["#### 5.0", "7"]) == {"accuracy": 0.5, "accuracy_flexible": 1.0}
-    items = [E.Item([], "(dog)|(truck)")]
-    assert E.score_answers("nl-rx-synth", items, ["(truck)|(dog)"]) == {"exact_match": 0.0, "regex_equivalence": 1.0}
+    items = [Item([], "#### 5"), Item([], "#### 7")]
+    assert score_answers("gsm8k", items, ["#### 5.0", "7"]) == {"accuracy": 0.5, "accuracy_flexible": 1.0}
+    items = [Item([], "(dog)|(truck)")]
+    assert score_answers("nl-rx-synth", items, ["(truck)|(dog)"]) == {"exact_match": 0.0, "regex_equivalence": 1.0}
 
 # -----------------------------------------------------------------------------
 # Loaders and their errors
@@ -146,29 +156,29 @@ def write_lines(path, rows):
 
 def test_loaders(tmp_path):
     gsm = write_lines(tmp_path / "gsm.jsonl", [{"question": "1+1?", "answer": "1+1=2\n#### 2"}])
-    assert E.load_items("gsm8k", gsm) == [E.Item([{"role": "user", "content": "1+1?"}], "1+1=2\n#### 2")]
+    assert load_items("gsm8k", gsm) == [Item([{"role": "user", "content": "1+1?"}], "1+1=2\n#### 2")]
     chat = write_lines(tmp_path / "rx.jsonl", [{"messages": [
         {"role": "system", "content": "Convert."}, {"role": "user", "content": "lines with dog"},
         {"role": "assistant", "content": ".*dog.*"}]}])
-    item, = E.load_items("nl-rx-synth", chat)
+    item, = load_items("nl-rx-synth", chat)
     assert item.reference == ".*dog.*" and [m["role"] for m in item.prompt] == ["system", "user"]
     (tmp_path / "tables.json").write_text(json.dumps([{
         "db_id": "shop", "table_names_original": ["item"],
         "column_names_original": [[-1, "*"], [0, "name"], [0, "price"]]}]))
     spider = tmp_path / "dev.json"
     spider.write_text(json.dumps([{"question": "Names?", "query": "SELECT name FROM item", "db_id": "shop"}]))
-    item, = E.load_items("spider", spider)
+    item, = load_items("spider", spider)
     assert item.db_id == "shop" and item.reference == "SELECT name FROM item"
     assert "Schema: item(name, price)" in item.prompt[0]["content"]
     (tmp_path / "dev.anno").write_text("  call the function f.\ndefine x.\n")
     (tmp_path / "dev.code").write_text("f ( )\n  x = 1\n")
-    assert [i.reference for i in E.load_items("django", tmp_path / "dev.code")] == ["f ( )", "x = 1"]
+    assert [i.reference for i in load_items("django", tmp_path / "dev.code")] == ["f ( )", "x = 1"]
 
 
 def test_few_shot_turns_come_before_the_question():
-    q = E.Item([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], "A")
-    shot = E.Item([{"role": "user", "content": "q1"}], "a1")
-    prompt = E.with_shots([q], [shot, shot], 1)[0].prompt
+    q = Item([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], "A")
+    shot = Item([{"role": "user", "content": "q1"}], "a1")
+    prompt = with_shots([q], [shot, shot], 1)[0].prompt
     assert [m["content"] for m in prompt] == ["S", "q1", "a1", "Q"]
 
 
@@ -180,21 +190,21 @@ def test_few_shot_turns_come_before_the_question():
 def test_bad_rows_name_file_and_row(tmp_path, name, content, task, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(ValueError, match=match):
-        E.load_items(task, tmp_path / name)
+        load_items(task, tmp_path / name)
 
 
 def test_empty_sets_are_errors(tmp_path):
     (tmp_path / "e.anno").write_text("")
     (tmp_path / "e.code").write_text("")
     with pytest.raises(ValueError, match=r"e.anno: holds no examples"):
-        E.load_items("django", tmp_path / "e.anno")
+        load_items("django", tmp_path / "e.anno")
     (tmp_path / "sp.json").write_text("[]")
     with pytest.raises(ValueError, match=r"sp.json: holds no examples"):
-        E.load_spider(tmp_path / "sp.json", None)
+        load_spider(tmp_path / "sp.json", None)
     for content in ("", "question,choice0,choice1,choice2,choice3,answer\n"):
         (tmp_path / "x_test.csv").write_text(content)
         with pytest.raises(ValueError, match=r"x_test.csv: holds no examples"):
-            E.load_mmlu(tmp_path)
+            load_mmlu(tmp_path)
 
 
 @pytest.mark.parametrize("name,task", [("d.anno", "django"), ("d.code", "django"), ("sp.json", "spider"),
@@ -203,7 +213,7 @@ def test_files_that_are_not_utf8_are_named(tmp_path, name, task):
     for suffix in (".anno", ".code"):
         (tmp_path / "d").with_suffix(suffix).write_text("ok\n")
     (tmp_path / name).write_bytes(b"fine\ncaf\xe9\n")  # Latin-1, not UTF-8
-    load = {"mmlu": E.load_mmlu, "probe": E.read_text_file}.get(task, lambda p: E.load_items(task, p))
+    load = {"mmlu": load_mmlu, "probe": read_text_file}.get(task, lambda p: load_items(task, p))
     with pytest.raises(ValueError, match=rf"{name}: not UTF-8 text at line 2"):
         load(tmp_path / name)
 
@@ -211,7 +221,7 @@ def test_files_that_are_not_utf8_are_named(tmp_path, name, task):
 def test_mmlu_csv_with_a_byte_order_mark(tmp_path):
     (tmp_path / "b_test.csv").write_bytes("\ufeffquestion,choice0,choice1,choice2,choice3,answer\n"
                                           'Q?,a,"b\nb",c,d,3\n'.encode())
-    question, = E.load_mmlu(tmp_path)
+    question, = load_mmlu(tmp_path)
     assert question.answer == 3 and question.choices[1] == "b\nb"
 
 
@@ -219,21 +229,21 @@ def test_django_misaligned_and_missing(tmp_path):
     (tmp_path / "a.anno").write_text("one\ntwo\n")
     (tmp_path / "a.code").write_text("1\n")
     with pytest.raises(ValueError, match="2 lines but .*a.code has 1"):
-        E.load_items("django", tmp_path / "a.anno")
+        load_items("django", tmp_path / "a.anno")
     (tmp_path / "b.anno").write_text("one\n")
     with pytest.raises(ValueError, match="b.code is missing"):
-        E.load_items("django", tmp_path / "b.anno")
+        load_items("django", tmp_path / "b.anno")
 
 
 def test_mmlu_loader(tmp_path):
     (tmp_path / "algebra_test.csv").write_text("question,choice0,choice1,choice2,choice3,answer\n"
                                                '"2+2?",3,4,5,6,1\n')
     (tmp_path / "old_test.csv").write_text("Q?,a,b,c,d,C\n")
-    questions = E.load_mmlu(tmp_path)
+    questions = load_mmlu(tmp_path)
     assert [(q.subject, q.answer) for q in questions] == [("algebra", 1), ("old", 2)]
     (tmp_path / "bad_test.csv").write_text("Q?,a,b,c,d,E\n")
     with pytest.raises(ValueError, match=r"bad_test.csv row 1: answer 'E'"):
-        E.load_mmlu(tmp_path)
+        load_mmlu(tmp_path)
 
 # -----------------------------------------------------------------------------
 # The probe
@@ -253,17 +263,17 @@ class Spy(nn.Module):
 
 def test_probe_is_deterministic_and_masks_are_shared(make_model, tokenizer):
     windows = torch.randint(0, 256, (5, 24), generator=torch.Generator().manual_seed(0))
-    cfg = E.ProbeConfig(seq_len=24, windows=5, grid=4, seed=3, batch_size=2)
+    cfg = ProbeConfig(seq_len=24, windows=5, grid=4, seed=3, batch_size=2)
     a, b = Spy(make_model(seed=0)), Spy(make_model(seed=1))
-    first = E.diffusion_probe(backbone_of(a, tokenizer), windows, cfg)
-    again = E.diffusion_probe(backbone_of(a, tokenizer), windows, cfg)
-    other = E.diffusion_probe(backbone_of(b, tokenizer), windows, cfg)
+    first = diffusion_probe(backbone_of(a, tokenizer), windows, cfg)
+    again = diffusion_probe(backbone_of(a, tokenizer), windows, cfg)
+    other = diffusion_probe(backbone_of(b, tokenizer), windows, cfg)
     assert first["probe_loss"] == again["probe_loss"]
     assert first["probe_loss"] != other["probe_loss"]
     assert all(torch.equal(x, y) for x, y in zip(a.inputs, b.inputs))  # identical masked inputs
     assert not (a.inputs[0][:, 0] == tokenizer.mask_token_id).any()     # position 0 stays clean
-    masks, _ = E.probe_masks((5, 24), cfg)
-    assert not torch.equal(masks, E.probe_masks((5, 24), dataclasses.replace(cfg, seed=4))[0])
+    masks, _ = probe_masks((5, 24), cfg)
+    assert not torch.equal(masks, probe_masks((5, 24), dataclasses.replace(cfg, seed=4))[0])
 
 
 def test_probe_matches_hand_computation(tokenizer):
@@ -278,10 +288,10 @@ def test_probe_matches_hand_computation(tokenizer):
             return SimpleNamespace(logits=torch.zeros(*input_ids.shape, len(tokenizer)))
 
     windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
-    cfg = E.ProbeConfig(seq_len=16, windows=3, grid=4)
-    masks, p = E.probe_masks(windows.shape, cfg)
+    cfg = ProbeConfig(seq_len=16, windows=3, grid=4)
+    masks, p = probe_masks(windows.shape, cfg)
     expected = (masks.sum(-1).double() * math.log(len(tokenizer)) / p[:, None] / 15).mean().item()
-    got = E.diffusion_probe(backbone_of(Uniform(), tokenizer), windows, cfg)["probe_loss"]
+    got = diffusion_probe(backbone_of(Uniform(), tokenizer), windows, cfg)["probe_loss"]
     assert got == pytest.approx(expected, rel=1e-5)
 
 
@@ -290,7 +300,7 @@ def test_text_rows_first_windows(tmp_path, tokenizer):
     data.tokenize_text, which takes them all)."""
     path = tmp_path / "t.txt"
     path.write_text("abcdefghij" * 10)
-    text = E.read_text_file(path)
+    text = read_text_file(path)
     assert data.text_rows(text, tokenizer, 16, path, max_rows=3).tolist()[1] == list(b"ghijabcdefghijab")  # bytes 16..31
     assert data.text_rows(text, tokenizer, 16, path, max_rows=100).shape == (6, 16)  # what the file holds
     with pytest.raises(ValueError, match=r"t.txt: 100 tokens, fewer than one row of --probe-seq-len 1000; "
@@ -336,27 +346,27 @@ class Rigged(nn.Module):
 
 @pytest.mark.parametrize("shifted", [False, True])
 def test_mmlu_picks_the_likeliest_letter(tokenizer, shifted):
-    questions = [E.Question("s", "Which?", ["w", "x", "y", "z"], 2),
-                 E.Question("s", "And this much longer one?", ["w", "x", "y", "z"], 0)]
-    _, letters = E.letter_tokens(tokenizer, E.mmlu_prompt(questions[0], []))
+    questions = [Question("s", "Which?", ["w", "x", "y", "z"], 2),
+               Question("s", "And this much longer one?", ["w", "x", "y", "z"], 0)]
+    _, letters = letter_tokens(tokenizer, mmlu_prompt(questions[0], []))
     family = dataclasses.replace(TINY, shift_logits=shifted)
     model = Rigged(len(tokenizer), letters[2], shifted)
-    result = E.mmlu_accuracy(backbone_of(model, tokenizer, family), questions, batch_size=2)
+    result = mmlu_accuracy(backbone_of(model, tokenizer, family), questions, batch_size=2)
     assert result["accuracy"] == 0.5 and result["by_subject"] == {"s": 0.5}
 
 
 def test_mmlu_letters_are_single_tokens(tokenizer):
-    prompt = E.mmlu_prompt(E.Question("s", "Q", ["a", "b", "c", "d"], 0), [])
-    ids, letters = E.letter_tokens(tokenizer, prompt)
+    prompt = mmlu_prompt(Question("s", "Q", ["a", "b", "c", "d"], 0), [])
+    ids, letters = letter_tokens(tokenizer, prompt)
     assert tokenizer.decode(ids).endswith("Answer: ")
     assert [tokenizer.decode([i]) for i in letters] == list("ABCD")
 
 
 def test_mmlu_few_shot_fits_the_context(make_model, tokenizer):
-    exemplars = [E.Question("s", "x" * 100, ["a", "b", "c", "d"], 1)] * 5
-    questions = [E.Question("s", "Q", ["a", "b", "c", "d"], 1)]
+    exemplars = [Question("s", "x" * 100, ["a", "b", "c", "d"], 1)] * 5
+    questions = [Question("s", "Q", ["a", "b", "c", "d"], 1)]
     model = make_model(max_position_embeddings=256)  # holds about one exemplar
-    result = E.mmlu_accuracy(backbone_of(model, tokenizer), questions, shots=5, exemplars=exemplars)
+    result = mmlu_accuracy(backbone_of(model, tokenizer), questions, shots=5, exemplars=exemplars)
     assert 0 < result["mean_shots_used"] < 5
 
 # -----------------------------------------------------------------------------
@@ -367,10 +377,10 @@ def test_cka_properties():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 16, generator=g)
     q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
-    assert E.linear_cka(x, x) == pytest.approx(1.0)
-    assert E.linear_cka(x, 3.0 * x @ q) == pytest.approx(1.0)       # orthogonal map, isotropic scale
-    assert E.linear_cka(x, x + 5.0) == pytest.approx(1.0)            # centring
-    assert E.linear_cka(x, torch.randn(200, 16, generator=g)) < 0.2  # unrelated
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, 3.0 * x @ q) == pytest.approx(1.0)       # orthogonal map, isotropic scale
+    assert linear_cka(x, x + 5.0) == pytest.approx(1.0)            # centring
+    assert linear_cka(x, torch.randn(200, 16, generator=g)) < 0.2  # unrelated
 
 
 def test_weight_drift_per_layer(make_model, tokenizer):
@@ -378,7 +388,7 @@ def test_weight_drift_per_layer(make_model, tokenizer):
     with torch.no_grad():
         w = tuned.layers[1].qkv.weight
         w.add_(0.5 * w)
-    drift = E.weight_drift(backbone_of(tuned, tokenizer), backbone_of(base, tokenizer))
+    drift = weight_drift(backbone_of(tuned, tokenizer), backbone_of(base, tokenizer))
     assert list(drift) == ["block 0", "block 1", "other"]
     assert drift["block 0"] == 0 and drift["other"] == 0
     block = base.layers[1]
@@ -389,12 +399,12 @@ def test_weight_drift_per_layer(make_model, tokenizer):
 def test_drift_report_and_plot(make_model, tokenizer, tmp_path):
     base, tuned = backbone_of(make_model(seed=0), tokenizer), backbone_of(make_model(seed=1), tokenizer)
     windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    cfg = E.ProbeConfig(seq_len=16, windows=2, grid=2)
-    same = E.drift_report(base, base, windows, cfg)
+    cfg = ProbeConfig(seq_len=16, windows=2, grid=2)
+    same = drift_report(base, base, windows, cfg)
     assert same["forgetting"] == 0 and all(c == pytest.approx(1.0) for c in same["cka"])
-    report = E.drift_report(tuned, base, windows, cfg)
+    report = drift_report(tuned, base, windows, cfg)
     assert len(report["cka"]) == 3 and report["weight_distance"]["block 0"] > 0
-    E.plot_drift({"same": same, "tuned": report}, tmp_path / "drift.png")
+    plot_drift({"same": same, "tuned": report}, tmp_path / "drift.png")
     assert (tmp_path / "drift.png").read_bytes()[:4] == b"\x89PNG"
 
 # -----------------------------------------------------------------------------

@@ -121,7 +121,7 @@ GSM8K_TRAIN = '{"question": "1+1?", "answer": "2 #### 2"}\n'
 ], ids=["wikitext-not-utf8", "heldout-too-short", "task-bad-json", "n-dev-too-large", "task-file-missing",
         "gsm8k-bad-reference", "mmlu-bad-answer"])
 def test_bad_data_is_refused_in_one_line_before_any_training(data_dir, tmp_path, monkeypatch, files, flags, match):
-    """Every file is read and checked before the base's pre-training: train_run must never be
+    """Every file is read and checked before the base's pre-training: run_jobs must never be
     reached, and nothing is written to --out."""
     for name, content in files.items():
         (data_dir / name).parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +129,7 @@ def test_bad_data_is_refused_in_one_line_before_any_training(data_dir, tmp_path,
 
     def no_training(*args):
         raise AssertionError("training started before the data were checked")
-    monkeypatch.setattr(X, "train_run", no_training)
+    monkeypatch.setattr(X, "run_jobs", no_training)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         X.main(["--smoke", "--data-dir", str(data_dir), "--out", str(out), "--seq-len", "64", "--n-train", "16",
@@ -161,3 +161,54 @@ def test_yes_no_overrides(capsys):
     with pytest.raises(SystemExit):
         X.parse_args(["--system-prompt", "maybe"])  # was: False
     assert "--system-prompt: 'maybe' is not yes/no" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_hub_model(tmp_path):
+    """A saved tiny model standing in for LLaDA-8B in the GPU profile's plan."""
+    import torch
+    torch.manual_seed(0)
+    tokenizer = tiny_model.make_tokenizer()
+    path = tmp_path / "tiny-llada"
+    tiny_model.make_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=2, intermediate_size=64).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_gpu_profile_dry_run_prints_the_torchrun_plan_and_gpu_hours(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert X.main(["--profile", "llada-8b", "--dry-run", "--tasks", "nl-rx-synth", "--n-dev", "4",
+                   "--data-dir", str(data_dir), "--out", str(out)]) is None
+    text = capsys.readouterr().out
+    commands = [line for line in text.splitlines() if "OMP_NUM_THREADS" in line]
+    # 1 base x (task, MMLU 0/5-shot, probe) + 5 methods x 3 seeds x (fine-tune + 4 measurements)
+    assert len(commands) == 4 + 15 * 5
+    first_train = next(c for c in commands if " train.py " in c)
+    assert "-m torch.distributed.run --standalone --nproc_per_node 8 train.py --model GSAI-ML/LLaDA-8B-Instruct" \
+        in first_train
+    # 36 training rows, 2 epochs, global batch 4 x 8 -> 3 steps; the paper's lr and precision
+    for flag in ("--steps 3 ", "--lr 1e-05 ", "--dtype bfloat16 ", "--activation-checkpointing", "--loss-weight inverse-t"):
+        assert flag in first_train + " ", flag
+    assert any("evaluate.py --model GSAI-ML/LLaDA-8B-Instruct" in c and "--shots 4" in c and "--gen-length 256" in c
+               for c in commands)
+    assert re.search(r"total: about \d+ GPU-hours", text)
+    assert not out.exists()  # a dry run writes nothing
+
+
+def test_gpu_profile_runs_end_to_end_on_cpu_under_torchrun(data_dir, tiny_hub_model, tmp_path):
+    """The llada-8b plan itself (torchrun, 2 processes per job, gloo), a tiny model in LLaDA's place."""
+    out = tmp_path / "out"
+    report = X.main(["--profile", "llada-8b", "--model", str(tiny_hub_model), "--nproc", "2", "--dtype", "float32",
+                     "--tasks", "nl-rx-synth", "--methods", "dllm-jepa", "--seeds", "0", "--n-train", "16",
+                     "--n-dev", "2", "--epochs", "1", "--task-seq-len", "64", "--seq-len", "32", "--gen-length", "8",
+                     "--block-length", "8", "--gen-steps", "8", "--task-shots", "1", "--probe-windows", "2",
+                     "--probe-grid", "2", "--mmlu-questions", "2", "--mmlu-shots", "1",
+                     "--data-dir", str(data_dir), "--out", str(out), "--threads", "1"])
+    text = report.read_text()
+    assert "Profile `llada-8b`" in text and "on 2 processes (torchrun)" in text and "| dllm-jepa |" in text
+    run = json.loads((out / "results.json").read_text())["nl-rx-synth"]["runs"]["dllm-jepa"][0]
+    assert {"exact_match", "answer_loss", "probe_loss", "forgetting", "mmlu_1shot", "cka"} <= set(run)
+    task = json.loads((out / "nl-rx-synth" / "dllm-jepa" / "seed0" / "eval" / "nl-rx-synth.json").read_text())
+    assert task["processes"] == 2 and task["n"] == 2
+    config = json.loads((out / "nl-rx-synth" / "dllm-jepa" / "seed0" / "config.json").read_text())
+    assert config["world_size"] == 2 and config["args"]["activation_checkpointing"]

@@ -18,6 +18,8 @@ import dllm_jepa as dj
 import evaluate
 import generate
 import train
+from tasks.common import Item
+from tasks.generation import canvas_for
 
 # -----------------------------------------------------------------------------
 # Canvas lengths
@@ -163,14 +165,14 @@ def test_flat_loss_weight_drops_the_one_over_p(make_model, tokenizer):
 def test_evaluation_canvas_defaults_to_the_trained_one_and_warns_past_it(capsys):
     from backbones import new_tiny_backbone
     backbone = new_tiny_backbone(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
-    items = [evaluate.Item([{"role": "user", "content": q}], "x") for q in ("copy ab", "copy abcdef")]
+    items = [Item([{"role": "user", "content": q}], "x") for q in ("copy ab", "copy abcdef")]
     longest = len(data.prompt_ids(backbone.tokenizer, items[1].prompt))
-    sampler = evaluate.canvas_for(backbone, items, {"gen_length": None, "block_length": None}, 30)
+    sampler = canvas_for(backbone, items, {"gen_length": None, "block_length": None}, 30)
     assert (sampler.gen_length, sampler.block_length, sampler.steps) == (30 - longest,) * 3
     assert capsys.readouterr().err == ""
-    evaluate.canvas_for(backbone, items, {"gen_length": 30 - longest, "block_length": 30 - longest}, 30)
+    canvas_for(backbone, items, {"gen_length": 30 - longest, "block_length": 30 - longest}, 30)
     assert capsys.readouterr().err == ""  # exactly the trained canvas: no warning
-    evaluate.canvas_for(backbone, items, {"gen_length": 31 - longest, "block_length": 31 - longest}, 30)
+    canvas_for(backbone, items, {"gen_length": 31 - longest, "block_length": 31 - longest}, 30)
     assert f"past the longest canvas the model was trained on (30)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="fills the model's trained canvas"):
-        evaluate.canvas_for(backbone, items, {"gen_length": None, "block_length": None}, longest)
+        canvas_for(backbone, items, {"gen_length": None, "block_length": None}, longest)

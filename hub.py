@@ -1,0 +1,296 @@
+"""
+The paper's datasets by name: where each is published, and how one of its rows becomes ours.
+
+    rows = hub.load_rows("gsm8k", "train")          # [{"question", "answer"}, ...]
+    examples = hub.training_examples("nl-rx-synth")  # data.Example rows: train.py --data nl-rx-synth
+    python prepare.py --out data                     # all of them, in the layout experiments.py reads
+
+DATASETS holds one entry per dataset of the paper: its source, its splits, and ONE adapter
+from a source row to our row (what prepare.py writes and train.py trains on):
+
+    gsm8k        {"question", "answer"}                  the answer keeps its reasoning and '#### n'
+    nl-rx-synth  {"messages": [system, user, assistant]} LLM-JEPA's chat rows, unchanged
+    nl-rx-turk   the same
+    spider       {"question", "query", "db_id"}          prompts need tables.json (SPIDER_TABLES)
+    django       {"anno", "code"}                        one line each
+    mmlu         {"subject", "question", "choices", "answer"}   4 choices, answer 0-3
+    wikitext2    {"text"}                                one line of the text, newline included
+
+A source is a Hugging Face hub id and config, read with datasets.load_dataset. NL-RX has no
+copy on the hub: it is read with the same call, datasets' json builder on the LLM-JEPA
+repository's files at a pinned commit; Spider's tables.json is not on its hub copy either and
+comes from the official repository at a pinned commit. Every failure is one line (ValueError)
+naming the dataset, its source and split (and the row), and what to do. The one call to the
+network is `load_dataset` (and `download` for tables.json): the tests replace them with local
+files in each source's row shape.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import data
+
+LLM_JEPA = "https://raw.githubusercontent.com/galilai-group/llm-jepa/6d7d0d1f296441beff39a95c801db7f683e3b353/datasets/"
+SPIDER_TABLES = ("https://raw.githubusercontent.com/taoyds/spider/b7b5b8c890cd30e35427348bb9eb8c6d1350ca7c/"
+                 "evaluation_examples/examples/tables.json")
+OFFLINE = ("run `python prepare.py --out data --datasets {name}` on a machine that has it and copy data/ here, "
+           "then give its files (README.md: the data layout)")
+CHANGED = "the source's rows are not in the shape hub.py expects: check the source, or write the files by hand"
+
+# -----------------------------------------------------------------------------
+# Adapters: one source row -> our row. `where` names the row in every error.
+
+
+def need(row: dict, key: str, where: str, kind=str, expected: str | None = None):
+    """row[key], which must be there and of `kind`."""
+    if key not in row:
+        raise ValueError(f"{where}: missing field {key!r} (the row has {', '.join(sorted(row)) or 'none'}); {CHANGED}")
+    if not isinstance(row[key], kind) or isinstance(row[key], bool):
+        raise ValueError(f"{where}: field {key!r} is {type(row[key]).__name__}, expected "
+                         f"{expected or kind.__name__}; {CHANGED}")
+    return row[key]
+
+
+def one_line(text: str, key: str, where: str) -> str:
+    """A field written as one line of a line-aligned file (Django's .anno/.code)."""
+    if len(text.splitlines()) > 1 or text.endswith(("\n", "\r")):
+        raise ValueError(f"{where}: field {key!r} holds a line break; the .anno/.code files need one line per "
+                         f"example; {CHANGED}")
+    return text
+
+
+def gsm8k_row(row: dict, where: str) -> dict:
+    return {"question": need(row, "question", where), "answer": need(row, "answer", where)}
+
+
+def chat_row(row: dict, where: str) -> dict:
+    """NL-RX: LLM-JEPA's {"messages": [system, user, assistant]}, checked by data.py's reader."""
+    messages = need(row, "messages", where, list)
+    messages = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m for m in messages]
+    data.example_from_row({"messages": messages}, where)  # roles, contents, the answer last: one line if not
+    return {"messages": messages}
+
+
+def spider_row(row: dict, where: str) -> dict:
+    return {key: need(row, key, where) for key in ("question", "query", "db_id")}
+
+
+def django_row(row: dict, where: str) -> dict:
+    return {"anno": one_line(need(row, "nl", where), "nl", where),
+            "code": one_line(need(row, "code", where), "code", where)}
+
+
+def mmlu_row(row: dict, where: str) -> dict:
+    choices = need(row, "choices", where, list)
+    if len(choices) != 4 or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"{where}: field 'choices' must be 4 strings, got {choices!r:.120}; {CHANGED}")
+    answer = need(row, "answer", where, (int, str), "0-3 or A-D")  # cais/mmlu: a ClassLabel, read as 0-3
+    index = answer if isinstance(answer, int) else {**dict(zip("ABCD", range(4))), **dict(zip("0123", range(4)))}.get(
+        answer.strip().upper(), -1)
+    if index not in range(4):
+        raise ValueError(f"{where}: field 'answer' is {answer!r}, expected 0-3 (or A-D); {CHANGED}")
+    subject = need(row, "subject", where)
+    if not subject or not all(c.isalnum() or c == "_" for c in subject):
+        raise ValueError(f"{where}: field 'subject' is {subject!r}, expected a name like 'abstract_algebra' "
+                         f"(it names the CSV file); {CHANGED}")
+    return {"subject": subject, "question": need(row, "question", where), "choices": list(choices), "answer": index}
+
+
+def text_row(row: dict, where: str) -> dict:
+    text = need(row, "text", where)
+    return {"text": text if text.endswith("\n") else text + "\n"}  # the hub's blank lines are ""
+
+# -----------------------------------------------------------------------------
+# The registry
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str                 # our short name: train.py --data NAME, prepare.py --datasets NAME, the folder
+    path: str                 # datasets.load_dataset's first argument: a hub id, or "json" for data_files
+    config: str | None        # its second (the hub config)
+    splits: tuple             # the splits one can ask for
+    adapter: Callable         # (source row, where) -> our row
+    paper: str                # the dataset and its paper
+    data_files: dict | None = None  # split -> URL, for a source with no hub copy
+    options: dict | None = None     # more load_dataset keywords (the builder's config)
+    note: str = ""
+
+    def source(self, split: str | None = None) -> str:
+        if self.data_files:  # no hub copy: files read with datasets' json builder
+            where = self.data_files[split] if split else f"{self.path} files {', '.join(self.data_files.values())}"
+        else:
+            where = self.path + (f" config {self.config}" if self.config else "")
+        return where + (f", split {split}" if split else "")
+
+
+DATASETS = {d.name: d for d in [
+    Dataset("gsm8k", "openai/gsm8k", "main", ("train", "test"), gsm8k_row,
+            "GSM8K, Cobbe et al. 2021"),
+    Dataset("nl-rx-synth", "json", None, ("train", "test"), chat_row,
+            "NL-RX-SYNTH, Locascio et al. 2016 (LLM-JEPA's 8000/2000 split)",
+            {"train": LLM_JEPA + "synth_train.jsonl", "test": LLM_JEPA + "synth_test.jsonl"},
+            note="no Hugging Face hub copy: datasets' json builder reads galilai-group/llm-jepa's files"),
+    Dataset("nl-rx-turk", "json", None, ("train", "test"), chat_row,
+            "NL-RX-TURK, Locascio et al. 2016 (LLM-JEPA's 8000/2000 split)",
+            {"train": LLM_JEPA + "turk_train.jsonl", "test": LLM_JEPA + "turk_test.jsonl"},
+            note="no Hugging Face hub copy: datasets' json builder reads galilai-group/llm-jepa's files"),
+    Dataset("spider", "xlangai/spider", "spider", ("train", "validation"), spider_row,
+            "Spider 1.0, Yu et al. 2018",
+            note="tables.json from taoyds/spider (not on the hub copy); no SQLite databases (execution match "
+                 "needs them: the official spider_data.zip)"),
+    Dataset("django", "AhmedSSoliman/DJANGO", None, ("train", "validation", "test"), django_row,
+            "Django, Oda et al. 2015 (16000/1000/1805 split)",
+            options={"na_filter": False}),  # CSV: a line "None" or "NA" stays text, not a missing value
+    Dataset("mmlu", "cais/mmlu", "all", ("dev", "validation", "test"), mmlu_row,
+            "MMLU, Hendrycks et al. 2021"),
+    Dataset("wikitext2", "Salesforce/wikitext", "wikitext-2-raw-v1", ("train", "validation", "test"), text_row,
+            "WikiText-2 raw, Merity et al. 2016",
+            note="config wikitext-2-v1 is the tokenized text (<unk>, @-@)"),
+]}
+
+
+def registered(name: str) -> bool:
+    """Whether NAME or NAME:split is one of ours (not a hub id: ours have no '/')."""
+    return name.partition(":")[0] in DATASETS
+
+
+def entry(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: the registered names are {', '.join(DATASETS)} "
+                         "(or give a local file, or a Hugging Face id[:config] to train.py --data)")
+    return DATASETS[name]
+
+# -----------------------------------------------------------------------------
+# Loading: the only calls that reach the network
+
+
+def load_dataset(path: str, config: str | None = None, *, split: str, data_files: dict | None = None, **options):
+    """datasets.load_dataset, the one way rows come in (the tests replace it with local files)."""
+    import datasets
+    return datasets.load_dataset(path, config, split=split, **({"data_files": data_files} if data_files else {}),
+                                 **options)
+
+
+def download(url: str) -> Path:
+    """One file by URL, cached by datasets (Spider's tables.json; the tests replace it)."""
+    import datasets
+    return Path(datasets.DownloadManager().download(url))
+
+
+def cause(e: Exception) -> str:
+    text = " ".join(str(e).split()) or "no message"
+    return f"{type(e).__name__}: {text[:300]}{'...' * (len(text) > 300)}"
+
+
+def load_split(path: str, config: str | None, split: str, what: str, hint: str, data_files: dict | None = None,
+               options: dict | None = None):
+    """The rows of one split, or one line saying why not."""
+    try:
+        return load_dataset(path, config, split=split, data_files=data_files, **(options or {}))
+    except ImportError as e:
+        raise ValueError(f"{what}: reading a Hugging Face dataset needs `pip install datasets` ({cause(e)}); "
+                         "or give a local .jsonl, .json or .txt file") from None
+    except Exception as e:  # no network, unknown id or config, a file that is not there: one line each
+        raise ValueError(f"{what}: could not load it ({cause(e)}); {hint}") from None
+
+
+def check_split(dataset: Dataset, split: str):
+    if split not in dataset.splits:
+        raise ValueError(f"{dataset.name}: no split {split!r}; its splits are {', '.join(dataset.splits)}")
+
+
+def load_rows(name: str, split: str) -> list[dict]:
+    """Our rows of one split of a registered dataset (through its adapter)."""
+    dataset = entry(name)
+    check_split(dataset, split)
+    source = dataset.source(split)
+    hint = ("it needs network access (GitHub: NL-RX has no Hugging Face hub copy); " if dataset.data_files else
+            "it needs network access to the Hugging Face hub; ") + OFFLINE.format(name=name)
+    rows = load_split(dataset.path, dataset.config, split, f"{name} ({source})", hint, dataset.data_files,
+                      dataset.options)
+    adapted = [dataset.adapter(dict(row), f"{name} ({source}) row {i}") for i, row in enumerate(rows)]
+    if not adapted:
+        raise ValueError(f"{name} ({source}): holds no rows; {CHANGED}")
+    return adapted
+
+
+def spider_tables() -> Path:
+    """Spider's tables.json (the database schemas the prompts show), downloaded once."""
+    what = f"spider tables.json ({SPIDER_TABLES})"
+    try:
+        path = download(SPIDER_TABLES)
+    except Exception as e:
+        raise ValueError(f"{what}: could not download it ({cause(e)}); it needs network access to GitHub; "
+                         f"{OFFLINE.format(name='spider')}") from None
+    try:
+        tables = json.loads(data.read_text(path))
+    except ValueError as e:
+        raise ValueError(f"{what}: not readable JSON ({cause(e)}); {CHANGED}") from None
+    if not (isinstance(tables, list) and tables and all(isinstance(t, dict) and "db_id" in t for t in tables)):
+        raise ValueError(f"{what}: not a list of database schemas; {CHANGED}")
+    return path
+
+# -----------------------------------------------------------------------------
+# Training rows: train.py --data NAME[:split]
+
+
+def training_examples(name: str, split: str = "train") -> list[data.Example]:
+    """train.py --data NAME: a registered dataset's rows as data.Example, the prompts the
+    evaluation uses (Spider: database, schema, question; Django: the description). NAME:split
+    picks a split (--eval-data gsm8k:test), else `split`."""
+    name, _, picked = name.partition(":")
+    dataset = entry(name)
+    if picked and picked not in dataset.splits:
+        raise ValueError(f"{name}:{picked}: after ':' give a split of {name} ({', '.join(dataset.splits)}); "
+                         f"for a Hugging Face id with a config write it in full, e.g. {dataset.path}:{dataset.config}")
+    split = picked or split
+    if name == "mmlu":
+        raise ValueError("mmlu is an evaluation set (forgetting), not training data: run `python prepare.py --out "
+                         "data --datasets mmlu`, then evaluate.py --task mmlu --data data/mmlu/test")
+    if name == "wikitext2":
+        raise ValueError("wikitext2 is plain text, not prompt/answer rows: run `python prepare.py --out data "
+                         "--datasets wikitext2`, then train.py --data data/wikitext2/valid.txt "
+                         "(diffusion pre-training)")
+    rows = load_rows(name, split)
+    where = [f"{name}[{split}] row {i}" for i in range(len(rows))]
+    if name == "spider":  # the prompt tasks/spider.py evaluates with: database, schema, question
+        from tasks.spider import spider_messages, spider_schema
+        schemas = spider_schema(spider_tables())
+        missing = next((i for i, row in enumerate(rows) if row["db_id"] not in schemas), None)
+        if missing is not None:
+            raise ValueError(f"{where[missing]}: db_id {rows[missing]['db_id']!r} is not in tables.json "
+                             f"({SPIDER_TABLES}); {CHANGED}")
+        return [data.Example(spider_messages(row["question"], row["db_id"], schemas[row["db_id"]]), row["query"], w)
+                for row, w in zip(rows, where)]
+    if name == "django":
+        return [data.Example([{"role": "user", "content": row["anno"].strip()}], row["code"].strip(), w)
+                for row, w in zip(rows, where)]
+    return [data.example_from_row(row, w) for row, w in zip(rows, where)]
+
+# -----------------------------------------------------------------------------
+# Evaluation data: evaluate.py --data NAME[:split] (and --fewshot-data)
+
+
+def evaluation_data(name: str, task: str):
+    """What evaluate.py --task TASK reads from a registered dataset: its test split unless
+    NAME:split picks one (Spider: validation). Generation tasks -> tasks.common.Item list
+    (the training prompts), mmlu -> tasks.mmlu.Question list, probe/drift -> the text."""
+    name, _, picked = name.partition(":")
+    dataset = entry(name)
+    split = picked or next(s for s in ("test", "validation") if s in dataset.splits)
+    check_split(dataset, split)
+    wanted = {"mmlu": "mmlu", "probe": "wikitext2", "drift": "wikitext2"}.get(task)
+    if (name in ("mmlu", "wikitext2") or wanted) and name != wanted:
+        raise ValueError(f"--data {name}: --task {task} reads "
+                         f"{wanted or 'a task dataset (gsm8k, nl-rx-synth, nl-rx-turk, spider, django)'}, not {name}")
+    if task == "mmlu":
+        from tasks.mmlu import Question
+        return [Question(row["subject"], row["question"], row["choices"], row["answer"])
+                for row in load_rows(name, split)]
+    if wanted == "wikitext2":
+        return "".join(row["text"] for row in load_rows(name, split))
+    from tasks.common import Item
+    return [Item(ex.prompt, ex.answer) for ex in training_examples(name, split)]

@@ -1,0 +1,72 @@
+"""
+Task metrics on generated answers: each item answered by the LLaDA sampler (generate.py) and
+scored by its task's metrics (tasks/__init__.py), following the protocol of LLM-JEPA (Huang et
+al., 2025) that the paper compares with; also the decoding-free scores of the reference
+answers (tasks/probe.py).
+"""
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import data
+from generate import SamplerConfig, generate_text, sampler_for
+from tasks import score_answers
+from tasks.common import Item, Shard, fit_prompt, map_batches, max_positions
+from tasks.probe import ProbeConfig, answer_scores
+
+
+def canvas_for(backbone, items: list[Item], sampler_args: dict, trained: int | None) -> SamplerConfig:
+    """generate.sampler_for with the longest of the items' chat prompts."""
+    longest = max(len(data.prompt_ids(backbone.tokenizer, item.prompt)) for item in items)
+    return sampler_for(longest, sampler_args, trained)
+
+
+def generate_sharded(backbone, prompts: list, sampler: SamplerConfig, batch_size: int, rank: int = 0,
+                     world_size: int = 1, seed: int = 0, progress: bool = False, desc: str = "generating") -> list[str]:
+    """generate_text over several processes (tasks.common.map_batches): the batches are one
+    process's, rank r answers every world_size-th of them, every rank returns all answers in
+    order: the same answers as one process. Each batch draws from its own generator, seeded
+    seed + 1000003 x its index (the first batch: `seed`, as generate_text's), so that its
+    answers do not depend on which rank samples it (temperature > 0, random remasking). Every
+    rank runs the same forwards (a rank with one batch fewer answers the first again), as
+    train.py's FSDP-sharded model needs. progress: rank 0's bar."""
+    def answer(start, stop):
+        return generate_text(backbone, prompts[start:stop], sampler, batch_size,
+                             seed + 1_000_003 * (start // batch_size))  # batch 0: generate_text's
+    shard = Shard(rank, world_size, progress)
+    return [a for batch in map_batches(answer, len(prompts), batch_size, shard, desc, same_forwards=True)
+            for a in batch]
+
+
+def evaluate_generation(backbone, task: str, items: list[Item], sampler: SamplerConfig,
+                        batch_size=8, seed=0, spider_db: Path | None = None,
+                        probe: ProbeConfig | None = None, shard: Shard = Shard()) -> dict:
+    """Generate an answer to every item and score it; also the diffusion loss of the
+    reference answers and their teacher-forced token accuracy (answer_scores, on probe's grid
+    and seed). Returns metrics, answers, and tokens_per_s: the canvas positions of all answers
+    (items x gen_length) over the wall-clock of their generation, all processes together.
+    Under torchrun (shard), each process answers a share and every process returns it all."""
+    tokenizer = backbone.tokenizer
+    prompts = [data.prompt_ids(tokenizer, item.prompt) for item in items]
+    limit = max_positions(backbone.model)
+    cut = 0
+    if limit is not None:
+        if sampler.gen_length >= limit:
+            raise ValueError(f"--gen-length {sampler.gen_length} leaves no room for a prompt in the model's "
+                             f"{limit} positions: give a smaller --gen-length")
+        cut = sum(len(p) > limit - sampler.gen_length for p in prompts)
+        prompts = [fit_prompt(p, limit - sampler.gen_length) for p in prompts]
+    if shard.world > 1:
+        torch.distributed.barrier()  # the clock starts when every process does
+    start = time.perf_counter()
+    answers = generate_sharded(backbone, prompts, sampler, batch_size, shard.rank, shard.world, seed,
+                               shard.progress, f"{task}: generating")
+    seconds = time.perf_counter() - start
+    metrics = score_answers(task, items, answers, spider_db)
+    metrics |= answer_scores(backbone, items, probe or ProbeConfig(batch_size=batch_size), shard)
+    return {"task": task, "n": len(items), **metrics, "prompts_cut": cut, "sampler": asdict(sampler),
+            "generation_s": seconds, "tokens_per_s": len(items) * sampler.gen_length / max(seconds, 1e-9),
+            "answers": [{"prediction": a, "reference": i.reference} for a, i in zip(answers, items)]}
