@@ -270,6 +270,19 @@ def training_examples(name: str, split: str = "train") -> list[data.Example]:
                 for row, w in zip(rows, where)]
     return [data.example_from_row(row, w) for row, w in zip(rows, where)]
 
+def load_examples(name: str, split: str) -> list[data.Example]:
+    """train.py --data NAME: a dataset of the paper by its name here (NAME:split picks a split),
+    through its adapter; or any Hugging Face dataset, e.g. "openai/gsm8k:main" (id[:config]),
+    whose rows have one of data.SHAPES. Needs network; a failure is one line."""
+    if registered(name):
+        return training_examples(name, split)
+    dataset_name, _, config = name.partition(":")
+    rows = load_split(dataset_name, config or None, split, f"{name} (split {split})",
+                      "check the name, config and split, and network access to the Hugging Face hub; "
+                      "or give a local .jsonl, .json or .txt file")
+    return [data.example_from_row(dict(row), f"{name}[{split}] row {i}") for i, row in enumerate(rows)]
+
+
 # -----------------------------------------------------------------------------
 # Evaluation data: evaluate.py --data NAME[:split] (and --fewshot-data)
 

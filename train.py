@@ -56,6 +56,7 @@ from transformers.utils import logging as hf_logging
 
 import data
 import distributed
+import hub
 import lora
 from backbones import Backbone, install_remote_fixes, load_backbone, new_tiny_backbone
 from dllm_jepa import DLLMJEPA, METHODS, VIEW_PRESETS, JEPAConfig, effective_rank
@@ -548,7 +549,7 @@ def load_data(args, tokenizer, is_main):
             examples = data.builtin_task(args.builtin_size, args.seed)
         else:
             examples = (data.read_examples(path) if path.suffix in (".jsonl", ".json")
-                        else data.load_hub_dataset(source, args.split))
+                        else hub.load_examples(source, args.split))
             examples, skipped = data.clean_examples(examples, source)
             notes.append(skipped and f"note: {skipped}")
         rows = data.tokenize_examples(examples, tokenizer, args.seq_len)

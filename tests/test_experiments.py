@@ -72,6 +72,7 @@ def test_pipeline_end_to_end(data_dir, tmp_path):
     assert "## nl-rx-synth" in text and "| base (pre-trained) |" in text
     assert "| diffusion | 0.0 ± 0.0 |" in text and "| dllm-jepa |" in text
     assert "- dllm-jepa − diffusion:" in text
+    assert "reused" not in text  # every process ran in this call: its minutes are the whole protocol's
     for png in ("nl-rx-synth_metrics.png", "nl-rx-synth_drift.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     results = json.loads((out / "results.json").read_text())
@@ -90,8 +91,11 @@ def test_pipeline_end_to_end(data_dir, tmp_path):
     assert len(ids(base_tokenizer)) < len(ids(tiny_model.make_tokenizer()))
     train_log = out / "nl-rx-synth" / "diffusion" / "seed0" / "train.log"
     stamp = train_log.stat().st_mtime_ns
-    X.main(argv)  # a second call reuses every finished stage
+    X.main(argv)  # a second call reuses every finished stage, and its report says its time is not theirs
     assert train_log.stat().st_mtime_ns == stamp
+    # base + its 4 measurements + 2 methods x 2 seeds x (fine-tune + 4 measurements)
+    reused = "25 finished processes of earlier runs in this folder were reused, not timed"
+    assert reused in (out / "results.md").read_text()
     with pytest.raises(SystemExit, match="other settings"):  # never mix caches of two profiles
         X.main(argv + ["--lr", "1e-2"])
 
@@ -181,8 +185,9 @@ def test_gpu_profile_dry_run_prints_the_torchrun_plan_and_gpu_hours(data_dir, tm
                    "--data-dir", str(data_dir), "--out", str(out)]) is None
     text = capsys.readouterr().out
     commands = [line for line in text.splitlines() if "OMP_NUM_THREADS" in line]
-    # 1 base x (task, MMLU 0/5-shot, probe) + 5 methods x 3 seeds x (fine-tune + 4 measurements)
-    assert len(commands) == 4 + 15 * 5
+    # 1 base x (task, MMLU 0/5-shot, probe) + 4 methods x 3 seeds x (fine-tune + 4 measurements)
+    assert len(commands) == 4 + 12 * 5
+    assert not any("wide-pair" in c for c in commands)  # that reading is a row on request only
     first_train = next(c for c in commands if " train.py " in c)
     assert "-m torch.distributed.run --standalone --nproc_per_node 8 train.py --model GSAI-ML/LLaDA-8B-Instruct" \
         in first_train

@@ -211,17 +211,17 @@ def test_training_examples_match_what_the_evaluation_reads(fake_hub, tmp_path):
     assert prepare.main(["--out", str(tmp_path / "data"), "--datasets", "spider", "django", "gsm8k"]) == 0
     from tasks import load_items
     from tasks.spider import load_spider
-    spider = data.load_hub_dataset("spider", "train")
+    spider = hub.load_examples("spider", "train")
     items = load_spider(tmp_path / "data/spider/train_spider.json", tmp_path / "data/spider/tables.json")
     assert [(e.prompt, e.answer) for e in spider] == [(i.prompt, i.reference) for i in items]
     assert spider[0].prompt == [{"role": "user", "content": "Database: concert_singer\n"
                                  "Schema: singer(Singer_ID, Name, Age); concert(concert_ID)\n"
                                  "Question: How many singers do we have?"}]
-    django = data.load_hub_dataset("django:validation", "train")  # NAME:split wins over --split
+    django = hub.load_examples("django:validation", "train")  # NAME:split wins over --split
     items = load_items("django", tmp_path / "data/django/dev.anno")
     assert [(e.prompt, e.answer) for e in django] == [(i.prompt, i.reference) for i in items]
     assert django[0].prompt == [{"role": "user", "content": "return result."}] and django[0].answer == "return result"
-    gsm8k = data.load_hub_dataset("gsm8k", "test")
+    gsm8k = hub.load_examples("gsm8k", "test")
     assert [(e.prompt, e.answer) for e in gsm8k] == [(e.prompt, e.answer) for e in data.read_examples(
         tmp_path / "data/gsm8k/test_dev.jsonl")]
     assert gsm8k[0].where == "gsm8k[test] row 0"
@@ -331,9 +331,9 @@ def test_failures_are_one_line(fake_hub, monkeypatch):
         hub.load_rows("gsm8k", "validation")
     with pytest.raises(ValueError, match=r"^gsm8k:main: after ':' give a split of gsm8k \(train, test\); for a "
                                          r"Hugging Face id with a config write it in full, e.g. openai/gsm8k:main$"):
-        data.load_hub_dataset("gsm8k:main", "train")
+        hub.load_examples("gsm8k:main", "train")
     with pytest.raises(ValueError, match=r"^mmlu is an evaluation set .* --datasets mmlu`"):
-        data.load_hub_dataset("mmlu", "test")
+        hub.load_examples("mmlu", "test")
     bad_rows = {
         "gsm8k": ({"question": "q", "answer": 5}, "field 'answer' is int, expected str"),
         "nl-rx-synth": ({"messages": [{"role": "user", "content": "q"}]}, "'messages' must be a list of >= 2"),
@@ -354,7 +354,7 @@ def test_failures_are_one_line(fake_hub, monkeypatch):
 
     monkeypatch.setattr(hub, "load_dataset", offline)
     with pytest.raises(ValueError) as e:
-        data.load_hub_dataset("gsm8k", "train")
+        hub.load_examples("gsm8k", "train")
     assert str(e.value) == (
         "gsm8k (openai/gsm8k config main, split train): could not load it (ConnectionError: Couldn't reach "
         "'openai/gsm8k' on the Hub (LocalEntryNotFoundError)); it needs network access to the Hugging Face hub; run "
@@ -362,7 +362,7 @@ def test_failures_are_one_line(fake_hub, monkeypatch):
         "files (README.md: the data layout)")
     with pytest.raises(ValueError, match=r"^someone/thing:cfg \(split train\): could not load it \(ConnectionError: "
                                          r".*\); check the name, config and split"):
-        data.load_hub_dataset("someone/thing:cfg", "train")
+        hub.load_examples("someone/thing:cfg", "train")
 
 
 def test_prepare_refuses_an_unknown_name_in_one_line(tmp_path, capsys):
