@@ -33,6 +33,7 @@ h the LM head's FLOPs, 4F - h against 6F - 3h; reading at layer L/2, the target 
 """
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -84,14 +85,22 @@ class JEPAConfig:
     views: str = "wide-range"           # a VIEW_PRESETS name
     context_t: tuple | None = None      # (low, high) of the context view's t; None = preset
     target_t: tuple | None = None       # (low, high) of the target view's t; None = preset
-    nested: bool = True                 # target mask is a superset of the context mask
+    nested: bool = True                 # one mask contains the other (one uniform draw per token)
+    target_view: str = "heavier"        # "heavier": the light context predicts a heavier target (the paper's
+                                        # summaries); "lighter": the target hides a random part of what the
+                                        # context hides, t ~ U(0, t_context) (I-JEPA/data2vec: the better-
+                                        # informed view is the target); "clean": the target is unmasked
     # embedding and predictor
     embed_layer: int = -1               # index into hidden_states (0 = embeddings, -1 = last)
     truncate_target: bool = True        # target pass stops at embed_layer, no LM head: same z
     pooling: str = "answer"             # "answer": mean over answer tokens; "visible": over unmasked
                                         # non-padding tokens; "token": no pooling, per-token targets
-    predictor_depth: int = 2            # residual MLP blocks
-    predictor_mult: int = 2             # hidden width = mult * backbone width
+    predictor: str = "mlp"              # "mlp": residual MLP on the pooled vector; "transformer": attention
+                                        # layers over the context view's token states, then pooled
+    predictor_depth: int = 2            # residual MLP blocks / transformer layers
+    predictor_mult: int = 2             # MLP hidden width = mult * backbone width
+    predictor_init: str = "identity"    # "identity": each residual branch's last layer starts at zero;
+                                        # "random": PyTorch's default init throughout
     # JEPA loss
     jepa_lambda: float = 1.0            # total = diffusion + jepa_lambda * jepa
     distance: str = "cosine"            # "cosine" | "smooth_l1"
@@ -110,7 +119,12 @@ class JEPAConfig:
             lo, hi = t_range
             check(0 < lo <= 1 and 0 < hi <= 1, f"{name}=({lo}, {hi}): t must lie in (0, 1]")
             check(lo <= hi, f"{name}=({lo}, {hi}): low must not exceed high")
-        check(self.target_range[1] >= self.context_range[1],
+        check(self.target_view in ("heavier", "lighter", "clean"),
+              f"target_view={self.target_view!r}: 'heavier', 'lighter' or 'clean'")
+        check(self.target_t is None or self.target_view == "heavier",
+              f"target_t={self.target_t} applies to target_view='heavier' only (a lighter or clean target's "
+              "rate follows the context's)")
+        check(self.target_view != "heavier" or self.target_range[1] >= self.context_range[1],
               f"target_t={self.target_range} ends below context_t={self.context_range}: the target "
               "view is the heavier one, so its high end must be >= the context's")
         check(0 <= self.eps < 1, f"eps={self.eps}: must lie in [0, 1)")
@@ -123,6 +137,11 @@ class JEPAConfig:
         check(self.anchor_mu >= 0, f"anchor_mu={self.anchor_mu}: must be >= 0")
         check(self.predictor_depth >= 1, f"predictor_depth={self.predictor_depth}: must be >= 1")
         check(self.predictor_mult >= 1, f"predictor_mult={self.predictor_mult}: must be >= 1")
+        check(self.predictor in ("mlp", "transformer"), f"predictor={self.predictor!r}: 'mlp' or 'transformer'")
+        check(self.predictor_init in ("identity", "random"),
+              f"predictor_init={self.predictor_init!r}: 'identity' or 'random'")
+        check(self.predictor != "transformer" or self.pooling != "token",
+              "predictor='transformer' pools its output like the target: use pooling 'answer' or 'visible'")
         m0, m1 = self.ema_momentum
         check(0 <= m0 <= m1 <= 1, f"ema_momentum={self.ema_momentum}: need 0 <= start <= end <= 1")
         check(not self.target_autocast or self.method == "dllm-jepa",
@@ -223,11 +242,13 @@ class View:
     p: torch.Tensor       # (B,) mask probability of each row
 
 
-def sample_times(batch_size, context_t, target_t, device, generator=None):
-    """t_context ~ U[context_t]; t_target ~ U[max(target_low, t_context), target_high], so the
-    target view is never lighter than the context view of the same row."""
+def sample_times(batch_size, context_t, target_t, device, generator=None, target_view="heavier"):
+    """t_context ~ U[context_t]. The target's t: "heavier": U[max(target_low, t_context),
+    target_high], never lighter than the context; "lighter": U(0, t_context); "clean": 0."""
     u = torch.rand(2, batch_size, device=device, generator=generator)
     t_context = context_t[0] + (context_t[1] - context_t[0]) * u[0]
+    if target_view != "heavier":
+        return t_context, t_context * u[1] * (target_view == "lighter")
     low = torch.clamp(t_context, min=target_t[0])
     return t_context, low + (target_t[1] - low) * u[1]
 
@@ -235,9 +256,9 @@ def sample_times(batch_size, context_t, target_t, device, generator=None):
 def make_views(input_ids, scored, t_context, t_target, mask_token_id, eps, nested=True,
                generator=None):
     """Mask the same sequence twice. Each scored token is masked independently with its
-    view's p. Nested (our default): both views threshold ONE uniform draw per token, so
-    every token hidden from the context is hidden from the target too (p_target >= p_context)
-    and each view is still exactly Bernoulli(p) per token. Not nested: independent draws."""
+    view's p. Nested (our default): both views threshold ONE uniform draw per token, so the
+    heavier view's masks contain the lighter view's and each view is still exactly
+    Bernoulli(p) per token. Not nested: independent draws."""
     u_context = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
     u_target = u_context if nested else torch.rand(input_ids.shape, device=input_ids.device,
                                                    generator=generator)
@@ -267,29 +288,74 @@ def embed(hidden, region, pooling):
 
 
 class Predictor(nn.Module):
-    """Residual MLP z -> z + W2 gelu(W1 LN(z)), `depth` times, at the backbone's width.
+    """Residual MLP z -> z + W2 gelu(W1 LN(z)), `depth` times, on the pooled vector (B, C).
 
     On one pooled vector, a transformer layer (the reproduction's "k transformer layers")
-    reduces to a residual linear map (attention over a single token) and this residual MLP;
-    we keep only the MLP. Also our choice: each W2 starts at zero, so the predictor starts as
-    the identity and the first JEPA gradients already teach the backbone, not a random map.
-    It is built in the backbone's dtype (a bf16 model gets a bf16 predictor).
+    reduces to a residual linear map (attention over a single token) and this residual MLP.
+    init="identity" (our default) starts each W2 at zero, so the predictor starts as the
+    identity and the first JEPA gradients already teach the backbone, not a random map;
+    "random" keeps PyTorch's init (the paper's "randomly initialised" layers).
     """
 
-    def __init__(self, width: int, depth: int = 2, mult: int = 2):
+    def __init__(self, width: int, depth: int = 2, mult: int = 2, init: str = "identity"):
         super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, mult * width), nn.GELU(),
-                          nn.Linear(mult * width, width))
-            for _ in range(depth))
-        for block in self.blocks:
-            nn.init.zeros_(block[-1].weight)
-            nn.init.zeros_(block[-1].bias)
+        self.blocks = nn.ModuleList(mlp(width, mult) for _ in range(depth))
+        for block in self.blocks if init == "identity" else ():
+            zero_(block[-1])
 
     def forward(self, z):  # (..., C) -> (..., C)
         for block in self.blocks:
             z = z + block(z)
         return z
+
+
+class TokenPredictor(nn.Module):
+    """`depth` pre-norm transformer layers over the context view's token states (B, T, C):
+    the reading of "k transformer layers" that acts on a sequence. Each token attends to the
+    view's content tokens (`attend`, (B, T)); a sinusoidal code of its position is added to
+    the queries and keys only, so attention knows token order while the residual stream is
+    the backbone's own. Its output is pooled like the target (embed). init as Predictor's:
+    "identity" zeroes each branch's last layer, so it starts as the identity on the states."""
+
+    def __init__(self, width: int, depth: int = 2, mult: int = 2, init: str = "identity"):
+        super().__init__()
+        self.heads = max(1, width // 64)
+        self.attn_norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
+        self.qkv = nn.ModuleList(nn.Linear(width, 3 * width) for _ in range(depth))
+        self.attn_out = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.mlps = nn.ModuleList(mlp(width, mult) for _ in range(depth))
+        for layer in (*self.attn_out, *(m[-1] for m in self.mlps)) if init == "identity" else ():
+            zero_(layer)
+
+    def forward(self, h, attend):  # (B, T, C), (B, T) bool -> (B, T, C)
+        B, T, C = h.shape
+        code = sinusoid(T, C, h.device).to(h.dtype)                    # (T, C)
+        split = lambda x: x.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, H, T, C/H)
+        for norm, qkv, out, block in zip(self.attn_norms, self.qkv, self.attn_out, self.mlps):
+            q, k, v = qkv(norm(h)).split(C, dim=-1)                     # (B, T, C) each
+            a = F.scaled_dot_product_attention(split(q + code), split(k + code), split(v),
+                                               attn_mask=attend[:, None, None, :])
+            h = h + out(a.transpose(1, 2).reshape(B, T, C))
+            h = h + block(h)
+        return h
+
+
+def mlp(width, mult):
+    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, mult * width), nn.GELU(),
+                         nn.Linear(mult * width, width))
+
+
+def zero_(linear):
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+
+
+def sinusoid(T, C, device):
+    """The Transformer's fixed position code (Vaswani et al., 2017), (T, C)."""
+    pos = torch.arange(T, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, C, 2, device=device) * (-math.log(10000.0) / C))
+    angle = pos * freq                                                  # (T, C/2)
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1)[:, :C]
 
 # -----------------------------------------------------------------------------
 # 5. The JEPA distance
@@ -376,8 +442,10 @@ class DLLMJEPA(nn.Module):
                               else backbone.config.mask_token_id)
         spec = config.method_spec
         embeddings = backbone.get_input_embeddings()  # its width is the hidden size, in every family
-        self.predictor = (Predictor(embeddings.embedding_dim, config.predictor_depth, config.predictor_mult)
-                          .to(embeddings.weight.dtype) if spec["target_pass"] else None)
+        predictor = TokenPredictor if config.predictor == "transformer" else Predictor
+        self.predictor = (predictor(embeddings.embedding_dim, config.predictor_depth, config.predictor_mult,
+                                    config.predictor_init).to(embeddings.weight.dtype)
+                          if spec["target_pass"] else None)
         # Frozen copies, registered as submodules so they are saved, moved and sharded with
         # the backbone. The EMA target and the anchor are never in the optimizer.
         check(target_encoder is None or config.target_kind == "ema",
@@ -431,9 +499,12 @@ class DLLMJEPA(nn.Module):
             answer_lengths = T - prompt_lengths
         answer, scored = answer_regions(prompt_lengths, answer_lengths, T, cfg.pad_is_answer)
         content = answer | (torch.arange(T, device=input_ids.device) < prompt_lengths[:, None])  # (B, T)
-        t_context, t_target = sample_times(B, cfg.context_range, cfg.target_range, input_ids.device, generator)
+        t_context, t_target = sample_times(B, cfg.context_range, cfg.target_range, input_ids.device, generator,
+                                           cfg.target_view)
         context, target = make_views(input_ids, scored, t_context, t_target, self.mask_token_id,
                                      cfg.eps, cfg.nested, generator)
+        if cfg.target_view == "clean":  # the target sees the whole sequence: no masks, not even eps's
+            target = View(input_ids, torch.zeros_like(target.masked), t_target, torch.zeros_like(target.p))
         zero = input_ids.new_zeros((), dtype=torch.float32)
         jepa = anchor = zero
 
@@ -457,7 +528,8 @@ class DLLMJEPA(nn.Module):
         with torch.set_grad_enabled(spec["target_pass"] and torch.is_grad_enabled()):
             z_context = embed(hidden, context_region, cfg.pooling)  # every method: the collapse check
         if spec["target_pass"]:
-            prediction = self.predictor(z_context)
+            prediction = (embed(self.predictor(hidden, content), context_region, cfg.pooling)
+                          if cfg.predictor == "transformer" else self.predictor(z_context))
             weights = (answer if cfg.pooling == "token"  # rows (or tokens) with both sides defined
                        else context_region.any(1) & target_region.any(1))
             jepa = jepa_loss(prediction, z_target, weights, cfg.distance)

@@ -38,6 +38,8 @@ import json
 import math
 import os
 import random
+import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -90,7 +92,9 @@ class Profile:
     nproc: int = 1                 # processes per fine-tune and per evaluation (> 1: torchrun)
     # data
     n_train: int = 6000            # training examples carved per task (at most)
-    n_dev: int = 200               # dev examples, generated and scored
+    n_dev: int = 200               # dev examples, generated and scored: defaults are chosen on these
+    n_test: int = 1000             # test examples carved from the end of the training file, disjoint from
+                                   # train and dev, scored and reported; nothing is tuned on them (0: none)
     system_prompt: bool = False    # keep NL-RX's constant system turn (30% of a tiny row)
     # evaluation
     gen_length: int = 0            # sampler canvas; 0: the trained one (task_seq_len minus the longest prompt)
@@ -105,12 +109,12 @@ class Profile:
 
 GPU = dict(params=8.0e9, seq_len=1024, task_seq_len=1024, epochs=2.0, batch_size=4, lr=1e-5,
            loss_weight="inverse-t", dtype="bfloat16", activation_checkpointing=True, nproc=8, n_train=10 ** 6,
-           n_dev=1000, gen_length=256, block_length=8, gen_steps=256, task_shots=4, probe_windows=64,
-           mmlu_questions=1000)
+           n_dev=1000, n_test=0, gen_length=256, block_length=8, gen_steps=256, task_shots=4, probe_windows=64,
+           mmlu_questions=1000)  # n_test 0: no default was tuned at this scale, so its dev split is unseen
 PROFILES = {
     "cpu": Profile(),
     "smoke": Profile(tiny_width=32, tiny_layers=2, merges=200, base_steps=40, base_batch=8, seq_len=96,
-                     task_seq_len=64, steps=12, batch_size=8, n_train=200, n_dev=8, probe_windows=4,
+                     task_seq_len=64, steps=12, batch_size=8, n_train=200, n_dev=8, n_test=8, probe_windows=4,
                      probe_grid=2, mmlu_questions=8, mmlu_shots=1),
     # LLaDA's GSM8K sampler (gen 256, block 8, steps 256: 78.6 published) for every task
     "llada-8b": Profile(model="GSAI-ML/LLaDA-8B-Instruct", **GPU),
@@ -120,19 +124,40 @@ DEFAULT_TASKS = {"cpu": ["nl-rx-synth"], "smoke": ["nl-rx-synth"],
                  "llada-8b": ["gsm8k", "nl-rx-synth", "spider", "django"],
                  "dream-7b": ["gsm8k", "nl-rx-synth", "spider", "django"]}
 
-# What each row of the tables runs: train.py flags on top of the shared ones, and its cost in
-# forward passes per step (F: backward = 2F; a no-grad target pass 1F), for the estimate.
+# What each row of the tables runs: train.py flags on top of the shared ones (--row adds more).
 RUNS = {
-    "diffusion": (["--method", "diffusion"], 3),
-    "dllm-jepa": (["--method", "dllm-jepa", "--views", "wide-range"], 4),
-    "dllm-jepa wide-pair": (["--method", "dllm-jepa", "--views", "wide-pair"], 4),
-    "l2-anchor": (["--method", "l2-anchor"], 3),
-    "two-pass": (["--method", "two-pass", "--views", "wide-range"], 6),
+    "diffusion": ["--method", "diffusion"],
+    "dllm-jepa": ["--method", "dllm-jepa", "--views", "wide-range"],
+    "dllm-jepa wide-pair": ["--method", "dllm-jepa", "--views", "wide-pair"],
+    "l2-anchor": ["--method", "l2-anchor"],
+    "two-pass": ["--method", "two-pass", "--views", "wide-range"],
 }
 METHODS = tuple(RUNS)
 # The paper's comparison. The wide-pair reading is a row on request: it was measured once (3 seeds,
 # docs/measurements.md: it cannot generate) and its 3 fine-tunes would put the CPU run past 45 minutes.
 DEFAULT_METHODS = ["diffusion", "dllm-jepa", "l2-anchor", "two-pass"]
+# A step's cost in forward passes (F: backward = 2F; a no-grad target pass 1F), for ordering and the estimate.
+COST = {"diffusion": 3, "dllm-jepa": 4, "two-pass": 6, "l2-anchor": 3}
+
+
+def table_rows(methods: list[str], extra: list[str]) -> dict[str, list[str]]:
+    """The rows of the tables: each --methods name with its RUNS flags, then each --row
+    "NAME=FLAGS" (train.py flags, after the shared ones, so they win)."""
+    rows = {m: RUNS[m] for m in methods}
+    for spec in extra:
+        name, _, flags = spec.partition("=")
+        name = name.strip()
+        if not flags.strip() or not re.fullmatch(r"[\w.+-]+( [\w.+-]+)*", name) or name in rows:
+            raise ValueError(f"--row {spec!r}: give NAME=FLAGS with a new name of letters, digits, '.+-_' and "
+                             "spaces, e.g. --row 'jepa-mid=--method dllm-jepa --embed-layer 2'")
+        rows[name] = shlex.split(flags)
+    return rows
+
+
+def step_cost(flags: list[str]) -> int:
+    """COST of the --method a row's flags name (train.py's default, dllm-jepa, when none)."""
+    method = flags[flags.index("--method") + 1] if "--method" in flags[:-1] else "dllm-jepa"
+    return COST.get(method, COST["dllm-jepa"])
 
 # -----------------------------------------------------------------------------
 # Stage 1: data
@@ -158,37 +183,43 @@ def require(path: Path) -> Path:
     return path
 
 
-def carve(items: list[Item], n_train: int, n_dev: int, source: Path):
-    """(train, dev) from one file's shuffled items: dev first, so it never depends on n_train."""
-    if len(items) <= n_dev:
-        raise ValueError(f"{source}: {len(items)} examples leave none to train on after the "
-                         f"{n_dev} dev examples; give a smaller --n-dev")
-    return items[n_dev:n_dev + n_train], items[:n_dev]
+def carve(items: list[Item], n_train: int, n_dev: int, n_test: int, source: Path):
+    """(train, dev, test) from one file's shuffled items: dev first and test last, so neither
+    depends on n_train, and train (the items between) stays the same whatever n_test is, as long
+    as the file holds all three."""
+    if len(items) <= n_dev + n_test:
+        raise ValueError(f"{source}: {len(items)} examples leave none to train on after the {n_dev} dev and "
+                         f"{n_test} test examples; give a smaller --n-dev or --n-test")
+    return items[n_dev:len(items) - n_test][:n_train], items[:n_dev], items[len(items) - n_test:]
 
 
-def task_splits(task: str, data_dir: Path, n_train: int, n_dev: int, system_prompt: bool):
-    """(train items, dev items) of a task from the --data-dir layout. Dev splits are carved
+def task_splits(task: str, data_dir: Path, profile: Profile):
+    """(train, dev, test items) of a task from the --data-dir layout. Dev splits are carved
     from train (fixed seed) where the folder gives none; GSM8K uses test_dev.jsonl and Django
-    its dev files."""
+    its dev files. The test split is always carved from the end of the training file."""
+    n_train, n_dev, n_test = profile.n_train, profile.n_dev, profile.n_test
     if task.startswith("nl-rx"):
         path = require(data_dir / task / f"{task.split('-')[-1]}_train.jsonl")
         items = shuffled(load_items(task, path))
-        if not system_prompt:
+        if not profile.system_prompt:
             items = [replace(i, prompt=[m for m in i.prompt if m["role"] != "system"]) for i in items]
-        return carve(items, n_train, n_dev, path)
+        return carve(items, n_train, n_dev, n_test, path)
     if task == "gsm8k":
-        train = shuffled(load_items(task, require(data_dir / "gsm8k" / "train.jsonl")))
+        path = require(data_dir / "gsm8k" / "train.jsonl")
+        train, _, test = carve(shuffled(load_items(task, path)), n_train, 0, n_test, path)
         dev_path = require(data_dir / "gsm8k" / "test_dev.jsonl")
         dev = load_items(task, dev_path)[:n_dev]
         check_references(task, dev, dev_path)  # a reference with no number would fail at scoring
-        return train[:n_train], dev
+        check_references(task, test, path)
+        return train, dev, test
     if task == "spider":
         path = require(data_dir / "spider" / "train_spider.json")
         return carve(shuffled(load_spider(path, require(data_dir / "spider" / "tables.json"))),
-                     n_train, n_dev, path)
+                     n_train, n_dev, n_test, path)
     if task == "django":
-        train = shuffled(load_items(task, require(data_dir / "django" / "train.anno")))
-        return train[:n_train], load_items(task, require(data_dir / "django" / "dev.anno"))[:n_dev]
+        path = require(data_dir / "django" / "train.anno")
+        train, _, test = carve(shuffled(load_items(task, path)), n_train, 0, n_test, path)
+        return train, load_items(task, require(data_dir / "django" / "dev.anno"))[:n_dev], test
     raise ValueError(f"unknown task {task!r}: choose from {TASKS}")
 
 
@@ -222,11 +253,11 @@ class Inputs:
     """Everything the protocol reads from --data-dir, read and checked before any training."""
     pretrain_text: str
     heldout_text: str
-    splits: dict                # task -> (train items, dev items)
+    splits: dict                # task -> (train items, dev items, test items)
     mmlu: list
     mmlu_dev: list
     tokenizer: object = None    # a new tiny base's: byte-level BPE learned on the pre-training and training text
-    gen_lengths: dict = field(default_factory=dict)  # task -> its sampler canvas
+    gen_lengths: dict = field(default_factory=dict)  # task -> {"dev": its sampler canvas, "test": ...}
 
 
 def read_inputs(data_dir: Path, tasks: list[str], profile: Profile) -> Inputs:
@@ -235,26 +266,31 @@ def read_inputs(data_dir: Path, tasks: list[str], profile: Profile) -> Inputs:
     same files, same merges) from the pre-training text and the tasks' training rows, never
     from held-out text, and the probe windows are cut with it as a check."""
     pretrain, heldout = wikitext_split(data_dir)
-    splits = {task: task_splits(task, data_dir, profile.n_train, profile.n_dev, profile.system_prompt)
-              for task in tasks}
+    splits = {task: task_splits(task, data_dir, profile) for task in tasks}
     inputs = Inputs(pretrain, heldout, splits, mmlu_subset(data_dir, profile.mmlu_questions),
                     load_mmlu(require(data_dir / "mmlu" / "dev")))
     if not profile.model:
-        corpus = pretrain.splitlines() + [message["content"] for train, _ in splits.values() for item in train
+        corpus = pretrain.splitlines() + [message["content"] for train, *_ in splits.values() for item in train
                                           for message in item.prompt + [{"content": item.reference}]]
         inputs.tokenizer = tiny_model.make_tokenizer(corpus, profile.merges)
         data.text_rows(heldout, inputs.tokenizer, profile.seq_len,
                        f"{data_dir / 'wikitext2' / 'valid.txt'} (its held-out last 10%)", max_rows=profile.probe_windows)
-    for task, (_, dev) in splits.items():
-        gen = profile.gen_length
-        if not gen:  # the canvas of training, as train.py's final generation: --seq-len minus the longest prompt
-            longest = max(len(data.prompt_ids(inputs.tokenizer, item.prompt)) for item in dev)
-            gen = profile.task_seq_len - longest
-            if gen < 1:
-                raise ValueError(f"{task}: a dev prompt of {longest} tokens leaves no answer room in "
-                                 f"--task-seq-len {profile.task_seq_len}; give a larger --task-seq-len")
-        inputs.gen_lengths[task] = gen
+    for task, (_, *held_out) in splits.items():
+        inputs.gen_lengths[task] = {split: gen_length(profile, inputs.tokenizer, task, split, items)
+                                    for split, items in zip(("dev", "test"), held_out) if items}
     return inputs
+
+
+def gen_length(profile: Profile, tokenizer, task: str, split: str, items: list[Item]) -> int:
+    """The sampler canvas of a split: --gen-length, or the canvas of training as train.py's final
+    generation has it (--task-seq-len minus the split's longest prompt)."""
+    if profile.gen_length:
+        return profile.gen_length
+    longest = max(len(data.prompt_ids(tokenizer, item.prompt)) for item in items)
+    if profile.task_seq_len - longest < 1:
+        raise ValueError(f"{task}: a {split} prompt of {longest} tokens leaves no answer room in "
+                         f"--task-seq-len {profile.task_seq_len}; give a larger --task-seq-len")
+    return profile.task_seq_len - longest
 
 
 def fetch_missing(data_dir: Path, names: list[str]):
@@ -286,9 +322,10 @@ def write_data(out: Path, inputs: Inputs) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "wikitext_pretrain.txt").write_text(inputs.pretrain_text, encoding="utf-8")
     (folder / "wikitext_heldout.txt").write_text(inputs.heldout_text, encoding="utf-8")
-    for task, (train_items, dev) in inputs.splits.items():
-        write_jsonl(folder / task / "train.jsonl", train_items)
-        write_jsonl(folder / task / "dev.jsonl", dev)
+    for task, splits in inputs.splits.items():
+        for split, items in zip(("train", "dev", "test"), splits):
+            if items:
+                write_jsonl(folder / task / f"{split}.jsonl", items)
     write_mmlu(folder / "mmlu_test", inputs.mmlu, "test")
     write_mmlu(folder / "mmlu_dev", inputs.mmlu_dev, "dev")
     return folder
@@ -329,50 +366,55 @@ def base_job(profile: Profile, init: Path, text: Path, out: Path) -> Job:
         "--save-every", str(profile.base_steps), "--keep", "1", "--eval-batches", "2"], [])
 
 
-def finetune_job(profile: Profile, base: str, folder: Path, task: str, method: str, seed: int, steps: int,
-                 out: Path, after: list[str]) -> Job:
+def finetune_job(profile: Profile, base: str, folder: Path, task: str, method: str, flags: list[str], seed: int,
+                 steps: int, out: Path, after: list[str]) -> Job:
     argv = ["--model", base, "--data", str(folder / "train.jsonl"), "--eval-data", str(folder / "dev.jsonl"),
-            *RUNS[method][0], "--steps", str(steps), "--batch-size", str(profile.batch_size),
+            "--steps", str(steps), "--batch-size", str(profile.batch_size),
             "--grad-accum", str(profile.grad_accum), "--seq-len", str(profile.task_seq_len), "--lr", str(profile.lr),
             "--loss-weight", profile.loss_weight, "--dtype", profile.dtype, "--seed", str(seed),
             "--eval-every", str(steps), "--save-every", str(steps), "--keep", "1", "--eval-batches", "2",
             "--final-eval", "0"]
     if profile.activation_checkpointing:
         argv.append("--activation-checkpointing")
-    return train_job(f"{task} / {method} / seed {seed}", out, argv, after)
+    return train_job(f"{task} / {method} / seed {seed}", out, argv + flags, after)
 
 
-def eval_jobs(profile: Profile, model: str, name: str, out: Path, folder: Path, task: str, gen_length: int,
+def eval_jobs(profile: Profile, model: str, name: str, out: Path, folder: Path, task: str, gen_lengths: dict,
               base: str | None, after: list[str], model_level: bool = True) -> list[Job]:
     """The measurements of one model, each an evaluate.py process writing out/eval/*.json:
-    the task's, then (model_level) MMLU and the probe: for the base (base=None) the probe, for
-    a fine-tuned model the drift report, which holds its probe and forgetting too."""
+    the task's on the dev split and on the test split (`TASK_test`), then (model_level) MMLU
+    and the probe: for the base (base=None) the probe, for a fine-tuned model the drift report,
+    which holds its probe and forgetting too."""
     common = ["--model", model, "--dtype", profile.dtype, "--no-progress"]
     probe = ["--probe-seq-len", str(profile.seq_len), "--probe-windows", str(profile.probe_windows),
              "--probe-grid", str(profile.probe_grid)]
-    sampler = ["--gen-length", str(gen_length), "--block-length", str(profile.block_length or gen_length),
-               "--steps", str(profile.gen_steps or gen_length)]
     shots = ["--shots", str(profile.task_shots), "--fewshot-data", str(folder / task / "train.jsonl")] \
         if profile.task_shots else []
     heldout = str(folder / "wikitext_heldout.txt")
-    measurements = {
-        task: ["--task", task, "--data", str(folder / task / "dev.jsonl"), *sampler, *shots, *probe,
-               "--batch-size", str(min(profile.n_dev, 50))],
-        "mmlu_0shot": ["--task", "mmlu", "--data", str(folder / "mmlu_test"), "--batch-size", "16"],
-        f"mmlu_{profile.mmlu_shots}shot": ["--task", "mmlu", "--data", str(folder / "mmlu_test"), "--batch-size",
-                                           "16", "--shots", str(profile.mmlu_shots), "--fewshot-data",
-                                           str(folder / "mmlu_dev")],
-        "probe": ["--task", "probe", "--data", heldout, *probe] if base is None else
-                 ["--task", "drift", "--base", base, "--data", heldout, *probe],
-    }
-    if not model_level:
-        measurements = {task: measurements[task]}
+
+    def scored(split, n):  # the task metric on a split, with the sampler on that split's canvas
+        gen = gen_lengths[split]
+        return ["--task", task, "--data", str(folder / task / f"{split}.jsonl"), "--gen-length", str(gen),
+                "--block-length", str(profile.block_length or gen), "--steps", str(profile.gen_steps or gen),
+                *shots, *probe, "--batch-size", str(min(n, 50))]
+    measurements = {task: scored("dev", profile.n_dev)} | ({f"{task}_test": scored("test", profile.n_test)}
+                                                           if "test" in gen_lengths else {})
+    if model_level:
+        measurements |= {
+            "mmlu_0shot": ["--task", "mmlu", "--data", str(folder / "mmlu_test"), "--batch-size", "16"],
+            f"mmlu_{profile.mmlu_shots}shot": ["--task", "mmlu", "--data", str(folder / "mmlu_test"), "--batch-size",
+                                               "16", "--shots", str(profile.mmlu_shots), "--fewshot-data",
+                                               str(folder / "mmlu_dev")],
+            "probe": ["--task", "probe", "--data", heldout, *probe] if base is None else
+                     ["--task", "drift", "--base", base, "--data", heldout, *probe]}
     return [Job(f"{name}: {what}", "evaluate.py", common + argv + ["--out", str(out / "eval" / f"{what}.json")],
                 out / "eval" / f"{what}.json", out / "eval" / f"{what}.log", after)
             for what, argv in measurements.items()]
-def make_plan(profile: Profile, inputs: Inputs, tasks: list[str], methods: list[str], seeds: list[int],
+
+
+def make_plan(profile: Profile, inputs: Inputs, tasks: list[str], rows: dict[str, list[str]], seeds: list[int],
               out: Path) -> list[Job]:
-    """Every process of the protocol, in order, each naming the jobs it waits for."""
+    """Every process of the protocol, in order, each naming the jobs it waits for. rows: table_rows."""
     folder = out / "data"
     jobs, base, after = [], profile.model, []
     if not profile.model:  # stage 2 at CPU scale: pre-train the new tiny base
@@ -383,11 +425,11 @@ def make_plan(profile: Profile, inputs: Inputs, tasks: list[str], methods: list[
                           model_level=i == 0)
     for task in tasks:
         steps = fine_tune_steps(profile, len(inputs.splits[task][0]))
-        # the costliest methods first: --jobs at a time finish together, no long run left alone at the end
-        for method in sorted(methods, key=lambda m: -RUNS[m][1]):
+        # the costliest rows first: --jobs at a time finish together, no long run left alone at the end
+        for name, flags in sorted(rows.items(), key=lambda row: -step_cost(row[1])):
             for seed in seeds:
-                run_dir = out / task / method / f"seed{seed}"
-                job = finetune_job(profile, base, folder / task, task, method, seed, steps, run_dir, after)
+                run_dir = out / task / name / f"seed{seed}"
+                job = finetune_job(profile, base, folder / task, task, name, flags, seed, steps, run_dir, after)
                 jobs += [job] + eval_jobs(profile, str(run_dir / "final"), job.name, run_dir, folder, task,
                                           inputs.gen_lengths[task], base, after + [job.name])
     return jobs
@@ -463,30 +505,32 @@ def run_jobs(jobs: list[Job], profile: Profile, at_once: int, threads: int, t0: 
 PEAK_FLOPS, MFU_TRAIN, MFU_GENERATE = 989e12, 0.40, 0.30
 
 
-def gpu_hours(profile: Profile, inputs: Inputs, tasks: list[str], methods: list[str], seeds: list[int]) -> list[str]:
+def gpu_hours(profile: Profile, inputs: Inputs, tasks: list[str], rows: dict[str, list[str]],
+              seeds: list[int]) -> list[str]:
     """An estimate of the GPU-hours of a GPU profile, from its FLOPs: training 2N FLOPs per
-    token per forward-equivalent (RUNS: 3 for diffusion, 4 for dllm-jepa, 6 for two-pass) on
+    token per forward-equivalent (COST: 3 for diffusion, 4 for dllm-jepa, 6 for two-pass) on
     full canvases; generation one forward over prompt + canvas per sampler step (prompt tokens
     estimated as characters / 4, with the few-shot exemplars); MMLU and the probe likewise."""
     forward = 2 * profile.params  # FLOPs per token of one forward
     lines, total = [], 0.0
     chars = lambda item: sum(len(m["content"]) for m in item.prompt)
     for task in tasks:
-        train, dev = inputs.splits[task]
+        train, dev, test = inputs.splits[task]
         steps = fine_tune_steps(profile, len(train))
         tokens = steps * profile.batch_size * profile.grad_accum * profile.nproc * profile.task_seq_len
-        training = sum(RUNS[m][1] for m in methods) * len(seeds) * forward * tokens / (PEAK_FLOPS * MFU_TRAIN)
+        training = sum(step_cost(f) for f in rows.values()) * len(seeds) * forward * tokens / (PEAK_FLOPS * MFU_TRAIN)
         example = statistics.mean(chars(i) + len(i.reference) for i in train[:500])
         prompt = statistics.mean(chars(i) for i in dev) / 4 + profile.task_shots * example / 4
-        gen = inputs.gen_lengths[task]
-        per_model = len(dev) * (profile.gen_steps or gen) * (prompt + gen) * forward / (PEAK_FLOPS * MFU_GENERATE)
-        models = len(methods) * len(seeds) + 1
-        lines.append(f"  {task}: {len(train)} training rows, {steps} steps per fine-tune ({len(methods) * len(seeds)} "
-                     f"runs): {training / 3600:.1f} GPU-h training; {len(dev)} dev items x {profile.gen_steps or gen} "
+        gen = inputs.gen_lengths[task]["dev"]
+        scored = len(dev) + len(test)
+        per_model = scored * (profile.gen_steps or gen) * (prompt + gen) * forward / (PEAK_FLOPS * MFU_GENERATE)
+        models = len(rows) * len(seeds) + 1
+        lines.append(f"  {task}: {len(train)} training rows, {steps} steps per fine-tune ({len(rows) * len(seeds)} "
+                     f"runs): {training / 3600:.1f} GPU-h training; {scored} dev/test items x {profile.gen_steps or gen} "
                      f"sampler steps over ~{prompt + gen:.0f} tokens: {per_model / 3600:.1f} GPU-h per model, "
                      f"{models * per_model / 3600:.1f} for {models} models")
         total += training + models * per_model
-    models = len(tasks) * len(methods) * len(seeds) + 1
+    models = len(tasks) * len(rows) * len(seeds) + 1
     mmlu = profile.mmlu_questions * 120 * (2 + profile.mmlu_shots) * forward  # ~120 tokens a question
     probe = profile.probe_windows * profile.probe_grid * profile.seq_len * 2 * forward  # drift scores the base too
     other = models * (mmlu + probe) / (PEAK_FLOPS * MFU_GENERATE)
@@ -504,9 +548,11 @@ def gpu_hours(profile: Profile, inputs: Inputs, tasks: list[str], methods: list[
 def measurements(run_dir: Path, task: str, profile: Profile) -> dict:
     """One model's numbers, from its evaluate.py outputs (and, for a fine-tune, train.py's log)."""
     read = lambda name: json.loads((run_dir / "eval" / f"{name}.json").read_text())
-    scores = read(task)
-    result = {k: v for k, v in scores.items()
-              if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n", "prompts_cut")}
+    scalars = lambda scores: {k: v for k, v in scores.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n", "prompts_cut")}
+    result = scalars(read(task))
+    if (run_dir / "eval" / f"{task}_test.json").is_file():
+        result |= {f"test_{k}": v for k, v in scalars(read(f"{task}_test")).items()}
     result["mmlu_0shot"] = read("mmlu_0shot")["accuracy"]
     few = read(f"mmlu_{profile.mmlu_shots}shot")
     result[f"mmlu_{profile.mmlu_shots}shot"] = few["accuracy"]
@@ -516,15 +562,17 @@ def measurements(run_dir: Path, task: str, profile: Profile) -> dict:
     if "weight_distance" in probe:  # a fine-tune: drift from the base, and the run's own record
         result |= {k: probe[k] for k in ("weight_distance", "cka", "forgetting")}
         result["train_seconds"] = float((run_dir / "seconds.txt").read_text())
-        result["embedding_rank"] = embedding_rank(run_dir)
+        result |= last_held_out(run_dir)
     return result
 
 
-def embedding_rank(run_dir: Path) -> float:
-    """The collapse check of a run's last held-out evaluation (train.py logs it): the effective
-    rank of the pooled context embeddings of held-out rows."""
+def last_held_out(run_dir: Path) -> dict:
+    """From a run's last held-out evaluation (train.py's log): the collapse check (the effective
+    rank of the pooled context embeddings of held-out rows) and, when the row logged it
+    (--grad-cosine), the cosine between the diffusion and JEPA gradients."""
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [row for row in rows if "held_out" in row][-1]["held_out"]["embedding_rank"]
+    held_out = [row for row in rows if "held_out" in row][-1]["held_out"]
+    return {k: held_out[k] for k in ("embedding_rank", "grad_cosine") if k in held_out}
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -541,6 +589,8 @@ def columns(task: str, shots: int) -> list[tuple[str, str, float, int]]:
     metric = [("accuracy", "GSM8K acc. % ↑", 100, 1)] if task == "gsm8k" else [("exact_match", "EM % ↑", 100, 1)]
     if task.startswith("nl-rx"):
         metric.append(("regex_equivalence", "regex equiv. % ↑", 100, 1))
+    metric = [(f"{split}{key}", f"{name} {header}", scale, digits) for split, name in (("", "dev"), ("test_", "test"))
+              for key, header, scale, digits in metric]
     return metric + [("answer_loss", "answer loss ↓", 1, 3), ("answer_accuracy", "answer token acc. % ↑", 100, 1),
                      ("probe_loss", "Wikitext probe ↓", 1, 3),
                      ("forgetting", "forgetting ↓", 1, 3), ("mmlu_0shot", "MMLU 0-shot %", 100, 1),
@@ -548,6 +598,7 @@ def columns(task: str, shots: int) -> list[tuple[str, str, float, int]]:
                      ("mean_weight_distance", "weight dist. all blocks", 1, 4),
                      ("mid_weight_distance", "weight dist. middle blocks", 1, 4),
                      ("mean_cka", "CKA to base", 1, 4), ("embedding_rank", "embedding eff. rank", 1, 1),
+                     ("grad_cosine", "grad. cosine JEPA/diffusion", 1, 3),
                      ("train_seconds", "train s", 1, 1)]
 
 
@@ -605,8 +656,8 @@ def plot_metrics(task: str, base: dict, runs: dict[str, list[dict]], shots: int,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [c for c in columns(task, shots) if c[0] in ("accuracy", "exact_match", "answer_loss",
-                                                        "probe_loss", "mmlu_0shot")]
+    keys = [c for c in columns(task, shots) if c[0] in ("accuracy", "exact_match", "test_accuracy",
+                                                        "test_exact_match", "answer_loss", "probe_loss", "mmlu_0shot")]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
     names = list(runs)
     for ax, (key, header, scale, _) in zip(axes, keys):
@@ -634,7 +685,8 @@ def mean_report(results: list[dict]) -> dict:
             "cka": [sum(r["cka"][i] for r in results) / len(results) for i in range(len(results[0]["cka"]))]}
 
 
-def describe(profile: Profile, name: str, methods: list[str], seeds: list[int], tasks: dict, steps: dict) -> str:
+def describe(profile: Profile, name: str, rows: dict[str, list[str]], seeds: list[int], tasks: dict,
+             steps: dict) -> str:
     """The setup paragraph of results.md."""
     if profile.model:
         model = (f"{profile.model}, fine-tuned {profile.epochs:g} epochs ({', '.join(f'{t}: {s} steps' for t, s in steps.items())}) "
@@ -649,7 +701,7 @@ def describe(profile: Profile, name: str, methods: list[str], seeds: list[int], 
                  f"{profile.batch_size}, canvases up to {profile.task_seq_len} tokens, {profile.loss_weight} loss weight)")
         sampler = f"the canvas of training: {profile.task_seq_len} tokens minus the longest prompt, one block, one token per step"
     return (f"Profile `{name}`. {model}; seeds {seeds}. Rows: "
-            + "; ".join(f"{m} = `{' '.join(RUNS[m][0])}`" for m in methods)
+            + "; ".join(f"{m} = `{shlex.join(flags)}`" for m, flags in rows.items())
             + ". Cells: mean ± sample std over seeds.\n\n"
             f"Columns: the task metric on greedy LLaDA-sampler answers of the dev split ({profile.n_dev} examples at "
             f"most; {sampler}); answer loss = diffusion loss of the reference answers and answer token acc. = "
@@ -725,7 +777,10 @@ def parse_args(argv=None):
                    help="default: nl-rx-synth (cpu, smoke); gsm8k nl-rx-synth spider django (GPU profiles)")
     g.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS,
                    help='table rows; "dllm-jepa wide-pair" (quoted) adds the fixed 0.1 / 0.9 reading of Wide-t')
-    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    g.add_argument("--row", action="append", default=[], metavar="NAME=FLAGS",
+                   help="a further row: train.py flags for its fine-tunes, which win over the shared ones, e.g. "
+                        "--row 'jepa-mid=--method dllm-jepa --embed-layer 2' (repeatable)")
+    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fine-tuning seeds of every row")
     g.add_argument("--dry-run", action="store_true", help="read and check the data, print every command (and "
                    "for a GPU profile the GPU-hours estimate), run nothing")
     g = p.add_argument_group("data, output and processes")
@@ -767,6 +822,7 @@ def run(args) -> Path | None:
                                          if k in asdict(PROFILES[name]) and v is not None})
     check_profile(profile)
     tasks = args.tasks or DEFAULT_TASKS[name]
+    rows = table_rows(args.methods, args.row)
     at_once = args.jobs or (1 if profile.model else min(2, os.cpu_count() or 1))
     threads = args.threads or max(1, (os.cpu_count() or 1) // at_once)
     data_dir, out = Path(args.data_dir), Path(args.out)
@@ -777,13 +833,13 @@ def run(args) -> Path | None:
     if args.prepare:
         fetch_missing(data_dir, ["wikitext2", "mmlu", *tasks])
     inputs = read_inputs(data_dir, tasks, profile)       # 1. every input, checked
-    plan = make_plan(profile, inputs, tasks, args.methods, args.seeds, out)
+    plan = make_plan(profile, inputs, tasks, rows, args.seeds, out)
     if args.dry_run:
         for job in plan:
             print(f"# {job.name}\nOMP_NUM_THREADS={job.threads or threads} "
                   + " ".join(launcher(profile) + [job.script] + job.argv))
         if profile.model:
-            print("\n".join(gpu_hours(profile, inputs, tasks, args.methods, args.seeds)))
+            print("\n".join(gpu_hours(profile, inputs, tasks, rows, args.seeds)))
         return None
     out.mkdir(parents=True, exist_ok=True)
     distributed.atomic_write_text(out / "profile.json", json.dumps(settings, indent=1))
@@ -797,7 +853,7 @@ def run(args) -> Path | None:
     for task in tasks:
         base_eval = measurements(out / "base", task, profile)
         runs = {method: [summarise(measurements(out / task / method / f"seed{seed}", task, profile))
-                         for seed in args.seeds] for method in args.methods}
+                         for seed in args.seeds] for method in rows}
         steps[task] = fine_tune_steps(profile, len(inputs.splits[task][0]))
         markdown = task_table(task, base_eval, runs, profile.mmlu_shots)
         metrics_plot, drift_plot = f"{task}_metrics.png", f"{task}_drift.png"
@@ -810,7 +866,7 @@ def run(args) -> Path | None:
         everything[task] = {"base": base_eval, "runs": runs}
         print(f"\n## {task}\n{markdown}\n", flush=True)
     distributed.atomic_write_text(out / "results.json", distributed.strict_json(everything, indent=1))
-    setup = describe(profile, name, args.methods, args.seeds, tasks, steps)
+    setup = describe(profile, name, rows, args.seeds, tasks, steps)
     write_report(out, profile, setup, tables, time.time() - t0, at_once, threads, reused)
     print(f"[{time.time() - t0:5.0f}s] done: {out / 'results.md'}")
     return out / "results.md"

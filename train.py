@@ -55,6 +55,7 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 import data
+import diagnostics
 import distributed
 import hub
 import lora
@@ -105,7 +106,10 @@ def parse_args(argv=None):
     g.add_argument("--context-t", type=float, nargs=2, metavar=("LOW", "HIGH"), help="override the preset")
     g.add_argument("--target-t", type=float, nargs=2, metavar=("LOW", "HIGH"), help="override the preset")
     g.add_argument("--nested", action=argparse.BooleanOptionalAction, default=True,
-                   help="target mask is a superset of the context mask")
+                   help="one view's masks contain the other's (one uniform draw per token)")
+    g.add_argument("--target-view", default="heavier", choices=["heavier", "lighter", "clean"],
+                   help="the EMA target's view: heavier than the context (the paper's summaries), lighter "
+                        "(t ~ U(0, t_context): I-JEPA's direction, the better-informed view is the target) or clean")
     g.add_argument("--pad-is-answer", action=argparse.BooleanOptionalAction, default=True,
                    help="EOS padding is masked and scored as answer (LLaDA SFT)")
     g.add_argument("--loss-norm", default="answer", choices=["answer", "token"],
@@ -118,8 +122,13 @@ def parse_args(argv=None):
     g.add_argument("--embed-layer", type=int, default=-1, help="hidden state read for the embedding")
     g.add_argument("--pooling", default="answer", choices=["answer", "visible", "token"],
                    help="embedding = mean over answer tokens, over unmasked non-padding tokens, or per token")
-    g.add_argument("--predictor-depth", type=int, default=2, help="residual MLP blocks of the predictor")
-    g.add_argument("--predictor-mult", type=int, default=2, help="predictor hidden width / model width")
+    g.add_argument("--predictor", default="mlp", choices=["mlp", "transformer"],
+                   help="mlp: a residual MLP on the pooled embedding; transformer: attention layers over the "
+                        "context view's token states, then pooled")
+    g.add_argument("--predictor-depth", type=int, default=2, help="residual MLP blocks or transformer layers")
+    g.add_argument("--predictor-mult", type=int, default=2, help="predictor MLP hidden width / model width")
+    g.add_argument("--predictor-init", default="identity", choices=["identity", "random"],
+                   help="identity: each residual branch's last layer starts at zero; random: PyTorch's init")
     g.add_argument("--jepa-lambda", type=float, default=1.0, help="total = diffusion + lambda * jepa")
     g.add_argument("--distance", default="cosine", choices=["cosine", "smooth_l1"],
                    help="JEPA loss between prediction and target embedding")
@@ -176,6 +185,10 @@ def parse_args(argv=None):
     g.add_argument("--out", default="out/run", help="output folder")
     g.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
     g.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
+    g.add_argument("--grad-cosine", type=int, default=0, metavar="N",
+                   help="at each held-out evaluation, also log the cosine between the gradients of the diffusion "
+                        "loss and of lambda x JEPA on the backbone (overall, per block) summed over N held-out "
+                        "batches (diagnostics.py; 0: off)")
     g.add_argument("--save-every", type=int, default=200, help="steps between resumable checkpoints")
     g.add_argument("--keep", type=int, default=2, help="resumable checkpoints kept")
     g.add_argument("--resume", default=None,
@@ -218,6 +231,9 @@ def validate(args):
                if isinstance(v, float) and not math.isfinite(v) and (flag, v) != ("grad_clip", math.inf)]
         need(not bad, f"--{flag.replace('_', '-')} {bad[0] if bad else ''}: must be a finite number")
     need(args.final_eval is None or args.final_eval >= 0, f"--final-eval {args.final_eval}: must be >= 0")
+    need(args.grad_cosine >= 0, f"--grad-cosine {args.grad_cosine}: must be >= 0")
+    need(not args.grad_cosine or METHODS[args.method]["target_pass"],
+         f"--grad-cosine: --method {args.method} has no JEPA term to compare; use dllm-jepa or two-pass")
     need(args.collective_timeout > 0, f"--collective-timeout {args.collective_timeout}: must be > 0 (minutes)")
     need(args.seq_len >= 2, f"--seq-len {args.seq_len}: must be >= 2 (a prompt token and an answer token)")
     need(0 <= args.seed < 2 ** 27, f"--seed {args.seed}: must lie in [0, 2**27) (masks are seeded from it)")
@@ -336,7 +352,8 @@ def state_bytes(args, parameters: int, width: int) -> tuple[float, float]:
     an EMA target or anchor copy; a LoRA base only its frozen weights."""
     config = jepa_config(args)
     copies = (config.target_kind == "ema") + bool(METHODS[args.method]["anchor"])
-    predictor = 2 * args.predictor_depth * args.predictor_mult * width * width if METHODS[args.method]["target_pass"] else 0
+    per_layer = (2 * args.predictor_mult + 4 * (args.predictor == "transformer")) * width * width  # MLP (+ attention)
+    predictor = args.predictor_depth * per_layer if METHODS[args.method]["target_pass"] else 0
     if getattr(args, "lora_rank", 0):
         weight = 2 if args.dtype == "bfloat16" else 4
         return weight + 16 * predictor / parameters, weight * parameters
@@ -466,6 +483,7 @@ def check_resume(saved: dict, current: dict) -> list[str]:
     returned as warnings: the run goes on but no longer reproduces an uninterrupted one."""
     saved, current = (json.loads(json.dumps(c, default=str)) for c in (saved, current))  # tuples == lists
     saved["args"] = {"lora_rank": 0, "lora_dropout": 0.0} | saved["args"]  # a run from before LoRA had none
+    saved["objective"] = {"target_view": "heavier", "predictor": "mlp", "predictor_init": "identity"} | saved["objective"]
     diff = lambda a, b, keys: [f"{k} {a.get(k)} -> {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
     fatal = (diff(saved["objective"], current["objective"], current["objective"])
              + diff(saved, current, ("world_size", "model_family", "model_parameters"))
@@ -607,26 +625,40 @@ def reduce_parts(parts: torch.Tensor, config: JEPAConfig, world_size: int) -> di
     return {"loss": values["diffusion"] + config.jepa_lambda * values["jepa"] + values["anchor"], **values}
 
 
+def held_out_batch(eval_rows, chunk, args, device):
+    """Held-out chunk c (rows c*B..c*B+B-1, wrapping) with the canvas and masks of (seed, -1, c),
+    whatever the step or the number of processes, so evaluations compare: (forward args, generator)."""
+    rows = torch.arange(chunk * args.batch_size, (chunk + 1) * args.batch_size) % len(eval_rows.input_ids)
+    return micro_batch(eval_rows, rows, args, -1, chunk, device), mask_generator(args.seed, -1, chunk, device)
+
+
 @torch.no_grad()
 def held_out_eval(model, eval_rows, args, env):
     """Held-out loss parts, answer-token loss and accuracy, and the effective rank of the
-    pooled embeddings (the paper's collapse check), on fixed masks and canvases: chunk c (rows
-    c*B..c*B+B-1) always gets those of (seed, -1, c), whatever the step or the number of
-    processes, so evaluations compare."""
+    pooled embeddings (the paper's collapse check), on fixed masks and canvases (held_out_batch)."""
     n_chunks = min(args.eval_batches, len(eval_rows.input_ids) // args.batch_size)
     n_chunks = max(n_chunks - n_chunks % env.world_size, env.world_size)  # every rank runs every forward
     totals = torch.zeros(len(PARTS), device=env.device)
     embeddings = None  # (n_chunks, B, C): each rank fills its chunks, a sum gathers them
     for chunk in range(env.rank, n_chunks, env.world_size):
-        rows = torch.arange(chunk * args.batch_size, (chunk + 1) * args.batch_size) % len(eval_rows.input_ids)
-        out = model(*micro_batch(eval_rows, rows, args, -1, chunk, env.device),
-                    generator=mask_generator(args.seed, -1, chunk, env.device))
+        inputs, generator = held_out_batch(eval_rows, chunk, args, env.device)
+        out = model(*inputs, generator=generator)
         totals += loss_parts(out)
         if embeddings is None:
             embeddings = out.embedding.new_zeros((n_chunks, *out.embedding.shape), dtype=torch.float32)
         embeddings[chunk] = out.embedding.float()
     held_out = reduce_parts(totals * env.world_size / n_chunks, model.config, env.world_size)
     return held_out | {"embedding_rank": effective_rank(distributed.all_reduce_sum(embeddings).flatten(0, 1))}
+
+
+def gradient_check(run) -> dict:
+    """--grad-cosine N: diagnostics.gradient_cosines over N held-out batches (rounded up to a
+    multiple of the processes, each rank its share)."""
+    args, env, model = run.args, run.env, run.model
+    n = math.ceil(args.grad_cosine / env.world_size) * env.world_size
+    batches = lambda: (held_out_batch(run.eval_rows, c, args, env.device) for c in range(env.rank, n, env.world_size))
+    groups = diagnostics.block_groups(model.backbone, run.backbone.family.blocks(model.backbone))
+    return diagnostics.gradient_cosines(model, batches, groups, distributed.all_reduce_sum)
 
 
 def final_generation(backbone, examples, args, env) -> dict:
@@ -939,6 +971,8 @@ def log_eval(run: Run, log, step: int):
     """The held-out evaluation at `step`: a log.jsonl row and a line under the progress bar (rank 0)."""
     run.model.eval()  # dropout off (LLaDA, Dream and the tiny model have none; others may)
     held_out = held_out_eval(run.model, run.eval_rows, run.args, run.env)
+    if run.args.grad_cosine:
+        held_out |= gradient_check(run)
     if run.env.is_main:
         log.write(distributed.strict_json({"step": step, "held_out": held_out}) + "\n")
         tqdm.write(f"step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in held_out.items()))

@@ -980,3 +980,99 @@ def test_mask_token_id_defaults_to_the_config(make_model):
     model = build(make_model)
     assert model.mask_token_id == MASK == model.backbone.config.mask_token_id
     assert build(make_model, mask_token_id=5).mask_token_id == 5
+
+
+# -----------------------------------------------------------------------------
+# 10. The readings of the paper's open choices: target direction, predictor form and init
+
+
+def test_lighter_target_hides_part_of_what_the_context_hides():
+    """target_view="lighter": t_target ~ U(0, t_context), and with nested views (one uniform draw)
+    every token hidden from the target is hidden from the context: the target knows more."""
+    B, T = 256, 64
+    ids = torch.randint(0, 256, (B, T), generator=gen(31))
+    scored = torch.arange(T)[None].expand(B, T) >= 4
+    tc, tt = dj.sample_times(B, (0.01, 1.0), (0.5, 1.0), "cpu", gen(32), target_view="lighter")
+    assert (tt <= tc).all() and (tt >= 0).all()
+    assert abs((tt / tc).mean().item() - 0.5) < 0.05  # uniform on (0, t_context)
+    c, t = dj.make_views(ids, scored, tc, tt, MASK, 1e-3, True, gen(33))
+    assert not (t.masked & ~c.masked).any(), "a token hidden from the lighter target is visible in the context"
+    assert (c.masked & ~t.masked).any()
+
+
+def test_clean_target_time_is_zero():
+    """target_view="clean": t_target = 0 in every row (forward then feeds the target the sequence
+    itself, without even eps's masks: see the next test), what data2vec's teacher sees."""
+    tc, tt = dj.sample_times(64, (0.01, 1.0), (0.5, 1.0), "cpu", gen(35), target_view="clean")
+    assert (tt == 0).all() and (tc > 0).all()
+
+
+@pytest.mark.parametrize("target_view", ["lighter", "clean"])
+def test_forward_feeds_the_lighter_view_to_the_target(make_model, target_view):
+    """In forward, the EMA target encodes the lighter (or unmasked) view and the backbone the
+    heavier context view, which carries the diffusion loss; the first call is the target's."""
+    ids, prompt, answer = make_batch(8, 24, 4, 12, seed=3)
+    model = build(make_model, target_view=target_view, truncate_target=False)
+    ctx_calls, tgt_calls = record_calls(model.backbone), record_calls(model.target_encoder)
+    with torch.no_grad():
+        model(ids, prompt, answer, generator=gen(37))
+    (ctx,), (tgt,) = ctx_calls, tgt_calls
+    ctx_masked, tgt_masked = ctx["ids"] == MASK, tgt["ids"] == MASK
+    assert not (tgt_masked & ~ctx_masked).any() and ctx_masked.sum() > tgt_masked.sum()
+    assert (target_view == "clean") == (not tgt_masked.any())
+
+
+@pytest.mark.parametrize("predictor", [dj.Predictor, dj.TokenPredictor])
+def test_random_init_predictor_is_not_the_identity(predictor):
+    """init="identity" returns its input exactly (every residual branch ends at zero); "random"
+    keeps PyTorch's init, so the output differs from the input from the first step."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 6, 64, generator=gen(38))
+    run = (lambda p: p(h, torch.ones(2, 6, dtype=torch.bool))) if predictor is dj.TokenPredictor else (lambda p: p(h))
+    assert torch.equal(run(predictor(64, depth=2, init="identity")), h)
+    out = run(predictor(64, depth=2, init="random"))
+    assert (out - h).abs().mean() > 1e-2
+
+
+def test_token_predictor_depends_on_token_order_and_only_on_attended_tokens():
+    """The transformer predictor attends across tokens: reordering the same states changes the
+    pooled output (the position code on queries and keys; without it, attention then mean pooling
+    would not see order), and a token outside `attend` changes no attended token's output."""
+    torch.manual_seed(0)
+    predictor = dj.TokenPredictor(64, depth=2, init="random")
+    h = torch.randn(1, 8, 64, generator=gen(39))
+    attend = torch.ones(1, 8, dtype=torch.bool)
+    pooled = lambda x: predictor(x, attend).mean(1)
+    order = torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])
+    assert not torch.allclose(pooled(h), pooled(h[:, order]), atol=1e-4)
+    attend[0, 5:] = False
+    changed = h.clone()
+    changed[0, 6] += 10.0
+    a, b = predictor(h, attend), predictor(changed, attend)
+    assert torch.allclose(a[0, :5], b[0, :5], atol=1e-5)
+
+
+def test_transformer_predictor_in_forward_is_pooled_like_the_target(make_model):
+    """predictor="transformer": the prediction is embed(TokenPredictor(context states), region);
+    at identity init it is the context embedding itself, so the JEPA loss is the plain distance
+    between the two views' embeddings, and the predictor receives gradient."""
+    ids, prompt, answer = make_batch(6, 20, 3, 10, seed=4)
+    model = build(make_model, predictor="transformer", truncate_target=False)
+    plain = build(make_model, truncate_target=False)
+    out, ref = model(ids, prompt, answer, generator=gen(40)), plain(ids, prompt, answer, generator=gen(40))
+    assert math.isclose(out.jepa.item(), ref.jepa.item(), rel_tol=1e-5)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.predictor.parameters())
+    assert model.predictor.attn_out[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(target_view="sideways"), r"target_view='sideways'"),
+    (dict(target_view="lighter", target_t=(0.5, 1.0)), r"target_t.*heavier"),
+    (dict(predictor="rnn"), r"predictor='rnn'"),
+    (dict(predictor_init="zeros"), r"predictor_init='zeros'"),
+    (dict(predictor="transformer", pooling="token"), r"transformer.*pooling"),
+])
+def test_bad_readings_raise_naming_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        JEPAConfig(**kwargs)

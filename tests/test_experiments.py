@@ -22,7 +22,8 @@ def test_task_table_layout():
                           {"exact_match": 0.4, "probe_loss": 3.3, "forgetting": 0.3}]}
     lines = X.task_table("nl-rx-synth", base, runs, shots=5).splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:4] == ["method", "EM % ↑", "regex equiv. % ↑", "answer loss ↓"]
+    assert header[:6] == ["method", "dev EM % ↑", "dev regex equiv. % ↑", "test EM % ↑", "test regex equiv. % ↑",
+                          "answer loss ↓"]
     assert "MMLU 5-shot %" in header
     assert lines[1] == "|---|" + "---|" * (len(header) - 1)
     base_row = [c.strip() for c in lines[2].strip("|").split("|")]
@@ -79,7 +80,8 @@ def test_pipeline_end_to_end(data_dir, tmp_path):
     runs = results["nl-rx-synth"]["runs"]
     assert [len(runs[m]) for m in ("diffusion", "dllm-jepa")] == [2, 2]
     assert {"answer_loss", "answer_accuracy", "probe_loss", "forgetting", "mmlu_0shot", "weight_distance", "cka",
-            "embedding_rank"} <= set(runs["diffusion"][0])
+            "embedding_rank", "test_exact_match", "test_answer_accuracy"} <= set(runs["diffusion"][0])
+    assert json.loads((out / "nl-rx-synth" / "diffusion" / "seed0" / "eval" / "nl-rx-synth_test.json").read_text())["n"] == 8
     assert runs["dllm-jepa"][0]["embedding_rank"] >= 1
     # the probe windows were cut before training with the run's tokenizer: the base saved the same one,
     # with merges learned on the training text (fewer tokens than bytes)
@@ -93,8 +95,8 @@ def test_pipeline_end_to_end(data_dir, tmp_path):
     stamp = train_log.stat().st_mtime_ns
     X.main(argv)  # a second call reuses every finished stage, and its report says its time is not theirs
     assert train_log.stat().st_mtime_ns == stamp
-    # base + its 4 measurements + 2 methods x 2 seeds x (fine-tune + 4 measurements)
-    reused = "25 finished processes of earlier runs in this folder were reused, not timed"
+    # base + its 5 measurements (dev, test, MMLU 0/1-shot, probe) + 2 methods x 2 seeds x (fine-tune + 5)
+    reused = "30 finished processes of earlier runs in this folder were reused, not timed"
     assert reused in (out / "results.md").read_text()
     with pytest.raises(SystemExit, match="other settings"):  # never mix caches of two profiles
         X.main(argv + ["--lr", "1e-2"])
@@ -115,11 +117,11 @@ GSM8K_TRAIN = '{"question": "1+1?", "answer": "2 #### 2"}\n'
                                r"--seq-len 512; give more text or a smaller --seq-len"),
     ({"nl-rx-synth/synth_train.jsonl": b'{"prompt": "q", "answer": "a"}\nnot json\n'}, [],
      r"synth_train.jsonl:2: invalid JSON"),
-    ({}, ["--n-dev", "40"], r"synth_train.jsonl: 40 examples leave none to train on after the 40 dev "
-                            r"examples; give a smaller --n-dev"),
+    ({}, ["--n-dev", "32"], r"synth_train.jsonl: 40 examples leave none to train on after the 32 dev and 8 "
+                            r"test examples; give a smaller --n-dev or --n-test"),
     ({}, ["--tasks", "nl-rx-synth", "gsm8k"], r"gsm8k/train.jsonl is missing: point --data-dir at"),
     ({"gsm8k/train.jsonl": GSM8K_TRAIN.encode(),
-      "gsm8k/test_dev.jsonl": b'{"question": "q", "answer": "Janet has 16 ducks"}\n'}, ["--tasks", "gsm8k"],
+      "gsm8k/test_dev.jsonl": b'{"question": "q", "answer": "Janet has 16 ducks"}\n'}, ["--tasks", "gsm8k", "--n-test", "0"],
      r"test_dev.jsonl item 0: the GSM8K reference 'Janet has 16 ducks' has no '#### answer'"),
     ({"mmlu/dev/toy_dev.csv": b"2+2?,3,4,5,6,E\n"}, [], r"toy_dev.csv row 1: answer 'E' is neither 0-3 nor A-D"),
 ], ids=["wikitext-not-utf8", "heldout-too-short", "task-bad-json", "n-dev-too-large", "task-file-missing",
@@ -157,6 +159,33 @@ def test_bad_overrides_fail_before_anything_runs(tmp_path, flags, match):
     with pytest.raises(SystemExit, match=match):
         X.main(["--smoke", "--data-dir", str(tmp_path / "empty"), "--out", str(out)] + flags)
     assert not out.exists()
+
+
+def test_test_split_is_carved_from_the_end_and_leaves_train_as_it_was():
+    """dev first, test last, train between: adding a test split moves no training row as long as
+    the file holds all three, and the three never share an item."""
+    items = list(range(100))
+    train, dev, test = X.carve(items, 60, 10, 0, "f")
+    train2, dev2, test2 = X.carve(items, 60, 10, 25, "f")
+    assert train2 == train == list(range(10, 70)) and dev2 == dev == list(range(10))
+    assert test2 == list(range(75, 100)) and not set(test2) & (set(train2) | set(dev2))
+    train3, _, test3 = X.carve(items, 60, 10, 40, "f")  # the file cannot hold all three: train gives way
+    assert train3 == list(range(10, 60)) and not set(test3) & set(train3)
+
+
+def test_rows_add_train_flags_that_win_over_the_shared_ones(data_dir, tmp_path, capsys):
+    X.main(["--smoke", "--dry-run", "--data-dir", str(data_dir), "--out", str(tmp_path / "out"), "--methods",
+            "diffusion", "--row", "jepa-mid=--method dllm-jepa --embed-layer 1 --eval-every 3", "--seeds", "0",
+            "--n-train", "16", "--n-dev", "2", "--probe-windows", "2", "--mmlu-questions", "2", "--seq-len", "64"])
+    commands = [line for line in capsys.readouterr().out.splitlines() if " train.py " in line]
+    row = next(c for c in commands if "/jepa-mid/" in c)
+    assert "--eval-every 12 --save-every 12 --keep 1 --eval-batches 2 --final-eval 0 --method dllm-jepa " \
+           "--embed-layer 1 --eval-every 3 --out" in row  # after the shared --eval-every 12: it wins
+    assert "--eval-every 12 " in row
+    assert commands.index(row) < commands.index(next(c for c in commands if "/diffusion/" in c))  # costlier first
+    for bad in ("jepa-mid", "=--lr 1", "a/b=--lr 1", "diffusion=--lr 1"):
+        with pytest.raises(ValueError, match="--row"):
+            X.table_rows(["diffusion"], [bad])
 
 
 def test_yes_no_overrides(capsys):
