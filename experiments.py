@@ -567,12 +567,15 @@ def measurements(run_dir: Path, task: str, profile: Profile) -> dict:
 
 
 def last_held_out(run_dir: Path) -> dict:
-    """From a run's last held-out evaluation (train.py's log): the collapse check (the effective
-    rank of the pooled context embeddings of held-out rows) and, when the row logged it
-    (--grad-cosine), the cosine between the diffusion and JEPA gradients."""
+    """From a run's held-out evaluations (train.py's log): the collapse check of the last one
+    (the effective rank of the pooled context embeddings of held-out rows) and, when the row
+    logged it (--grad-cosine), the cosine between the diffusion and JEPA gradients averaged
+    over the evaluations after step 0 (one evaluation's cosine is noisy)."""
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    held_out = [row for row in rows if "held_out" in row][-1]["held_out"]
-    return {k: held_out[k] for k in ("embedding_rank", "grad_cosine") if k in held_out}
+    held_out = [row["held_out"] | {"step": row["step"]} for row in rows if "held_out" in row]
+    cosines = [h["grad_cosine"] for h in held_out if h["step"] > 0 and "grad_cosine" in h]
+    return {"embedding_rank": held_out[-1]["embedding_rank"]} | (
+        {"grad_cosine": sum(cosines) / len(cosines)} if cosines else {})
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -598,7 +601,7 @@ def columns(task: str, shots: int) -> list[tuple[str, str, float, int]]:
                      ("mean_weight_distance", "weight dist. all blocks", 1, 4),
                      ("mid_weight_distance", "weight dist. middle blocks", 1, 4),
                      ("mean_cka", "CKA to base", 1, 4), ("embedding_rank", "embedding eff. rank", 1, 1),
-                     ("grad_cosine", "grad. cosine JEPA/diffusion", 1, 3),
+                     ("grad_cosine", "grad. cosine JEPA/diffusion (mean)", 1, 3),
                      ("train_seconds", "train s", 1, 1)]
 
 
@@ -704,14 +707,17 @@ def describe(profile: Profile, name: str, rows: dict[str, list[str]], seeds: lis
             + "; ".join(f"{m} = `{shlex.join(flags)}`" for m, flags in rows.items())
             + ". Cells: mean ± sample std over seeds.\n\n"
             f"Columns: the task metric on greedy LLaDA-sampler answers of the dev split ({profile.n_dev} examples at "
-            f"most; {sampler}); answer loss = diffusion loss of the reference answers and answer token acc. = "
+            f"most; {sampler}), on which defaults are chosen, and of the test split ({profile.n_test} examples carved "
+            "from the end of the training file, disjoint from train and dev; nothing is tuned on it); answer loss = diffusion loss of the reference answers and answer token acc. = "
             "teacher-forced argmax accuracy on them (fixed masks); Wikitext probe = LLaDA's pre-training loss on the "
             f"held-out 10% ({profile.probe_windows} windows x {profile.seq_len} tokens, {profile.probe_grid} grid points "
             f"of t, fixed masks); forgetting = probe - base's; MMLU on {profile.mmlu_questions} test questions (chance "
             "25%); weight distance = ||W - W_base|| / ||W_base|| per block (middle = the central half of the blocks); "
             "CKA = linear CKA of block outputs with the base's on held-out text; embedding eff. rank = the effective "
             "rank of the pooled context embeddings of held-out rows at the end of training (the paper's collapse "
-            "check); train s = wall-clock seconds of the fine-tune.")
+            "check); grad. cosine = the cosine between the backbone gradients of the diffusion loss and of lambda x "
+            "JEPA, summed over held-out batches, averaged over the held-out evaluations (rows run with train.py "
+            "--grad-cosine); train s = wall-clock seconds of the fine-tune.")
 
 
 def write_report(out: Path, profile: Profile, setup: str, tables: dict, elapsed: float, at_once: int, threads: int,
