@@ -1,10 +1,10 @@
 """
 Generation throughput of our sampler (generate.generate) against LLaDA's released loop, side by side.
 
-    python bench_sampler.py                      # tiny model on CPU, about a minute on 2 cores
-    python bench_sampler.py --vocab 126464                 # the same with LLaDA's vocabulary size
-    python bench_sampler.py --model out/run/final --batch-size 16 --gen-length 128 --block-length 32
-    python bench_sampler.py --model GSAI-ML/LLaDA-8B-Instruct --device cuda --dtype bfloat16 \
+    python -m scripts.bench_sampler                      # tiny model on CPU, about a minute on 2 cores
+    python -m scripts.bench_sampler --vocab 126464                 # the same with LLaDA's vocabulary size
+    python -m scripts.bench_sampler --model out/run/final --batch-size 16 --gen-length 128 --block-length 32
+    python -m scripts.bench_sampler --model GSAI-ML/LLaDA-8B-Instruct --device cuda --dtype bfloat16 \
         --prompt-length 128 --gen-length 256 --block-length 8 --batch-size 4
 
 `reference_generate` below is a plain re-implementation of the loop LLaDA publishes
@@ -30,9 +30,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-import backbones
 import tiny_model
-from generate import SamplerConfig, generate
+from dlm import backbones
+from dlm.sampler import SamplerConfig, generate
 
 
 def reference_generate(model, prompt, mask_id, gen_length, block_length, steps, temperature=0.0):
