@@ -1,4 +1,4 @@
-"""bench_sampler.py: LLaDA's loop restated gives the same tokens as generate.generate (so the
+"""bench_sampler.py: LLaDA's loop restated gives the same tokens as dlm.sampler.generate (so the
 throughput comparison compares equal work), and the benchmark reports its figures."""
 
 import pytest
