@@ -34,7 +34,8 @@ import torch.nn as nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from backbones import FAMILIES, mask_token_id_of
+from dlm.backbones import FAMILIES, mask_token_id_of
+from dlm.sharding import truncated_forward
 from dllm_jepa import DLLMJEPA, JEPAConfig, check
 
 JEPA_STATE = "dllm_jepa_state.pt"  # in each checkpoint: every tensor of the wrapper but the backbone's
@@ -49,7 +50,7 @@ def wrap(model, config: JEPAConfig, tokenizer=None, mask_token_id: int | None = 
     family = FAMILIES.get(getattr(model.config, "model_type", None))
     if mask_token_id is None:
         mask_token_id = mask_token_id_of(model.config, tokenizer, family)
-    facts = dict(shift_logits=family.shift_logits, blocks_of=family.blocks) if family else {}
+    facts = dict(shift_logits=family.shift_logits, truncated_forward=truncated_forward(family.blocks)) if family else {}
     return DLLMJEPA(model, config, mask_token_id, **facts)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModel, Trainer, TrainerCallback, TrainingArguments
 
-import data
+from dlm import data
 from dllm_jepa import DLLMJEPA, JEPAConfig, ema_momentum
 from dlm.hf_trainer import JEPA_STATE, DLLMJEPATrainer
 

@@ -17,13 +17,14 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = ["dllm_jepa", "tiny_model", "backbones", "data", "hub", "lora", "distributed", "generate", "diagnostics",
-           "tasks", "tasks.spider", "dlm.hf_trainer"]
+LIBRARY = ["dllm_jepa", "tiny_model", "dlm.backbones", "dlm.data", "dlm.hub", "dlm.lora", "dlm.sampler",
+           "dlm.sharding", "dlm.checkpoints", "dlm.files", "dlm.flags", "dlm.preflight", "dlm.diagnostics",
+           "dlm.hf_trainer", "tasks", "tasks.spider"]
 
 IMPORT_ALL = """
 import importlib, json, sys
 from pathlib import Path
-import backbones
+from dlm import backbones
 files = {name: importlib.import_module(name).__file__ for name in sys.argv[1].split(",")}
 fixes = sorted(p.name for p in (Path(backbones.__file__).parent / "remote_fixes").glob("*.py"))
 print(json.dumps({"files": files, "remote_fixes": fixes}))

@@ -252,7 +252,8 @@ TWO_PASS_DREAM = r"""
 import copy, json, sys, warnings, torch, torch.distributed as dist
 from transformers.modeling_outputs import MaskedLMOutput
 sys.path.insert(0, sys.argv[1])
-import distributed, tiny_model
+import tiny_model
+from dlm import sharding
 from dllm_jepa import DLLMJEPA, JEPAConfig
 
 class DreamLike(tiny_model.TinyDLM):
@@ -271,14 +272,15 @@ class DreamLike(tiny_model.TinyDLM):
         return MaskedLMOutput(logits=torch.cat([logits[:, 1:], logits[:, -1:]], 1),
                               hidden_states=tuple(hidden) if output_hidden_states else None)
 
-env = distributed.init_distributed("cpu")
+env = sharding.init_distributed("cpu")
 tokenizer = tiny_model.make_tokenizer()
 torch.manual_seed(0)
 config = tiny_model.TinyDLMConfig(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id, hidden_size=32,
                                   num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-model = DLLMJEPA(DreamLike(config), JEPAConfig(method="two-pass"), shift_logits=True, blocks_of=lambda m: m.layers)
+model = DLLMJEPA(DreamLike(config), JEPAConfig(method="two-pass"), shift_logits=True,
+                 truncated_forward=sharding.truncated_forward(lambda m: m.layers))
 plain = copy.deepcopy(model)
-distributed.shard_model(model, lambda m: m.layers)
+sharding.shard_model(model, lambda m: m.layers)
 ids, prompt = torch.randint(0, 256, (2, 4, 24), generator=torch.Generator().manual_seed(1)), torch.full((4,), 6)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
