@@ -27,14 +27,12 @@ How train.py uses it (flags --lora-rank, --lora-alpha, --lora-dropout, --lora-ta
     checkpoints.export_pretrained(..., transform=lambda s: lora.merged_state(model.backbone, s))
     lora.save_adapter(model.backbone, final / "adapter", is_main=env.is_main)
 
-`python -m dlm.lora --report` measures the tiny model: trainable parameters, target-encoder memory
+`python -m scripts.bench_lora` measures the tiny model: trainable parameters, target-encoder memory
 and step time, LoRA against full fine-tuning.
 """
 
-import argparse
 import contextlib
 import dataclasses
-import time
 import warnings
 from pathlib import Path
 
@@ -44,7 +42,6 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch.distributed.tensor import DTensor
 
-import tiny_model
 from dlm import backbones, sharding
 
 TRAINED, EMA = "default", "ema"  # the adapter the optimizer trains; its EMA copy (the target)
@@ -356,76 +353,3 @@ def summary(model: nn.Module, rank: int, alpha: float, targets: str, base_parame
             f"{adapter:,} trainable parameters ({adapter / base_parameters:.1%} of the base's {base_parameters:,})"
             + (f", plus the predictor's {predictor:,}" if predictor else "")
             + (f"; EMA target: an EMA adapter, {ema / 2**20:.2f} MiB" if ema else ""))
-
-# -----------------------------------------------------------------------------
-# Measurements: python -m dlm.lora --report
-
-
-def report(width=128, layers=4, rank=8, alpha=16.0, batch=8, seq_len=128, steps=10, threads=1):
-    """Print, for the tiny model (train.py's default shape), trainable parameters, the target
-    encoder's memory and the time of one optimizer step, full fine-tuning against LoRA."""
-    from dllm_jepa import DLLMJEPA, JEPAConfig
-    torch.set_num_threads(threads)
-    shape = tiny_model.shape(width, layers, seq_len)
-    size = lambda params: sum(p.numel() for p in params)
-    nbytes = lambda params: sum(p.numel() * p.element_size() for p in params)
-    rows = []
-    for method in ("dllm-jepa", "l2-anchor"):
-        for use_lora in (False, True):
-            torch.manual_seed(0)
-            backbone = backbones.new_tiny_backbone(**shape)
-            if use_lora:
-                apply_lora(backbone.model, backbone.family.name, rank, alpha)
-            config = JEPAConfig(method=method)
-            kwargs = dllm_jepa_kwargs(backbone.model, config) if use_lora else {}
-            model = DLLMJEPA(backbone.model, config,
-                             truncated_forward=sharding.truncated_forward(backbone.family.blocks), **kwargs)
-            optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3, betas=(0.9, 0.95), fused=True)
-            generator = torch.Generator().manual_seed(0)
-            ids = torch.randint(0, 256, (batch, seq_len), generator=generator)
-            prompts = torch.full((batch,), seq_len // 4)
-            times = []
-            for step in range(steps + 2):  # 2 warm-up steps
-                start = time.perf_counter()
-                model(ids, prompts, generator=generator).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                model.update_target(step + 1, steps + 2)
-                times.append(time.perf_counter() - start)
-            if method == "dllm-jepa":
-                target = (EMAAdapterTarget.ema_pairs(model.target_encoder)[0] if use_lora
-                          else list(model.target_encoder.parameters()))
-            else:
-                target = [] if use_lora else list(model.anchor.parameters())
-            rows.append(dict(method=method, lora=use_lora, trainable=size(model.trainable_parameters()),
-                             backbone_trainable=size(p for p in backbone.model.parameters() if p.requires_grad),
-                             copy_bytes=nbytes(target), ms=1000 * sorted(times[2:])[len(times[2:]) // 2]))
-    total = size(backbones.new_tiny_backbone(**shape).model.parameters())
-    print(f"tiny model: width {width}, {layers} blocks, {total:,} parameters; LoRA rank {rank}, alpha {alpha} "
-          f"on {', '.join(DEFAULT_TARGETS['tiny-dlm'])}; batch {batch} x {seq_len} tokens, fp32, "
-          f"{threads} thread(s), median of {steps} steps")
-    print("| method | fine-tuning | trainable (backbone) | trainable (+ predictor) | frozen copy for target/anchor | ms/step |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        what = "EMA target" if row["method"] == "dllm-jepa" else "anchor"
-        print(f"| {row['method']} | {'LoRA' if row['lora'] else 'full'} | {row['backbone_trainable']:,} | "
-              f"{row['trainable']:,} | {what}: {row['copy_bytes'] / 2**20:.2f} MiB | {row['ms']:.0f} |")
-    return rows
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--report", action="store_true", help="measure LoRA against full fine-tuning")
-    parser.add_argument("--width", type=int, default=128, help="tiny model width (train.py's default)")
-    parser.add_argument("--layers", type=int, default=4, help="tiny model blocks")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    if args.report:
-        report(args.width, args.layers, args.rank, args.alpha, args.batch, args.seq_len, args.steps, args.threads)
-    else:
-        parser.print_help()

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import tiny_model
+
 from dllm_jepa import DLLMJEPA, JEPAConfig, ema_momentum, l2_distance
 from dlm import backbones, lora
 from dlm.sharding import stop_module, truncated_forward
@@ -478,3 +480,20 @@ def test_train_py_two_processes_match_one_under_lora(tmp_path):
     a, b = (AutoModel.from_pretrained(tmp_path / run / "final").state_dict() for run in ("two", "one"))
     for key, value in a.items():
         assert torch.allclose(value, b[key], atol=1e-6, rtol=0), key
+
+
+def test_bench_lora_counts_what_lora_trains_and_copies():
+    """The benchmark's counts against hand computations on a width-32, 1-block tiny model:
+    LoRA trains r x (in + out) per adapted linear layer, and its anchor needs no frozen copy."""
+    from scripts.bench_lora import report
+    torch.manual_seed(0)
+    rows = report(width=32, layers=1, rank=2, alpha=4.0, batch=2, seq_len=16, steps=1)
+    by = {(r["method"], r["lora"]): r for r in rows}
+    model = backbones.new_tiny_backbone(**tiny_model.shape(32, 1, 16)).model
+    linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear)
+               and name.split(".")[-1] in lora.DEFAULT_TARGETS["tiny-dlm"]]
+    assert by[("l2-anchor", True)]["backbone_trainable"] == sum(2 * (m.in_features + m.out_features) for m in linears)
+    assert by[("l2-anchor", False)]["backbone_trainable"] == sum(p.numel() for p in model.parameters())
+    assert by[("l2-anchor", True)]["copy_bytes"] == 0
+    assert by[("l2-anchor", False)]["copy_bytes"] == 4 * sum(p.numel() for p in model.parameters())
+    assert by[("dllm-jepa", True)]["copy_bytes"] == 4 * by[("l2-anchor", True)]["backbone_trainable"]
