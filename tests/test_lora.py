@@ -18,7 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tiny_model
-
 from dllm_jepa import DLLMJEPA, JEPAConfig, ema_momentum, l2_distance
 from dlm import backbones, lora
 from dlm.sharding import stop_module, truncated_forward
