@@ -359,7 +359,7 @@ def export(run: Run) -> Path:
         dtype, remote_code = checkpoints.export_model(run.model, run.backbone, final, settings, run.run_config, run.env)
     except ValueError as e:  # a full disk: every rank stops with the same line
         raise SystemExit(f"error: {e}") from None
-    summary = final_answers(run)
+    summary = final_answers(run, final, dtype)
     if run.env.is_main:
         print(f"done: step {settings.steps} ({settings.steps - run.start_step} steps in "
               f"{time.time() - run.started:.0f}s here; {run.skipped} skipped as non-finite in all){summary}")
@@ -376,14 +376,17 @@ def export(run: Run) -> Path:
     return final
 
 
-def final_answers(run: Run) -> str:
-    """With --final-eval and held-out examples: the model answers them with the sampler (every
-    rank a share); rank 0 logs the score, writes every answer to final_eval.jsonl and shows a
-    few -> the exact match for the closing line ('' when there is none)."""
+def final_answers(run: Run, final: Path, export_dtype: torch.dtype) -> str:
+    """With --final-eval and held-out examples: the exported model, as shipped (final/ in
+    `export_dtype`), answers them with the sampler (every rank a share); rank 0 logs the score,
+    writes every answer to final_eval.jsonl and shows a few -> the exact match for the closing
+    line ('' when there is none)."""
     settings, out, env = run.settings, run.out, run.env
     if not (settings.final_eval and run.eval_examples):
         return ""
-    generated = held_out_answers(run.backbone, run.eval_examples[:settings.final_eval], settings.seq_len,
+    backbone, source = checkpoints.as_shipped(run.backbone, final, export_dtype, settings.lora_rank, settings.dtype,
+                                              env.device)
+    generated = held_out_answers(backbone, run.eval_examples[:settings.final_eval], settings.seq_len,
                                  settings.batch_size, env.rank, env.world_size)
     if not env.is_main:
         return ""
@@ -399,7 +402,7 @@ def final_answers(run: Run) -> str:
         print(f"  {'right' if sample['right'] else 'WRONG'}  {sample['prompt']!r} -> {sample['answer']!r}"
               f" (reference {sample['reference']!r})")
     return (f"; held-out exact match {generated['exact_match']:.1%} of {generated['n']} "
-            f"(all answers: {out / 'final_eval.jsonl'})")
+            f"(all answers: {out / 'final_eval.jsonl'}){source}")
 
 # -----------------------------------------------------------------------------
 

@@ -349,6 +349,19 @@ def export_model(model, backbone, final: Path, flags, run_config: dict,
     return export_dtype, load_code[0] if load_code else None
 
 
+def as_shipped(backbone, final: Path, export_dtype: torch.dtype, lora_rank: int, dtype: str,
+               device: torch.device):
+    """The model whose held-out answers train.py reports: the one in memory when final/ holds its
+    weights bit for bit (an fp32 export of full fine-tuning); otherwise final/ read back as
+    `evaluate.py --model final --dtype DTYPE` reads it (bf16-rounded weights, or LoRA merged in,
+    give other answers than the model in memory) -> (a Backbone, what the closing line says)."""
+    if export_dtype == torch.float32 and not lora_rank:
+        return backbone, ""
+    shipped = backbones.load_backbone(str(final), getattr(torch, dtype))
+    shipped.model.to(device)
+    return shipped, f" (answered by {final} as saved: evaluate.py --model {final} --dtype {dtype} gives the same)"
+
+
 def export_pretrained(backbone, tokenizer, out_dir: Path, env: sharding.Env, metadata: dict,
                       checkpoints: Path | None = None, transform=None, dtype: torch.dtype | None = None,
                       finish=None):

@@ -176,3 +176,22 @@ def test_evaluation_canvas_defaults_to_the_trained_one_and_warns_past_it(capsys)
     assert f"past the longest canvas the model was trained on (30)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="fills the model's trained canvas"):
         canvas_for(backbone, items, {"gen_length": None, "block_length": None}, longest)
+
+
+def test_the_closing_answers_are_the_exported_models(tmp_path):
+    """A bf16 export rounds every weight: train.py's closing exact match and final_eval.jsonl
+    must be what evaluate.py gives on final/ as saved, answer for answer, not what the fp32
+    weights in memory would give. Two steps leave the logits nearly tied, so the rounding
+    changes answers (the fp32 model in memory answers differently: this fails without the fix)."""
+    words = ["cab", "bead", "fig", "hide", "jam", "kale", "lid", "mode", "nib", "oak", "pie", "ride",
+             "sun", "tap", "urn", "vat", "wax", "yak", "zoo", "elm"]
+    rows = [{"prompt": f"copy {w}", "answer": w} for w in words]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = train.main(["--data", str(path), "--eval-data", str(path), "--method", "diffusion", "--tiny-width", "64",
+                        "--tiny-layers", "2", "--batch-size", "20", "--seq-len", "24", "--steps", "2", "--lr", "1e-4",
+                        "--eval-every", "2", "--save-every", "2", "--final-eval", "20", "--no-progress",
+                        "--export-dtype", "bfloat16", "--out", str(tmp_path / "run")])
+    closing = [json.loads(line) for line in (tmp_path / "run" / "final_eval.jsonl").read_text().splitlines()]
+    result = evaluate.main(["--model", str(final), "--task", "exact", "--data", str(path)])
+    assert [a["prediction"] for a in result["answers"]] == [c["answer"] for c in closing]
