@@ -45,7 +45,7 @@ import torch
 import data
 import distributed
 import hub
-from generate import SamplerConfig, trained_seq_len
+from generate import SamplerConfig, add_fast_flags, trained_seq_len
 from tasks import GENERATION_TASKS, TASKS, check_references, load_items
 from tasks.common import Shard, max_positions, with_shots
 from tasks.drift import drift_report, plot_drift
@@ -110,6 +110,7 @@ def parse_args(argv=None):
     g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
                    help="which predictions each step commits: the most confident, or random ones")
     g.add_argument("--suppress-eos", action="store_true", help="never place EOS in the canvas")
+    add_fast_flags(g)
     g.add_argument("--batch-size", type=int, default=8, help="prompts (or windows) per forward")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0, random remasking)")
     g = p.add_argument_group("probe and drift")
@@ -177,7 +178,8 @@ def read_inputs(args) -> SimpleNamespace:
         default = 128 if trained is None else None  # None: from the trained canvas, once prompts are known
         inputs.sampler_args = dict(gen_length=args.gen_length or default, steps=args.steps,
                                    temperature=args.temperature, remasking=args.remasking,
-                                   suppress_eos=args.suppress_eos,
+                                   suppress_eos=args.suppress_eos, threshold=args.threshold,
+                                   prefix_cache=args.prefix_cache,
                                    block_length=args.block_length or (32 if trained is None else args.gen_length))
         if inputs.sampler_args["gen_length"] is not None:  # flags checked before the model loads
             SamplerConfig(**inputs.sampler_args)
