@@ -354,22 +354,6 @@ def test_prefix_cache_is_exact_for_a_one_layer_model(make_model, tokenizer, cfg,
         assert len(widths) < 16  # some steps committed several tokens
 
 
-def test_prefix_cache_first_step_of_a_block_is_exact(make_model):
-    """The cache's seam in the tiny model: the keys/values of the first S columns of a forward,
-    handed to a forward of the remaining columns, give exactly the full forward's logits there
-    (several layers, left padding hidden)."""
-    model = make_model(num_hidden_layers=3).eval()
-    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(2, 20, dtype=torch.long)
-    mask[0, :3] = 0
-    with torch.no_grad():
-        full = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        past = tuple((k[:, :, :12], v[:, :, :12]) for k, v in full.past_key_values)
-        rest = model(input_ids=ids[:, 12:], attention_mask=mask, past_key_values=past)
-    assert len(full.past_key_values) == 3 and full.past_key_values[0][0].shape == (2, 2, 20, 16)
-    torch.testing.assert_close(rest.logits, full.logits[:, 12:], rtol=0, atol=1e-5)
-
-
 @pytest.mark.parametrize("kwargs,match", [
     (dict(threshold=0.0), r"--threshold 0.0: must be a probability in \(0, 1\]"),
     (dict(threshold=1.5), r"--threshold 1.5: must be a probability"),
@@ -480,6 +464,25 @@ def test_show_draws_each_committing_step(model_dir, loaded, capsys):
     assert out.splitlines()[:16] == [f"[1] step {n}: {f}" for n, f in enumerate(frames, 1)]
     assert frames[-1] == G.visible(answer)
     assert out.endswith(answer + "\n")
+
+
+def test_show_and_answers_with_threshold_and_prefix_cache(model_dir, loaded, capsys):
+    """--threshold and --prefix-cache on the command line: the answers are generate_text's with
+    both set, and --show draws one frame per step of the batch, fewer than the 16 masks (the
+    first prompt's canvas waits, unchanged, while another row still fills its block)."""
+    texts = ["sort dcba", "reverse abc", "hello there"]
+    argv = ["--model", model_dir, "--gen-length", "16", "--block-length", "8", "--threshold", "0.1",
+            "--prefix-cache", "--suppress-eos"] + [a for t in texts for a in ("--prompt", t)]
+    cfg = G.SamplerConfig(16, 8, threshold=0.1, prefix_cache=True, suppress_eos=True)
+    answers = expected_answers(loaded, [user(t) for t in texts], cfg)
+    code, out, err = cli(argv, capsys)
+    assert code == 0, err
+    assert out == "".join(a + "\n" for a in answers)
+    code, out, err = cli(argv + ["--show"], capsys)
+    masks = [f.count("░") for f in frames_of(out)]
+    assert code == 0 and masks[-1] == 0 and len(masks) < 16, err
+    assert all(a >= b for a, b in zip(masks, masks[1:])) and any(a - b > 1 for a, b in zip(masks, masks[1:]))
+    assert out.endswith("".join(a + "\n" for a in answers))
 
 
 def test_show_with_eos_and_a_batch(model_dir, loaded, capsys):
