@@ -28,8 +28,8 @@ timed by wrapping the model's forward.
 --fast answers --data's questions (a task of evaluate.py, chat prompts, the model's trained
 canvas unless --gen-length is given) with the exact sampler, then with each --thresholds value
 (generate.py --threshold), each without and with the prefix cache (--prefix-cache, where the
-model takes one), in one run, and prints per setting: tokens/s (answers x gen_length / seconds
-of generation, median of --repeats) and its ratio to the exact sampler's; forwards per answer
+model takes one), in one run (the settings in turn, --repeats rounds), and prints per setting:
+tokens/s (answers x gen_length / seconds of generation, median of --repeats) and its ratio to the exact sampler's; forwards per answer
 (forward passes x rows in them / answers: what each answer cost, waiting for its batch's
 slower rows included) and how many times fewer; positions per answer (the cache runs fewer
 columns per forward); exact match, its change in points, and how many answers differ from the
@@ -250,14 +250,18 @@ def compare_fast(args) -> dict:
     settings = fast_settings(args.thresholds, model.config.model_type in PREFIX_CACHE_MODEL_TYPES)
     configs = {name: canvas_for(backbone, items, base | extra, trained) for name, extra in settings.items()}
     timer = ForwardTimer(model)
-    rows = {}
+    runs = {name: [] for name in configs}
     with torch.no_grad():
-        for name, config in configs.items():
-            seconds, _, _, answers, row_forwards, positions = measure(
-                lambda: generate_text(backbone, prompts, config, args.batch_size), model, timer, args.repeats)
-            rows[name] = dict(seconds=seconds, answers=answers, forwards=row_forwards / len(items),
-                              positions=positions / len(items),
-                              exact=statistics.mean(exact_match(a, i.reference) for a, i in zip(answers, items)))
+        for _ in range(args.repeats):  # round robin: a change in the machine's load hits every setting alike
+            for name, config in configs.items():
+                runs[name].append(measure(lambda: generate_text(backbone, prompts, config, args.batch_size),
+                                          model, timer, 1))
+    rows = {}
+    for name, measured in runs.items():
+        seconds, _, _, answers, row_forwards, positions = sorted(measured, key=lambda r: r[0])[len(measured) // 2]
+        rows[name] = dict(seconds=seconds, answers=answers, forwards=row_forwards / len(items),
+                          positions=positions / len(items),
+                          exact=statistics.mean(exact_match(a, i.reference) for a, i in zip(answers, items)))
     exact, gen = rows["exact"], configs["exact"].gen_length
     print(f"model: {args.model} on {args.device}, {args.dtype}, {torch.get_num_threads()} threads; {args.data}: "
           f"{len(items)} questions, gen {gen}, block {configs['exact'].block_length}, batch {args.batch_size}, "
