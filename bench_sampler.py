@@ -29,11 +29,12 @@ timed by wrapping the model's forward.
 canvas unless --gen-length is given) with the exact sampler, then with each --thresholds value
 (generate.py --threshold), each without and with the prefix cache (--prefix-cache, where the
 model takes one), in one run (the settings in turn, --repeats rounds), and prints per setting:
-tokens/s (answers x gen_length / seconds of generation, median of --repeats) and its ratio to the exact sampler's; forwards per answer
-(forward passes x rows in them / answers: what each answer cost, waiting for its batch's
-slower rows included) and how many times fewer; positions per answer (the cache runs fewer
-columns per forward); exact match, its change in points, and how many answers differ from the
-exact sampler's (a few are printed).
+tokens/s (answers x gen_length / seconds of generation, median of --repeats; --cpu-time: this
+process's CPU seconds, for a shared CPU machine) and its ratio to the exact sampler's;
+forwards per answer (forward passes x rows in them / answers: what each answer cost, waiting
+for its batch's slower rows included) and how many times fewer; positions per answer (the
+cache runs fewer columns per forward); exact match, its change in points, and how many
+answers differ from the exact sampler's (a few are printed).
 """
 
 import argparse
@@ -118,17 +119,17 @@ def sync(model):
         torch.cuda.synchronize()
 
 
-def measure(fn, model, timer, repeats):
+def measure(fn, model, timer, repeats, clock=time.perf_counter):
     """fn() -> (median seconds, forward seconds and calls of the median run, its output,
-    the rows and positions its forwards ran)."""
+    the rows and positions its forwards ran). clock: wall time, or this process's CPU time."""
     runs = []
     for _ in range(repeats):
         timer.reset()
         sync(model)
-        t = time.perf_counter()
+        t = clock()
         out = fn()
         sync(model)
-        runs.append((time.perf_counter() - t, timer.seconds, timer.calls, out, timer.rows, timer.positions))
+        runs.append((clock() - t, timer.seconds, timer.calls, out, timer.rows, timer.positions))
     runs.sort(key=lambda r: r[0])
     return runs[len(runs) // 2]
 
@@ -156,6 +157,8 @@ def parse_args(argv=None):
     g.add_argument("--limit", type=int, default=None, help="only the first N questions")
     g.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
     g.add_argument("--examples", type=int, default=3, help="changed answers printed per setting")
+    g.add_argument("--cpu-time", action="store_true", help="time generation by this process's CPU time instead "
+                   "of the wall clock (one thread on a shared, loaded CPU machine: the wall clock counts the others)")
     args = p.parse_args(argv)
     if args.vocab is not None and args.model is not None:
         p.error("--vocab sizes a new tiny model: give it without --model")
@@ -163,6 +166,8 @@ def parse_args(argv=None):
         p.error(f"--vocab {args.vocab}: must hold the byte-level tokenizer's 261 ids")
     if args.fast and not (args.model and args.data):
         p.error("--fast needs --model and --data (the questions)")
+    if args.cpu_time and (args.device != "cpu" or not args.fast):
+        p.error("--cpu-time times --fast on the CPU (a GPU's work is not this process's CPU time)")
     if args.fast and args.steps is not None:
         p.error("--fast compares the exact sampler at one token per step with thresholds: give no --steps")
     if not args.fast:
@@ -255,7 +260,7 @@ def compare_fast(args) -> dict:
         for _ in range(args.repeats):  # round robin: a change in the machine's load hits every setting alike
             for name, config in configs.items():
                 runs[name].append(measure(lambda: generate_text(backbone, prompts, config, args.batch_size),
-                                          model, timer, 1))
+                                          model, timer, 1, time.process_time if args.cpu_time else time.perf_counter))
     rows = {}
     for name, measured in runs.items():
         seconds, _, _, answers, row_forwards, positions = sorted(measured, key=lambda r: r[0])[len(measured) // 2]
@@ -265,7 +270,7 @@ def compare_fast(args) -> dict:
     exact, gen = rows["exact"], configs["exact"].gen_length
     print(f"model: {args.model} on {args.device}, {args.dtype}, {torch.get_num_threads()} threads; {args.data}: "
           f"{len(items)} questions, gen {gen}, block {configs['exact'].block_length}, batch {args.batch_size}, "
-          f"greedy; median of {args.repeats}")
+          f"greedy; median of {args.repeats}{', CPU time' if args.cpu_time else ''}")
     print(f"{'setting':22} {'tokens/s':>9} {'speed-up':>8} {'forwards/answer':>15} {'fewer':>6} "
           f"{'positions/answer':>16} {'exact match':>11} {'points':>7} {'changed':>7}")
     for name, row in rows.items():
