@@ -504,15 +504,16 @@ def run_jobs(jobs: list[Job], profile: Profile, at_once: int, threads: int, t0: 
 # and the fraction of it we expect (model FLOPs utilisation), lower for generation.
 PEAK_FLOPS, MFU_TRAIN, MFU_GENERATE = 989e12, 0.40, 0.30
 # What every job costs besides FLOPs, measured on the 2-core CPU machine (docs/evaluation.md has
-# the command) and scaled by bytes: a process start (python importing torch, transformers, peft:
-# the machine was loaded, an idle one starts faster), a model load (backbones.load_backbone of a
-# bf16 save_pretrained folder, a fresh process's first load), a checkpoint write (dcp.save of the
-# fp32 training state). A GPU node's disks differ: an order of magnitude, not a forecast.
-START_S, LOAD_S_PER_GB, WRITE_S_PER_GB = 40.0, 2.9, 8.2
+# the code) and scaled by bytes: a process start (python importing torch, transformers, peft), a
+# model load (backbones.load_backbone of a bf16 save_pretrained folder, a process's first load)
+# and a checkpoint write (dcp.save of the fp32 training state), each while the job's GPUs wait.
+# The machine was shared (load average about 5); a GPU node's disks differ: an order of
+# magnitude, not a forecast.
+START_S, LOAD_S_PER_GB, WRITE_S_PER_GB = 14.0, 1.1, 5.9
 # The fast sampler the plan also prices: --threshold FAST_THRESHOLD, which on the CPU profile's
 # NL-RX-SYNTH model took FAST_FEWER times fewer forwards per answer than the exact sampler
 # (bench_sampler.py --fast, docs/evaluation.md); not measured on LLaDA or Dream.
-FAST_THRESHOLD, FAST_FEWER = 0.9, 1.0
+FAST_THRESHOLD, FAST_FEWER = 0.9, 2.09
 
 
 def checkpoint_bytes(profile: Profile, flags: list[str]) -> float:
