@@ -54,13 +54,9 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-import data
-import diagnostics
-import distributed
-import hub
-import lora
-from backbones import Backbone, install_remote_fixes, load_backbone, new_tiny_backbone
 from dllm_jepa import DLLMJEPA, METHODS, VIEW_PRESETS, JEPAConfig, effective_rank
+from dlm import data, diagnostics, distributed, hub, lora
+from dlm.backbones import Backbone, install_remote_fixes, load_backbone, new_tiny_backbone
 from tasks.common import exact_match
 from tasks.generation import canvas_for, generate_sharded
 

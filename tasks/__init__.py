@@ -19,7 +19,7 @@ Spider scored" is answered by tasks/spider.py alone. This file is the registry e
 
 from pathlib import Path
 
-import data
+from dlm import data
 from tasks.common import Item, exact_match, read_json
 from tasks.django import load_django
 from tasks.gsm8k import gsm8k_correct, gsm8k_gold

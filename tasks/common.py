@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-import data
+from dlm import data
 
 
 @dataclass

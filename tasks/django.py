@@ -5,7 +5,7 @@ X.anno and X.code files; scored by exact match (tasks/common.py), as LLM-JEPA re
 
 from pathlib import Path
 
-import data
+from dlm import data
 from tasks.common import Item, non_empty
 
 

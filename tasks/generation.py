@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-import data
-from generate import SamplerConfig, generate_text, sampler_for
+from dlm import data
+from dlm.sampler import SamplerConfig, generate_text, sampler_for
 from tasks import score_answers
 from tasks.common import Item, Shard, fit_prompt, map_batches, max_positions
 from tasks.probe import ProbeConfig, answer_scores

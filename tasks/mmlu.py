@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-import data
-from generate import aligned_logits, conventions, left_pad
+from dlm import data
+from dlm.sampler import aligned_logits, conventions, left_pad
 from tasks.common import Shard, fit_prompt, map_batches, max_positions, non_empty
 
 

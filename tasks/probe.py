@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-import data
 from dllm_jepa import answer_regions, diffusion_loss, mask_probability, masked_logits
-from generate import aligned_logits, conventions
+from dlm import data
+from dlm.sampler import aligned_logits, conventions
 from tasks.common import Item, Shard, map_batches, max_positions
 
 

@@ -25,10 +25,10 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-import backbones
 import tiny_model
-from backbones import Backbone, Family, FAMILIES
 from dllm_jepa import DLLMJEPA, JEPAConfig
+from dlm import backbones
+from dlm.backbones import Backbone, Family, FAMILIES
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              max_position_embeddings=128)
@@ -569,7 +569,7 @@ def tiny_published_model(folder: Path, family: str, tokenizer, init_device: str 
     """A random bf16 checkpoint of the family's published code, 2 blocks of width 64, laid out as
     the released ones (config.json with auto_map, the code, tokenizer, generation_config.json for
     Dream). init_device: the value LLaDAModelLM.__init__ sets (released copies say "cpu" or "cuda")."""
-    import distributed
+    from dlm import distributed
     from safetensors.torch import save_file
     folder.mkdir(parents=True)
     for name, text in published_code(family).items():

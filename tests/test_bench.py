@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
-import distributed
 from dllm_jepa import DLLMJEPA, JEPAConfig
+from dlm import distributed
+from scripts import bench
 
 # A bench model small enough for a few steps in well under a second on one core.
 BENCH_FLAGS = ["--width", "64", "--layers", "4", "--heads", "2", "--ffn", "128",

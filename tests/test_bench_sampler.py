@@ -4,9 +4,9 @@ throughput comparison compares equal work), and the benchmark reports its figure
 import pytest
 import torch
 
-import bench_sampler
 import tiny_model
-from generate import SamplerConfig, generate
+from dlm.sampler import SamplerConfig, generate
+from scripts import bench_sampler
 
 
 @pytest.mark.parametrize("gen_length, block_length, steps", [(16, 16, 16), (16, 8, 8), (12, 4, 6)])

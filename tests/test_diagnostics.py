@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import diagnostics
 import train
+from dlm import diagnostics
 
 
 class TwoParameters(nn.Module):

@@ -144,9 +144,9 @@ def test_sharded_ema_moves_between_checkpoints(runs, tmp_path):
 
 MATERIALIZE = """
 import contextlib, sys, torch
-import distributed
-from backbones import new_tiny_backbone
 from dllm_jepa import DLLMJEPA, JEPAConfig
+from dlm import distributed
+from dlm.backbones import new_tiny_backbone
 env = distributed.init_distributed("cpu")
 torch.manual_seed(0)
 with contextlib.nullcontext() if env.is_main else torch.device("meta"):
@@ -212,7 +212,7 @@ def test_a_weight_rank0_does_not_send_stops_every_rank(tmp_path):
 def test_a_load_error_on_rank0_alone_stops_every_rank_in_one_line(tmp_path, tokenizer):
     """Only rank 0 reads the weight file; the others, which build on meta, must not wait for
     it forever but stop with rank 0's line."""
-    from backbones import new_tiny_backbone
+    from dlm.backbones import new_tiny_backbone
     b = new_tiny_backbone(hidden_size=32, num_hidden_layers=2)
     b.model.save_pretrained(tmp_path / "model")
     b.tokenizer.save_pretrained(tmp_path / "model")
@@ -233,8 +233,8 @@ def test_export_saves_a_module_registered_twice_once(tmp_path):
     (from_pretrained runs tie_weights again)."""
     from safetensors import safe_open
 
-    import distributed
-    from backbones import new_tiny_backbone
+    from dlm import distributed
+    from dlm.backbones import new_tiny_backbone
     from dllm_jepa import DLLMJEPA, JEPAConfig
     env = distributed.init_distributed("cpu")
     b = new_tiny_backbone(hidden_size=32, num_hidden_layers=2)

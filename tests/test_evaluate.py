@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import backbones
-import data
-import evaluate as E
-from generate import SamplerConfig
+from dlm import backbones, data
+from dlm.sampler import SamplerConfig
+from scripts import evaluate as E
 from tasks import load_items, score_answers
 from tasks.common import Item, exact_match, fit_prompt, with_shots
 from tasks.drift import drift_report, linear_cka, plot_drift, weight_drift

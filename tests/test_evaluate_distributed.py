@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import evaluate as E
 import tasks.common
 import tiny_model
+from scripts import evaluate as E
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("cab", "bead", "fig", "hide", "jam", "kale", "lid", "mode", "nib")
@@ -53,9 +53,9 @@ def files(tmp_path_factory):
 
 
 def torchrun(tmp_path, *flags, timeout=120):
-    """evaluate.py under `torchrun --standalone --nproc_per_node 2`, OMP_NUM_THREADS=1 per process."""
+    """scripts/evaluate.py under `torchrun --standalone --nproc_per_node 2`, OMP_NUM_THREADS=1 per process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "evaluate.py"), "--no-progress", *flags]
+           "-m", "scripts.evaluate", "--no-progress", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
 

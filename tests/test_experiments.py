@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-import experiments as X
 import tiny_model
-from backbones import load_backbone
+from dlm.backbones import load_backbone
+from scripts import experiments as X
 
 
 def test_mean_std_format():
@@ -223,7 +223,7 @@ def test_gpu_profile_dry_run_prints_the_torchrun_plan_and_gpu_hours(data_dir, tm
     # 36 training rows, 2 epochs, global batch 4 x 8 -> 3 steps; the paper's lr and precision
     for flag in ("--steps 3 ", "--lr 1e-05 ", "--dtype bfloat16 ", "--activation-checkpointing", "--loss-weight inverse-t"):
         assert flag in first_train + " ", flag
-    assert any("evaluate.py --model GSAI-ML/LLaDA-8B-Instruct" in c and "--shots 4" in c and "--gen-length 256" in c
+    assert any("-m scripts.evaluate --model GSAI-ML/LLaDA-8B-Instruct" in c and "--shots 4" in c and "--gen-length 256" in c
                for c in commands)
     assert re.search(r"total: about \d+ GPU-hours \(\d+ hours on 8 GPUs\) with the exact sampler, which the "
                      r"paper's numbers need; about \d+ with --threshold 0.9", text)

@@ -16,9 +16,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import backbones
-import data
-import generate as G
+from dlm import sampler as G
+from dlm import backbones, data
 
 
 class Recorder(nn.Module):
@@ -642,7 +641,7 @@ def test_bad_input_is_one_error_line(model_dir, capsys, tmp_path, argv, code, me
 def test_script_error_is_one_line_and_status_1(model_dir, tmp_path):
     """The real entry point (one subprocess: in-process calls cover the rest): a bad file is
     exactly one line on stderr, nothing on stdout, exit status 1."""
-    bad = subprocess.run([sys.executable, "generate.py", "--model", str(model_dir), "--prompts-file",
+    bad = subprocess.run([sys.executable, "-m", "dlm.sampler", "--model", str(model_dir), "--prompts-file",
                           str(tmp_path / "none.jsonl")], capture_output=True, text=True,
-                         cwd=Path(G.__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+                         cwd=Path(G.__file__).parent.parent, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert (bad.returncode, bad.stdout, bad.stderr) == (1, "", f"error: --prompts-file {tmp_path}/none.jsonl: no such file\n")

@@ -19,10 +19,10 @@ import lm_eval  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-import backbones  # noqa: E402
-import harness  # noqa: E402
 import tiny_model  # noqa: E402
-from generate import SamplerConfig  # noqa: E402
+from dlm import backbones  # noqa: E402
+from dlm.sampler import SamplerConfig  # noqa: E402
+from scripts import harness  # noqa: E402
 from tasks import load_items  # noqa: E402
 from tasks.common import with_shots  # noqa: E402
 from tasks.generation import evaluate_generation  # noqa: E402

@@ -18,10 +18,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-import data
-import hub
-import prepare
 import train
+from dlm import data, hub
+from scripts import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = {"role": "system", "content": "Convert natural language to regular expression."}
@@ -275,7 +274,7 @@ def test_prepare_writes_the_layout_experiments_reads(fake_hub, tmp_path, capsys)
         WIKITEXT["validation"][3:])
     assert "openai/gsm8k config main" in (out / "gsm8k/PROVENANCE.txt").read_text()
     # experiments.py --data-dir out: every file read and checked, as before any training
-    import experiments
+    from scripts import experiments
     profile = dataclasses.replace(experiments.PROFILES["smoke"], task_seq_len=512)  # room for Spider's schemas
     inputs = experiments.read_inputs(out, list(experiments.TASKS), profile)
     assert {task: (len(train_items), len(dev)) for task, (train_items, dev) in inputs.splits.items()} == {
@@ -358,7 +357,7 @@ def test_failures_are_one_line(fake_hub, monkeypatch):
     assert str(e.value) == (
         "gsm8k (openai/gsm8k config main, split train): could not load it (ConnectionError: Couldn't reach "
         "'openai/gsm8k' on the Hub (LocalEntryNotFoundError)); it needs network access to the Hugging Face hub; run "
-        "`python prepare.py --out data --datasets gsm8k` on a machine that has it and copy data/ here, then give its "
+        "`python -m scripts.prepare --out data --datasets gsm8k` on a machine that has it and copy data/ here, then give its "
         "files (README.md: the data layout)")
     with pytest.raises(ValueError, match=r"^someone/thing:cfg \(split train\): could not load it \(ConnectionError: "
                                          r".*\); check the name, config and split"):
@@ -376,7 +375,7 @@ def test_no_network_is_one_line_per_dataset(tmp_path):
     """The real datasets.load_dataset with no network (offline mode): prepare.py says what to do."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "prepare.py", "--out", str(tmp_path / "data"), "--datasets",
+    result = subprocess.run([sys.executable, "-m", "scripts.prepare", "--out", str(tmp_path / "data"), "--datasets",
                              "gsm8k", "nl-rx-synth"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -384,7 +383,7 @@ def test_no_network_is_one_line_per_dataset(tmp_path):
     assert errors[0].startswith("error: gsm8k (openai/gsm8k config main, split train): could not load it (")
     assert errors[1].startswith(f"error: nl-rx-synth ({hub.LLM_JEPA}synth_train.jsonl, split train): could not load it")
     assert "NL-RX has no Hugging Face hub copy" in errors[1]
-    assert all("run `python prepare.py --out data --datasets" in line for line in errors)
+    assert all("run `python -m scripts.prepare --out data --datasets" in line for line in errors)
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
 # -----------------------------------------------------------------------------
@@ -407,7 +406,7 @@ def test_train_refuses_a_registered_evaluation_set_in_one_line(fake_hub, tmp_pat
     with pytest.raises(SystemExit) as e:
         train.main(["--tiny-width", "32", "--tiny-layers", "2", "--no-progress", "--out", str(tmp_path / "run"),
                     "--data", "wikitext2", "--steps", "1"])
-    assert str(e.value) == ("error: wikitext2 is plain text, not prompt/answer rows: run `python prepare.py --out "
+    assert str(e.value) == ("error: wikitext2 is plain text, not prompt/answer rows: run `python -m scripts.prepare --out "
                             "data --datasets wikitext2`, then train.py --data data/wikitext2/valid.txt (diffusion "
                             "pre-training)")
 
@@ -428,7 +427,7 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def test_evaluate_reads_datasets_by_name(fake_hub, tiny_model_dir, capsys):
-    import evaluate
+    from scripts import evaluate
     common = ["--model", tiny_model_dir, "--no-progress"]
     gsm8k = evaluate.main(common + ["--task", "gsm8k", "--data", "gsm8k", "--limit", "3", "--gen-length", "8",
                                     "--block-length", "8", "--shots", "1", "--fewshot-data", "gsm8k:train"])
@@ -445,7 +444,7 @@ def test_evaluate_reads_datasets_by_name(fake_hub, tiny_model_dir, capsys):
 
 
 def test_experiments_prepare_fetches_only_what_the_data_dir_lacks(fake_hub, tmp_path):
-    import experiments
+    from scripts import experiments
     data_dir = tmp_path / "data"
     (data_dir / "mmlu").mkdir(parents=True)  # present (even empty): never fetched again
     experiments.fetch_missing(data_dir, ["wikitext2", "mmlu", "nl-rx-synth"])

@@ -23,9 +23,9 @@ import transformers.modeling_utils
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-import distributed
-from backbones import new_tiny_backbone
 from dllm_jepa import DLLMJEPA, JEPAConfig
+from dlm import distributed
+from dlm.backbones import new_tiny_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_SPACE = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -233,7 +233,7 @@ TWO_RANKS = """
 import sys
 from pathlib import Path
 import torch
-import distributed
+from dlm import distributed
 from torch.distributed.fsdp import fully_shard
 
 env = distributed.init_distributed("cpu")

@@ -17,9 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import backbones
-import lora
 from dllm_jepa import DLLMJEPA, JEPAConfig, ema_momentum, l2_distance
+from dlm import backbones, lora
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -322,7 +321,7 @@ def test_sharded_lora_matches_unsharded(method, tmp_path):
     """fully_shard per block then root (distributed.shard_model), LoRA layers and the EMA
     target's adapter inside the blocks: losses, trained and EMA adapters equal the unsharded
     twin's after 3 steps, the base is unchanged, and the merged export equals the model."""
-    import distributed
+    from dlm import distributed
     from transformers import AutoModel
     env = distributed.init_distributed("cpu")
     config = JEPAConfig(method=method, embed_layer=1, anchor_mu=1.0, ema_momentum=(0.5, 0.5))
@@ -368,7 +367,7 @@ def test_sharded_lora_matches_unsharded(method, tmp_path):
 TWO_PROCESSES = r"""
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-import distributed, lora
+from dlm import distributed, lora
 from tests.test_lora import tiny, batch
 from dllm_jepa import DLLMJEPA, JEPAConfig
 env = distributed.init_distributed("cpu")

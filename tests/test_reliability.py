@@ -39,11 +39,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-import data
-import distributed
 import tiny_model
 import train
 from dllm_jepa import DLLMJEPA, JEPAConfig, JEPAOutput
+from dlm import data, distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--tiny-width", "32", "--tiny-layers", "2", "--batch-size", "8", "--seq-len", "32",
@@ -384,7 +383,8 @@ CRASH = ["--steps", str(STEPS), "--warmup-steps", "4"]
 # written, before its extra state and the rename: a half-written checkpoint for certain.
 KILL_MID_WRITE = """
 import os, signal, sys
-import distributed, train
+import train
+from dlm import distributed
 save, calls = distributed.dcp.save, []
 def save_then_die(*args, **kwargs):
     save(*args, **kwargs)

@@ -37,12 +37,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import backbones
-import distributed
-import evaluate as E
-import experiments as X
 import train
 from dllm_jepa import DLLMJEPA
+from dlm import backbones, distributed
+from scripts import evaluate as E
+from scripts import experiments as X
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--tiny-width", "32", "--tiny-layers", "2", "--batch-size", "8", "--seq-len", "32",
@@ -482,7 +481,7 @@ def test_ranks_reading_different_data_stop_together_in_one_line(tmp_path):
 STUCK = """
 import os, signal, sys, time
 import torch, torch.distributed as dist
-import distributed
+from dlm import distributed
 env = distributed.init_distributed("cpu")
 if env.rank == 1:  # a peer that hangs (stopped, deadlocked): rank 0 waits for it in a collective
     time.sleep(600)

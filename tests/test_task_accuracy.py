@@ -13,11 +13,10 @@ import random
 import pytest
 import torch
 
-import data
 import dllm_jepa as dj
-import evaluate
-import generate
 import train
+from dlm import data, sampler
+from scripts import evaluate
 from tasks.common import Item
 from tasks.generation import canvas_for
 
@@ -141,7 +140,7 @@ def test_a_short_run_answers_what_it_was_trained_on(tmp_path, tokenizer):
     assert result["sampler"]["gen_length"] == generated["gen_length"] == 24 - longest_prompt
     # generate.py's command line finds the trained canvas too (its own default would be 128 masks)
     right = [r["answer"] for r in rows]
-    assert sum(a == b for a, b in zip(generate.main(["--model", str(final), "--prompts-file", str(path)]), right)) >= 11
+    assert sum(a == b for a, b in zip(sampler.main(["--model", str(final), "--prompts-file", str(path)]), right)) >= 11
 
 
 def test_flat_loss_weight_drops_the_one_over_p(make_model, tokenizer):
@@ -163,7 +162,7 @@ def test_flat_loss_weight_drops_the_one_over_p(make_model, tokenizer):
 
 
 def test_evaluation_canvas_defaults_to_the_trained_one_and_warns_past_it(capsys):
-    from backbones import new_tiny_backbone
+    from dlm.backbones import new_tiny_backbone
     backbone = new_tiny_backbone(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
     items = [Item([{"role": "user", "content": q}], "x") for q in ("copy ab", "copy abcdef")]
     longest = len(data.prompt_ids(backbone.tokenizer, items[1].prompt))

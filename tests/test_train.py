@@ -12,9 +12,9 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModel, AutoTokenizer
 
-import data
 import tiny_model
 import train
+from dlm import data
 
 SMALL = ["--tiny-width", "32", "--tiny-layers", "2", "--batch-size", "8", "--seq-len", "32",
          "--builtin-size", "400", "--no-progress"]

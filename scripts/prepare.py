@@ -2,9 +2,9 @@
 Download the paper's datasets once, on a machine with network, into the local folder that
 experiments.py (--data-dir), evaluate.py and train.py read offline.
 
-    python prepare.py --out data                          # all seven datasets
-    python prepare.py --out data --datasets gsm8k spider  # some of them
-    python prepare.py --list                              # where each comes from (hub.py)
+    python -m scripts.prepare --out data                          # all seven datasets
+    python -m scripts.prepare --out data --datasets gsm8k spider  # some of them
+    python -m scripts.prepare --list                              # where each comes from (hub.py)
 
 What it writes under --out (the layout README.md describes):
 
@@ -30,7 +30,7 @@ import shutil
 import sys
 from pathlib import Path
 
-import hub
+from dlm import hub
 
 GSM8K_DEV_ROWS = 300  # test_dev.jsonl: the first 300 test rows (the dev slice experiments.py scores)
 

@@ -63,7 +63,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import data
+from dlm import data
 
 
 @dataclass
@@ -556,7 +556,7 @@ def model_positions(name: str) -> int | None:
     --gen-length is reported before any weights load."""
     from transformers import AutoConfig
 
-    import backbones  # noqa: F401  (registers the tiny model with AutoConfig)
+    from dlm import backbones  # noqa: F401  (registers the tiny model with AutoConfig)
     path = Path(name).expanduser()
     local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1  # not a hub id
     if local and not path.is_dir():
@@ -653,7 +653,7 @@ def parse_args(argv=None):
 def run(args, sampler_args: dict, trained: int | None, stdout) -> list[str]:
     """Prompts and the model's size are checked before the weights load (the canvas of a
     train.py model, which depends on the prompts' tokens, once its tokenizer has)."""
-    from backbones import load_backbone
+    from dlm.backbones import load_backbone
     prompts = [Prompt([{"role": "user", "content": text}], f"--prompt {i}")
                for i, text in enumerate(args.prompt, start=1)]
     if args.prompts_file:

@@ -2,12 +2,12 @@
 Generation throughput of our sampler (generate.generate) against LLaDA's released loop, side by
 side; and (--fast) the exact sampler against its Fast-dLLM speed-ups on a task's questions.
 
-    python bench_sampler.py                      # tiny model on CPU, about a minute on 2 cores
-    python bench_sampler.py --vocab 126464                 # the same with LLaDA's vocabulary size
-    python bench_sampler.py --model out/run/final --batch-size 16 --gen-length 128 --block-length 32
-    python bench_sampler.py --model GSAI-ML/LLaDA-8B-Instruct --device cuda --dtype bfloat16 \
+    python -m scripts.bench_sampler                      # tiny model on CPU, about a minute on 2 cores
+    python -m scripts.bench_sampler --vocab 126464                 # the same with LLaDA's vocabulary size
+    python -m scripts.bench_sampler --model out/run/final --batch-size 16 --gen-length 128 --block-length 32
+    python -m scripts.bench_sampler --model GSAI-ML/LLaDA-8B-Instruct --device cuda --dtype bfloat16 \
         --prompt-length 128 --gen-length 256 --block-length 8 --batch-size 4
-    python bench_sampler.py --fast --model out/run/final --data out/run/held_out.jsonl
+    python -m scripts.bench_sampler --fast --model out/run/final --data out/run/held_out.jsonl
 
 `reference_generate` below is a plain re-implementation of the loop LLaDA publishes
 (github ML-GSAI/LLaDA, generate.py; Nie et al., 2025), written from its description: every
@@ -45,10 +45,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import backbones
-import data
 import tiny_model
-from generate import PREFIX_CACHE_MODEL_TYPES, SamplerConfig, generate, generate_text, trained_seq_len
+from dlm import backbones, data
+from dlm.sampler import PREFIX_CACHE_MODEL_TYPES, SamplerConfig, generate, generate_text, trained_seq_len
 from tasks import GENERATION_TASKS, load_items
 from tasks.common import exact_match
 from tasks.generation import canvas_for

@@ -3,7 +3,7 @@ The paper's datasets by name: where each is published, and how one of its rows b
 
     rows = hub.load_rows("gsm8k", "train")          # [{"question", "answer"}, ...]
     examples = hub.training_examples("nl-rx-synth")  # data.Example rows: train.py --data nl-rx-synth
-    python prepare.py --out data                     # all of them, in the layout experiments.py reads
+    python -m scripts.prepare --out data                     # all of them, in the layout experiments.py reads
 
 DATASETS holds one entry per dataset of the paper: its source, its splits, and ONE adapter
 from a source row to our row (what prepare.py writes and train.py trains on):
@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import data
+from dlm import data
 
 LLM_JEPA = "https://raw.githubusercontent.com/galilai-group/llm-jepa/6d7d0d1f296441beff39a95c801db7f683e3b353/datasets/"
 SPIDER_TABLES = ("https://raw.githubusercontent.com/taoyds/spider/b7b5b8c890cd30e35427348bb9eb8c6d1350ca7c/"
                  "evaluation_examples/examples/tables.json")
-OFFLINE = ("run `python prepare.py --out data --datasets {name}` on a machine that has it and copy data/ here, "
+OFFLINE = ("run `python -m scripts.prepare --out data --datasets {name}` on a machine that has it and copy data/ here, "
            "then give its files (README.md: the data layout)")
 CHANGED = "the source's rows are not in the shape hub.py expects: check the source, or write the files by hand"
 
@@ -248,10 +248,10 @@ def training_examples(name: str, split: str = "train") -> list[data.Example]:
                          f"for a Hugging Face id with a config write it in full, e.g. {dataset.path}:{dataset.config}")
     split = picked or split
     if name == "mmlu":
-        raise ValueError("mmlu is an evaluation set (forgetting), not training data: run `python prepare.py --out "
+        raise ValueError("mmlu is an evaluation set (forgetting), not training data: run `python -m scripts.prepare --out "
                          "data --datasets mmlu`, then evaluate.py --task mmlu --data data/mmlu/test")
     if name == "wikitext2":
-        raise ValueError("wikitext2 is plain text, not prompt/answer rows: run `python prepare.py --out data "
+        raise ValueError("wikitext2 is plain text, not prompt/answer rows: run `python -m scripts.prepare --out data "
                          "--datasets wikitext2`, then train.py --data data/wikitext2/valid.txt "
                          "(diffusion pre-training)")
     rows = load_rows(name, split)

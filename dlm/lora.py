@@ -44,8 +44,8 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch.distributed.tensor import DTensor
 
-import backbones
 from dllm_jepa import StopForward, finish_stopped_forward
+from dlm import backbones
 
 TRAINED, EMA = "default", "ema"  # the adapter the optimizer trains; its EMA copy (the target)
 

@@ -2,16 +2,17 @@
 An lm-evaluation-harness model (EleutherAI's lm-eval, the harness LLaDA and dllm report
 with) for the masked-diffusion LMs this project trains: the tiny model, LLaDA, Dream.
 
-    python harness.py --model_args pretrained=out/run/final --tasks gsm8k --apply_chat_template --device cpu
-    python harness.py --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct dtype=bfloat16 gen_length=256 \
+    python -m scripts.harness --model_args pretrained=out/run/final --tasks gsm8k --apply_chat_template --device cpu
+    python -m scripts.harness --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct dtype=bfloat16 gen_length=256 \
         block_length=8 steps=256 --tasks gsm8k --apply_chat_template --batch_size 8 --device cuda
 
-    import harness, lm_eval
+    import lm_eval
+    from scripts import harness
     lm_eval.simple_evaluate(model="dllm", model_args="pretrained=out/run/final", tasks=["gsm8k"])
 
 lm-eval's own command line (`lm_eval --model NAME`) only knows the models it ships: it has
 no flag that imports a user module, and it reads no plugin entry points for models. Importing
-this module registers ours under "dllm"; `python harness.py ARGS` is lm-eval's command line
+this module registers ours under "dllm"; `python -m scripts.harness ARGS` is lm-eval's command line
 (`lm_eval run ARGS`, every flag of it) with that done, and `--model dllm` added when no
 --model is given.
 
@@ -67,8 +68,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from generate import (SamplerConfig, aligned_logits, check_prefix_cache, conventions, generate, generate_text,
-                      left_pad, sampler_for, trained_seq_len)
+from dlm.sampler import (SamplerConfig, aligned_logits, check_prefix_cache, conventions, generate, generate_text,
+                         left_pad, sampler_for, trained_seq_len)
 from tasks.common import fit_prompt, max_positions
 
 MODEL_NAME = "dllm"
@@ -192,7 +193,7 @@ class DiffusionLM(TemplateLM):
         if self.sampler_args["gen_length"] is not None:
             SamplerConfig(**self.sampler_args)  # a bad flag fails before the weights load
         if backbone is None:
-            from backbones import load_backbone
+            from dlm.backbones import load_backbone
             path = Path(pretrained).expanduser()
             backbone = load_backbone(str(path) if path.exists() else pretrained, dtype=DTYPES[dtype])
             backbone.model.to(self.pick_device(device))
@@ -341,7 +342,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import harness  # the class lm-eval gets is harness.DiffusionLM, the same `import harness` registers
+    from scripts import harness  # the class lm-eval gets is harness.DiffusionLM, the same `import harness` registers
     harness.main()
 else:
     register_model(MODEL_NAME)(DiffusionLM)

@@ -1,9 +1,9 @@
 """
 What one optimizer step costs, for each method, side by side: the single-pass claim measured.
 
-    python bench.py                          # tiny model on CPU, under 2 minutes on 2 cores
-    python bench.py --json out/bench.json    # the same, and the numbers as JSON
-    python bench.py --model llada-8b-shape --layers 8 --device cuda --dtype bfloat16 --fsdp \
+    python -m scripts.bench                          # tiny model on CPU, under 2 minutes on 2 cores
+    python -m scripts.bench --json out/bench.json    # the same, and the numbers as JSON
+    python -m scripts.bench --model llada-8b-shape --layers 8 --device cuda --dtype bfloat16 --fsdp \
         --activation-checkpointing --batch-size 4 --seq-len 1024     # one 80 GB GPU (README)
 
 For each method of dllm_jepa.py on the same model and the same batch (dllm-jepa twice: with
@@ -50,9 +50,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-import backbones
-import distributed
 from dllm_jepa import DLLMJEPA, JEPAConfig
+from dlm import backbones, distributed
 from train import make_optimizer
 
 # name -> JEPAConfig fields. "l/2": the embedding is read at layer L/2 (the target pass stops

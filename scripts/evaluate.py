@@ -1,13 +1,13 @@
 """
 Evaluate a masked-diffusion LM checkpoint on everything the DLLM-JEPA paper measures.
 
-    python evaluate.py --model out/run/final --task nl-rx-synth --data synth_dev.jsonl
-    python evaluate.py --model GSAI-ML/LLaDA-8B-Instruct --task gsm8k --data test.jsonl \
+    python -m scripts.evaluate --model out/run/final --task nl-rx-synth --data synth_dev.jsonl
+    python -m scripts.evaluate --model GSAI-ML/LLaDA-8B-Instruct --task gsm8k --data test.jsonl \
         --shots 4 --fewshot-data train.jsonl --gen-length 256 --block-length 8 --steps 256
-    python evaluate.py --model out/run/final --task probe --data wikitext2/valid.txt
-    python evaluate.py --model out/run/final --task mmlu --data mmlu/test --shots 5 --fewshot-data mmlu/dev
-    python evaluate.py --model out/run/final --task drift --base out/base/final --data valid.txt
-    torchrun --nproc_per_node 8 evaluate.py --model GSAI-ML/LLaDA-8B-Instruct --dtype bfloat16 \
+    python -m scripts.evaluate --model out/run/final --task probe --data wikitext2/valid.txt
+    python -m scripts.evaluate --model out/run/final --task mmlu --data mmlu/test --shots 5 --fewshot-data mmlu/dev
+    python -m scripts.evaluate --model out/run/final --task drift --base out/base/final --data valid.txt
+    torchrun --nproc_per_node 8 -m scripts.evaluate --model GSAI-ML/LLaDA-8B-Instruct --dtype bfloat16 \
         --task gsm8k --data test.jsonl --gen-length 256 --block-length 8 --steps 256 --out gsm8k.json
 
 What it measures, each in its module of tasks/ (tasks/__init__.py lists them with the papers):
@@ -22,7 +22,7 @@ This file is the command line that ties them: it reads and checks the data, load
 (and an adapter), runs the task and writes the results. Every backbone goes through
 backbones.load_backbone (the tiny model, LLaDA, Dream).
 
-Under torchrun (`torchrun --nproc_per_node N evaluate.py ...`) every process loads the whole
+Under torchrun (`torchrun --nproc_per_node N -m scripts.evaluate ...`) every process loads the whole
 model (on cuda:LOCAL_RANK; bf16 with --dtype bfloat16), computes every N-th batch of answers,
 questions or windows (tasks.common.map_batches: one process's batches, masks and seeds, so the
 scores are exactly one process's) and gathers the rest; rank 0 alone prints and writes the
@@ -42,10 +42,8 @@ from types import SimpleNamespace
 
 import torch
 
-import data
-import distributed
-import hub
-from generate import SamplerConfig, add_fast_flags, trained_seq_len
+from dlm import data, distributed, hub
+from dlm.sampler import SamplerConfig, add_fast_flags, trained_seq_len
 from tasks import GENERATION_TASKS, TASKS, check_references, load_items
 from tasks.common import Shard, max_positions, with_shots
 from tasks.drift import drift_report, plot_drift
@@ -123,7 +121,7 @@ def parse_args(argv=None):
     g.add_argument("--plot", default=None, help="drift: PNG path (default: beside --out)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr, items/s; under torchrun "
                    "rank 0's, counting its own items times the number of processes)")
-    g = p.add_argument_group("several processes (torchrun --nproc_per_node N evaluate.py ...)")
+    g = p.add_argument_group("several processes (torchrun --nproc_per_node N -m scripts.evaluate ...)")
     g.add_argument("--collective-timeout", type=float, default=30.0, metavar="MINUTES",
                    help="under torchrun: how long a process waits for the others in a collective before it stops "
                         "with an error (another process stopped or hung)")
@@ -139,7 +137,7 @@ def load(name: str, args, device=None):
     folder, loaded onto the base its adapter_config.json names; or, the first time --model is
     loaded, --model with --adapter. An adapter is merged into the base's weights
     (PeftModel.merge_and_unload), so what follows sees a plain model, as from a merged export."""
-    from backbones import load_backbone
+    from dlm.backbones import load_backbone
     adapter = None
     if getattr(args, "adapter", None) and name == args.model and not getattr(args, "adapter_loaded", False):
         adapter, args.adapter_loaded = Path(args.adapter), True  # --base, even if the same, goes without

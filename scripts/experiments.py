@@ -2,11 +2,11 @@
 The DLLM-JEPA paper's experiments from one command: at CPU scale with a tiny model, or the
 paper's protocol on LLaDA-8B / Dream-7B with GPUs.
 
-    python experiments.py --smoke                     # the whole CPU pipeline in about two minutes
-    python experiments.py                             # the CPU-scale protocol (README: its time on 2 cores)
-    python experiments.py --tasks nl-rx-synth gsm8k --methods diffusion dllm-jepa --seeds 0 1 2 3 4
-    python experiments.py --profile llada-8b --dry-run    # the GPU protocol: every command, and GPU-hours
-    python experiments.py --profile llada-8b              # run it (8 GPUs per fine-tune, torchrun)
+    python -m scripts.experiments --smoke                     # the whole CPU pipeline in about two minutes
+    python -m scripts.experiments                             # the CPU-scale protocol (README: its time on 2 cores)
+    python -m scripts.experiments --tasks nl-rx-synth gsm8k --methods diffusion dllm-jepa --seeds 0 1 2 3 4
+    python -m scripts.experiments --profile llada-8b --dry-run    # the GPU protocol: every command, and GPU-hours
+    python -m scripts.experiments --profile llada-8b              # run it (8 GPUs per fine-tune, torchrun)
 
 What the paper does with LLaDA-8B / Dream-7B (PAPER.md), as stages:
 1. data: the tasks' train and dev splits, carved with a fixed seed (identical for every method
@@ -29,7 +29,7 @@ What the paper does with LLaDA-8B / Dream-7B (PAPER.md), as stages:
 Every stage is cached in --out (a finished run or measurement is not redone), so an
 interrupted run resumes; --dry-run prints the commands and, for a GPU profile, an estimate of
 the GPU-hours. Data come from a local folder in the layout README.md describes (--data-dir,
-default data/; `python prepare.py --out data` writes it from the hub).
+default data/; `python -m scripts.prepare --out data` writes it from the hub).
 """
 
 import argparse
@@ -47,9 +47,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import data
-import distributed
 import tiny_model
+from dlm import data, distributed
 from tasks import check_references, load_items
 from tasks.common import Item
 from tasks.drift import plot_drift
@@ -57,7 +56,7 @@ from tasks.mmlu import Question, load_mmlu
 from tasks.spider import load_spider
 
 TASKS = ("nl-rx-synth", "nl-rx-turk", "gsm8k", "spider", "django")
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 # -----------------------------------------------------------------------------
 # Configurations
@@ -295,7 +294,7 @@ def gen_length(profile: Profile, tokenizer, task: str, split: str, items: list[I
 
 def fetch_missing(data_dir: Path, names: list[str]):
     """--prepare: the datasets --data-dir lacks, written in its layout from the hub."""
-    import prepare
+    from scripts import prepare
     for name in names:
         if not (data_dir / name).is_dir():
             counts = prepare.prepare(name, data_dir)
@@ -339,7 +338,7 @@ class Job:
     """One train.py or evaluate.py process. Done when `done` exists (train: a file written
     after it exits 0; evaluate: its --out, written atomically)."""
     name: str
-    script: str                 # "train.py" | "evaluate.py"
+    script: str                 # "train.py" | "scripts.evaluate" (python train.py, python -m scripts.evaluate)
     argv: list[str]
     done: Path
     log: Path
@@ -407,7 +406,7 @@ def eval_jobs(profile: Profile, model: str, name: str, out: Path, folder: Path, 
                                                str(folder / "mmlu_dev")],
             "probe": ["--task", "probe", "--data", heldout, *probe] if base is None else
                      ["--task", "drift", "--base", base, "--data", heldout, *probe]}
-    return [Job(f"{name}: {what}", "evaluate.py", common + argv + ["--out", str(out / "eval" / f"{what}.json")],
+    return [Job(f"{name}: {what}", "scripts.evaluate", common + argv + ["--out", str(out / "eval" / f"{what}.json")],
                 out / "eval" / f"{what}.json", out / "eval" / f"{what}.log", after)
             for what, argv in measurements.items()]
 
@@ -446,6 +445,14 @@ def launcher(profile: Profile) -> list[str]:
     return [sys.executable]
 
 
+def program(job: Job, root: Path | None = None) -> list[str]:
+    """The job's program after python or torchrun, as typed in the repository root (train.py,
+    -m scripts.evaluate); with root, train.py by its full path, so it starts from any folder."""
+    if job.script.endswith(".py"):
+        return [str(root / job.script) if root else job.script]
+    return ["-m", job.script]
+
+
 def last_error(log: Path) -> str:
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
     errors = [line for line in lines if line.startswith("error:")]
@@ -467,10 +474,11 @@ def run_jobs(jobs: list[Job], profile: Profile, at_once: int, threads: int, t0: 
                 pending.remove(job)
                 job.log.parent.mkdir(parents=True, exist_ok=True)
                 n = str(job.threads or threads)
-                env = os.environ | {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+                env = os.environ | {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n,  # scripts.* found from any folder
+                                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
                 print(f"[{time.time() - t0:5.0f}s] {job.name}", flush=True)
                 with job.log.open("w") as log:
-                    proc = subprocess.Popen(launcher(profile) + [str(HERE / job.script)] + job.argv,
+                    proc = subprocess.Popen(launcher(profile) + program(job, ROOT) + job.argv,
                                             stdout=log, stderr=subprocess.STDOUT, env=env)
                 running[job.name] = (job, proc, time.time())
             if not running:
@@ -609,12 +617,15 @@ def measurements(run_dir: Path, task: str, profile: Profile) -> dict:
 
 
 def last_held_out(run_dir: Path) -> dict:
-    """From a run's last held-out evaluation (train.py's log): the collapse check (the effective
-    rank of the pooled context embeddings of held-out rows) and, when the row logged it
-    (--grad-cosine), the cosine between the diffusion and JEPA gradients."""
+    """From a run's held-out evaluations (train.py's log): the collapse check of the last one
+    (the effective rank of the pooled context embeddings of held-out rows) and, when the row
+    logged it (--grad-cosine), the cosine between the diffusion and JEPA gradients averaged
+    over the evaluations after step 0 (one evaluation's cosine is noisy)."""
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    held_out = [row for row in rows if "held_out" in row][-1]["held_out"]
-    return {k: held_out[k] for k in ("embedding_rank", "grad_cosine") if k in held_out}
+    held_out = [row["held_out"] | {"step": row["step"]} for row in rows if "held_out" in row]
+    cosines = [h["grad_cosine"] for h in held_out if h["step"] > 0 and "grad_cosine" in h]
+    return {"embedding_rank": held_out[-1]["embedding_rank"]} | (
+        {"grad_cosine": sum(cosines) / len(cosines)} if cosines else {})
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -640,7 +651,7 @@ def columns(task: str, shots: int) -> list[tuple[str, str, float, int]]:
                      ("mean_weight_distance", "weight dist. all blocks", 1, 4),
                      ("mid_weight_distance", "weight dist. middle blocks", 1, 4),
                      ("mean_cka", "CKA to base", 1, 4), ("embedding_rank", "embedding eff. rank", 1, 1),
-                     ("grad_cosine", "grad. cosine JEPA/diffusion", 1, 3),
+                     ("grad_cosine", "grad. cosine JEPA/diffusion (mean)", 1, 3),
                      ("train_seconds", "train s", 1, 1)]
 
 
@@ -746,21 +757,24 @@ def describe(profile: Profile, name: str, rows: dict[str, list[str]], seeds: lis
             + "; ".join(f"{m} = `{shlex.join(flags)}`" for m, flags in rows.items())
             + ". Cells: mean ± sample std over seeds.\n\n"
             f"Columns: the task metric on greedy LLaDA-sampler answers of the dev split ({profile.n_dev} examples at "
-            f"most; {sampler}); answer loss = diffusion loss of the reference answers and answer token acc. = "
+            f"most; {sampler}), on which defaults are chosen, and of the test split ({profile.n_test} examples carved "
+            "from the end of the training file, disjoint from train and dev; nothing is tuned on it); answer loss = diffusion loss of the reference answers and answer token acc. = "
             "teacher-forced argmax accuracy on them (fixed masks); Wikitext probe = LLaDA's pre-training loss on the "
             f"held-out 10% ({profile.probe_windows} windows x {profile.seq_len} tokens, {profile.probe_grid} grid points "
             f"of t, fixed masks); forgetting = probe - base's; MMLU on {profile.mmlu_questions} test questions (chance "
             "25%); weight distance = ||W - W_base|| / ||W_base|| per block (middle = the central half of the blocks); "
             "CKA = linear CKA of block outputs with the base's on held-out text; embedding eff. rank = the effective "
             "rank of the pooled context embeddings of held-out rows at the end of training (the paper's collapse "
-            "check); train s = wall-clock seconds of the fine-tune.")
+            "check); grad. cosine = the cosine between the backbone gradients of the diffusion loss and of lambda x "
+            "JEPA, summed over held-out batches, averaged over the held-out evaluations (rows run with train.py "
+            "--grad-cosine); train s = wall-clock seconds of the fine-tune.")
 
 
 def write_report(out: Path, profile: Profile, setup: str, tables: dict, elapsed: float, at_once: int, threads: int,
                  reused: int):
     reuse = f"; {reused} finished processes of earlier runs in this folder were reused, not timed" if reused else ""
     lines = ["# DLLM-JEPA experiments", "",
-             f"One command: `python experiments.py {' '.join(sys.argv[1:])}`, {elapsed / 60:.1f} minutes "
+             f"One command: `python -m scripts.experiments {' '.join(sys.argv[1:])}`, {elapsed / 60:.1f} minutes "
              f"({at_once} processes at a time, {threads} thread{'s' * (threads != 1)} each{reuse}). {setup}", ""]
     for task, table in tables.items():
         lines += [f"## {task}", "", table["markdown"], "",
@@ -827,7 +841,7 @@ def parse_args(argv=None):
                    "for a GPU profile the GPU-hours estimate), run nothing")
     g = p.add_argument_group("data, output and processes")
     g.add_argument("--data-dir", default="data", help="folder in the layout README.md describes (wikitext2/, "
-                   "mmlu/, nl-rx-synth/, gsm8k/, ...); `python prepare.py --out data` writes it from the hub")
+                   "mmlu/, nl-rx-synth/, gsm8k/, ...); `python -m scripts.prepare --out data` writes it from the hub")
     g.add_argument("--prepare", action="store_true", help="first download into --data-dir each dataset the run "
                    "needs that it lacks (prepare.py, from the hub: needs network)")
     g.add_argument("--out", default="runs/experiments", help="output folder (cached stages are reused)")
@@ -879,7 +893,7 @@ def run(args) -> Path | None:
     if args.dry_run:
         for job in plan:
             print(f"# {job.name}\nOMP_NUM_THREADS={job.threads or threads} "
-                  + " ".join(launcher(profile) + [job.script] + job.argv))
+                  + " ".join(launcher(profile) + program(job) + job.argv))
         if profile.model:
             print("\n".join(gpu_hours(profile, inputs, tasks, rows, args.seeds, plan)))
         return None

@@ -1,0 +1,13 @@
+"""
+The library the commands import: everything train.py and scripts/ need that is not the method
+(dllm_jepa.py) or the tiny model (tiny_model.py). One room per job:
+
+    backbones.py    loads LLaDA, Dream and the tiny model and describes them (mask id, shifted logits, blocks)
+    data.py         the built-in task, reading files, chat-template tokenisation, canvas lengths, batches
+    hub.py          the paper's datasets by name: sources, row adapters, loading
+    lora.py         LoRA through peft: default targets, the EMA-adapter target, the exact anchor, merged export
+    sampler.py      the LLaDA sampler: SamplerConfig, generate(), the canvas a trained model expects
+    diagnostics.py  the gradient-cosine diagnostic (train.py --grad-cosine)
+    distributed.py  FSDP2 sharding, checkpoints with manifests, export, output and collective checks
+    remote_fixes/   shipped next to an exported LLaDA/Dream so plain AutoModel loads it under transformers 5
+"""
