@@ -1,5 +1,5 @@
 """
-Generation throughput of our sampler (generate.generate) against LLaDA's released loop, side by
+Generation throughput of our sampler (dlm.sampler.generate) against LLaDA's released loop, side by
 side; and (--fast) the exact sampler against its Fast-dLLM speed-ups on a task's questions.
 
     python -m scripts.bench_sampler                      # tiny model on CPU, about a minute on 2 cores
@@ -14,7 +14,7 @@ side; and (--fast) the exact sampler against its Fast-dLLM speed-ups on a task's
 step runs the model on the whole canvas, takes the argmax of (Gumbel-noised) logits at *every*
 position, a float64 softmax over the full vocabulary at every position for the confidence,
 then commits the most confident masked positions of the current block with a per-row top-k.
-Ours (generate.py) computes the same thing but upcasts and softmaxes only the masked
+Ours (dlm/sampler.py) computes the same thing but upcasts and softmaxes only the masked
 positions that can be committed (M <= B x block rows instead of B x T), chooses the
 positions with one batched sort instead of a Python loop over rows, and skips a forward
 when a step commits nothing.
@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
             lambda: reference_generate(model, prompts.clone(), mask_id, config.gen_length, config.block_length,
                                        config.steps), model, timer, args.repeats)
     same = (ours == ref[:, args.prompt_length:]).float().mean().item()
-    rows = {"ours (generate.py)": (ours_s, ours_fwd, ours_calls), "LLaDA's loop": (ref_s, ref_fwd, ref_calls)}
+    rows = {"ours (dlm/sampler.py)": (ours_s, ours_fwd, ours_calls), "LLaDA's loop": (ref_s, ref_fwd, ref_calls)}
     print(f"model: {args.model or 'new tiny model'} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters, vocab {vocab}) on {args.device}, {args.dtype}, {torch.get_num_threads()} threads; "
           f"batch {args.batch_size}, prompt {args.prompt_length}, gen {config.gen_length}, "

@@ -97,7 +97,7 @@ def parse_args(argv=None):
                    "(default: tables.json beside --data, if any)")
     g.add_argument("--spider-db", default=None, help="Spider's database folder (DIR/<db_id>/<db_id>.sqlite): "
                    "adds execution accuracy")
-    g = p.add_argument_group("generation (LLaDA sampler, generate.py)")
+    g = p.add_argument_group("generation (LLaDA sampler, dlm/sampler.py)")
     g.add_argument("--gen-length", type=int, default=None,
                    help="masked positions after the prompt; default: for a train.py model, the canvas it was "
                         "trained on (its --seq-len minus the longest prompt), else 128")

@@ -710,7 +710,8 @@ def plot_metrics(task: str, base: dict, runs: dict[str, list[dict]], shots: int,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = [c for c in columns(task, shots) if c[0] in ("accuracy", "exact_match", "test_accuracy",
-                                                        "test_exact_match", "answer_loss", "probe_loss", "mmlu_0shot")]
+                                                        "test_exact_match", "answer_loss", "probe_loss", "mmlu_0shot")
+            and all(c[0] in r for rows in runs.values() for r in rows)]  # no test split: no test columns
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
     names = list(runs)
     for ax, (key, header, scale, _) in zip(axes, keys):

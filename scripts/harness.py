@@ -24,7 +24,7 @@ model_args (comma-separated key=value):
     batch_size    rows per forward (default 8); lm-eval's --batch_size (its CLI passes 1
                   unless told)
     gen_length, block_length, steps, temperature, remasking, suppress_eos, seed
-                  the LLaDA sampler of generate.py, defaulted as evaluate.py defaults them:
+                  the LLaDA sampler of dlm/sampler.py, defaulted as evaluate.py defaults them:
                   for a train.py model the canvas it was trained on (its --seq-len minus the
                   longest prompt of the run, one block), else 128 masks in blocks of 32
     threshold, prefix_cache
@@ -33,7 +33,7 @@ model_args (comma-separated key=value):
 
 The three requests:
 - generate_until: the context is tokenised as lm-eval hands it over and answered by
-  generate.generate_text, then cut at the first of the request's `until` strings. With
+  sampler.generate_text, then cut at the first of the request's `until` strings. With
   --apply_chat_template lm-eval renders the chat through apply_chat_template below (the
   tokenizer's template, add_generation_prompt) and the text is tokenised without adding
   special tokens: the same ids as data.prompt_ids, i.e. as evaluate.py prompts. Every other

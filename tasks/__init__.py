@@ -10,7 +10,7 @@ Spider scored" is answered by tasks/spider.py alone. This file is the registry e
     nl_rx.py       NL-RX-SYNTH / TURK (Locascio et al., 2016): equivalence of canonical regexes
     spider.py      Spider (Yu et al., 2018): schema prompts, normalised-SQL match, execution accuracy
     django.py      Django (Oda et al., 2015): line-aligned .anno/.code files
-    generation.py  answers from the LLaDA sampler (generate.py), scored by the task's metrics
+    generation.py  answers from the LLaDA sampler (dlm/sampler.py), scored by the task's metrics
     probe.py       the held-out diffusion-loss probe (the paper's Wikitext probe)
     mmlu.py        MMLU (Hendrycks et al., 2021) by the likelihood of the answer letter
     drift.py       drift from the base checkpoint: weight distance, linear CKA (Kornblith et

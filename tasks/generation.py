@@ -1,5 +1,5 @@
 """
-Task metrics on generated answers: each item answered by the LLaDA sampler (generate.py) and
+Task metrics on generated answers: each item answered by the LLaDA sampler (dlm/sampler.py) and
 scored by its task's metrics (tasks/__init__.py), following the protocol of LLM-JEPA (Huang et
 al., 2025) that the paper compares with; also the decoding-free scores of the reference
 answers (tasks/probe.py).

@@ -1,4 +1,4 @@
-"""bench_sampler.py: LLaDA's loop restated gives the same tokens as generate.generate (so the
+"""bench_sampler.py: LLaDA's loop restated gives the same tokens as dlm.sampler.generate (so the
 throughput comparison compares equal work), and the benchmark reports its figures."""
 
 import pytest
@@ -46,7 +46,7 @@ def test_fast_mode_compares_settings_on_a_task(tmp_path, capsys):
     positions (where a block takes more than one step); a low threshold takes fewer forwards."""
     import json
 
-    import backbones
+    from dlm import backbones
     torch.manual_seed(1)
     backbone = backbones.new_tiny_backbone(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                            intermediate_size=64, max_position_embeddings=128, initializer_range=0.3)

@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dlm import sampler as G
 from dlm import backbones, data
+from dlm import sampler as G
+from scripts import generate as command
 
 
 class Recorder(nn.Module):
@@ -411,7 +412,7 @@ def user(text, system=None):
 def cli(argv, capsys):
     """main(argv) -> (exit code, stdout, stderr) as the shell would see them."""
     try:
-        G.main([str(a) for a in argv])
+        command.main([str(a) for a in argv])
         code = 0
     except SystemExit as e:
         code = e.code
@@ -461,7 +462,7 @@ def test_show_draws_each_committing_step(model_dir, loaded, capsys):
     assert len(frames) == 16
     assert [f.count("░") for f in frames] == list(range(15, -1, -1))
     assert out.splitlines()[:16] == [f"[1] step {n}: {f}" for n, f in enumerate(frames, 1)]
-    assert frames[-1] == G.visible(answer)
+    assert frames[-1] == command.visible(answer)
     assert out.endswith(answer + "\n")
 
 
@@ -497,7 +498,7 @@ def test_show_with_eos_and_a_batch(model_dir, loaded, capsys):
         assert len(frames) == 16
         masks = [f.count("░") for f in frames]
         assert masks == sorted(masks, reverse=True) and masks[-1] == 0
-        assert frames[-1] == G.visible(answer)
+        assert frames[-1] == command.visible(answer)
 
 
 class Terminal:
@@ -520,9 +521,9 @@ class Terminal:
 def test_show_redraws_in_place_on_a_terminal(loaded, monkeypatch):
     """On a terminal each frame moves the cursor back over the previous one (counting wrapped
     rows) and erases it; a new batch starts below the last."""
-    monkeypatch.setattr(G.shutil, "get_terminal_size", lambda: SimpleNamespace(columns=10))
+    monkeypatch.setattr(command.shutil, "get_terminal_size", lambda: SimpleNamespace(columns=10))
     screen, frames = Terminal(), []
-    show = G.Show(loaded, screen)
+    show = command.Show(loaded, screen)
     def hook(first, canvases):
         frames.append(first)
         show(first, canvases)
@@ -542,13 +543,13 @@ def test_render_canvas_cuts_at_the_first_stop(tokenizer):
     ids = tokenizer("ab")["input_ids"]
     mask, eos = tokenizer.mask_token_id, tokenizer.eos_token_id
     canvas = ids + [mask, mask] + tokenizer("\nc")["input_ids"] + [eos, mask]
-    assert G.render_canvas(tokenizer, canvas, mask, {eos}, "_") == "ab__\\nc"  # one line
+    assert command.render_canvas(tokenizer, canvas, mask, {eos}, "_") == "ab__\\nc"  # one line
 
 
 def test_prompt_file_formats(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_bytes(b"first question\r\n\n  \nsecond {\"not\": json}\n")
-    assert [(p.messages, p.where) for p in G.read_prompts(txt)] == [
+    assert [(p.messages, p.where) for p in command.read_prompts(txt)] == [
         (user("first question"), f"{txt}:1"), (user('second {"not": json}'), f"{txt}:4")]
     rows = [{"prompt": "p"}, {"question": "q", "answer": "a"}, "s",
             {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "m"},
@@ -556,12 +557,12 @@ def test_prompt_file_formats(tmp_path):
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]))
     expected = [user("p"), user("q"), user("s"), user("m", "sys")]
-    got = G.read_prompts(jsonl)
+    got = command.read_prompts(jsonl)
     assert [p.messages for p in got] == expected
     assert [p.where for p in got] == [f"{jsonl}:{n}" for n in (1, 2, 4, 5)]
     js = tmp_path / "p.json"
     js.write_text(json.dumps(rows))
-    assert [p.messages for p in G.read_prompts(js)] == expected
+    assert [p.messages for p in command.read_prompts(js)] == expected
 
 
 def test_cli_prompts_file_and_system(model_dir, loaded, capsys, tmp_path):
@@ -641,7 +642,7 @@ def test_bad_input_is_one_error_line(model_dir, capsys, tmp_path, argv, code, me
 def test_script_error_is_one_line_and_status_1(model_dir, tmp_path):
     """The real entry point (one subprocess: in-process calls cover the rest): a bad file is
     exactly one line on stderr, nothing on stdout, exit status 1."""
-    bad = subprocess.run([sys.executable, "-m", "dlm.sampler", "--model", str(model_dir), "--prompts-file",
+    bad = subprocess.run([sys.executable, "-m", "scripts.generate", "--model", str(model_dir), "--prompts-file",
                           str(tmp_path / "none.jsonl")], capture_output=True, text=True,
                          cwd=Path(G.__file__).parent.parent, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert (bad.returncode, bad.stdout, bad.stderr) == (1, "", f"error: --prompts-file {tmp_path}/none.jsonl: no such file\n")

@@ -15,8 +15,8 @@ import torch
 
 import dllm_jepa as dj
 import train
-from dlm import data, sampler
-from scripts import evaluate
+from dlm import data
+from scripts import evaluate, generate
 from tasks.common import Item
 from tasks.generation import canvas_for
 
@@ -138,9 +138,9 @@ def test_a_short_run_answers_what_it_was_trained_on(tmp_path, tokenizer):
     assert result["exact_match"] == generated["exact_match"]
     longest_prompt = len(data.prompt_ids(tokenizer, [{"role": "user", "content": "copy bead"}]))
     assert result["sampler"]["gen_length"] == generated["gen_length"] == 24 - longest_prompt
-    # generate.py's command line finds the trained canvas too (its own default would be 128 masks)
+    # scripts/generate.py's command line finds the trained canvas too (its own default would be 128 masks)
     right = [r["answer"] for r in rows]
-    assert sum(a == b for a, b in zip(sampler.main(["--model", str(final), "--prompts-file", str(path)]), right)) >= 11
+    assert sum(a == b for a, b in zip(generate.main(["--model", str(final), "--prompts-file", str(path)]), right)) >= 11
 
 
 def test_flat_loss_weight_drops_the_one_over_p(make_model, tokenizer):
