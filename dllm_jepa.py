@@ -39,7 +39,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -93,6 +92,7 @@ class JEPAConfig:
     # embedding and predictor
     embed_layer: int = -1               # index into hidden_states (0 = embeddings, -1 = last)
     truncate_target: bool = True        # target pass stops at embed_layer, no LM head: same z
+                                        # (where DLLMJEPA is given a truncated_forward)
     pooling: str = "answer"             # "answer": mean over answer tokens; "visible": over unmasked
                                         # non-padding tokens; "token": no pooling, per-token targets
     predictor: str = "mlp"              # "mlp": residual MLP on the pooled vector; "transformer": attention
@@ -423,8 +423,10 @@ class DLLMJEPA(nn.Module):
     LLaDA and Dream all do. mask_token_id defaults to backbone.config.mask_token_id.
     shift_logits: the backbone's output at position i predicts token i + 1 (Dream); the loss
     reads it so (position 0, always prompt, is never scored).
-    blocks_of: model -> its blocks in order (backbones.Family.blocks), so that a target pass
-    can stop at block l < L; without it, target passes only skip the LM head.
+    truncated_forward: (model, ids, layer) -> hidden_states[layer] from a pass that stops there
+    (no later blocks, no LM head), or None where it cannot stop: backbone and FSDP knowledge,
+    built by dlm.sharding.truncated_forward(blocks_of). Without it target passes run whole: the
+    same embedding, at the cost of a full forward.
     target_encoder: an EMA target built elsewhere instead of a frozen copy of the backbone
     (lora.EMAAdapterTarget: the backbone run with an EMA copy of its LoRA adapter), called like
     the backbone; its `ema_pairs()` names the (EMA, online) tensors update_target lerps.
@@ -433,11 +435,11 @@ class DLLMJEPA(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, config: JEPAConfig, mask_token_id: int | None = None,
-                 shift_logits: bool = False, blocks_of=None, target_encoder: nn.Module | None = None,
+                 shift_logits: bool = False, truncated_forward=None, target_encoder: nn.Module | None = None,
                  anchor_fn=None):
         super().__init__()
         self.backbone, self.config, self.shift_logits = backbone, config, shift_logits
-        self.blocks_of, self.anchor_fn = blocks_of, anchor_fn
+        self.truncated_forward, self.anchor_fn = truncated_forward, anchor_fn
         self.mask_token_id = (mask_token_id if mask_token_id is not None
                               else backbone.config.mask_token_id)
         spec = config.method_spec
@@ -459,25 +461,14 @@ class DLLMJEPA(nn.Module):
     def encode(self, model, ids, logits=True):
         """One forward pass -> (logits as the model gives them, hidden states at embed_layer).
         logits=False with config.truncate_target (target passes): (None, hidden) from a pass that
-        stops where the embedding is read, l/L of a forward, no LM head; the same tensor."""
-        stop_at = self.stop_module(model) if not logits and self.config.truncate_target else None
-        if stop_at is not None:
-            return None, forward_until(model, ids, stop_at)
+        stops where the embedding is read (truncated_forward: l/L of a forward, no LM head); the
+        same tensor."""
+        if not logits and self.config.truncate_target and self.truncated_forward is not None:
+            hidden = self.truncated_forward(model, ids, self.config.embed_layer)
+            if hidden is not None:
+                return None, hidden
         out = model(input_ids=ids, output_hidden_states=True)
         return out.logits, out.hidden_states[self.config.embed_layer]
-
-    def stop_module(self, model):
-        """The module whose input is hidden_states[embed_layer]: block l for l < L, else the LM
-        head (its input is the last state, after the final norm); None if unknown: run it all.
-        A head tied to the input embeddings (LLaDA with weight_tying) is the embedding module
-        itself, called first with the token ids: no place to stop, so None."""
-        layer, blocks = self.config.embed_layer, self.blocks_of(model) if self.blocks_of else None
-        if blocks is not None and layer % (len(blocks) + 1) < len(blocks):
-            return blocks[layer % (len(blocks) + 1)]
-        if blocks is None and layer != -1:
-            return None
-        head = getattr(model, "get_output_embeddings", lambda: None)()
-        return None if head is model.get_input_embeddings() else head
 
     def pool_region(self, view, answer, content):
         """Positions an embedding averages over: the answer tokens (default, and per token), or
@@ -565,39 +556,6 @@ class DLLMJEPA(nn.Module):
             if frozen is not None:
                 frozen.eval()
         return self
-
-
-class StopForward(Exception):
-    """Raised by a forward pre-hook to end a pass early; args[0] is the input it stopped at."""
-
-
-def forward_until(model: nn.Module, ids, stop_at: nn.Module) -> torch.Tensor:
-    """Run model(input_ids=ids) only until `stop_at` is called; return its input (B, T, C).
-
-    A pre-hook on `stop_at` raises, so nothing after it runs, in any backbone. It goes first,
-    so under FSDP2 `stop_at` is never all-gathered; FSDP2's post-forward hook on `model`,
-    skipped by the raise, is run by hand (private API): it reshards the root's parameters
-    (embeddings, head), which would otherwise stay gathered until the backward (under no_grad,
-    for good) and sets the root's state back to idle.
-    """
-    def hook(module, args, kwargs):
-        raise StopForward((args or tuple(kwargs.values()))[0])
-    handle = stop_at.register_forward_pre_hook(hook, prepend=True, with_kwargs=True)
-    try:
-        model(input_ids=ids)
-        raise RuntimeError(f"forward_until: {type(stop_at).__name__} never ran")
-    except StopForward as stop:
-        hidden = stop.args[0]
-    finally:
-        handle.remove()
-    finish_stopped_forward(model, hidden)
-    return hidden
-
-
-def finish_stopped_forward(model: nn.Module, hidden: torch.Tensor):
-    """Run FSDP2's post-forward hook of `model` that a StopForward skipped (nothing otherwise)."""
-    if isinstance(model, FSDPModule):
-        model._get_fsdp_state()._post_forward(model, (), hidden)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

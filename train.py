@@ -55,7 +55,7 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from dllm_jepa import DLLMJEPA, METHODS, VIEW_PRESETS, JEPAConfig, effective_rank
-from dlm import data, diagnostics, distributed, hub, lora
+from dlm import checkpoints, data, diagnostics, files, hub, lora, sharding
 from dlm.backbones import Backbone, install_remote_fixes, load_backbone, new_tiny_backbone
 from tasks.common import exact_match
 from tasks.generation import canvas_for, generate_sharded
@@ -265,13 +265,13 @@ def check_paths(args):
                  f"--{flag.replace('_', '-')} {source}: unsupported file type; use .jsonl, .json or .txt")
     if args.resume not in (None, "auto"):
         try:
-            distributed.check_checkpoint(Path(args.resume))
+            checkpoints.check_checkpoint(Path(args.resume))
         except ValueError as e:
             raise ValueError(f"--resume {e}") from None
     check_output(args)
     out = Path(args.out)
     need(not out.exists() or out.is_dir(), f"--out {out}: is a file, not a folder")
-    done = distributed.checkpoint_dirs(out / "checkpoints")
+    done = checkpoints.checkpoint_dirs(out / "checkpoints")
     need(args.resume or not done, f"--out {out}: already holds checkpoints (latest {done[-1].name if done else ''}); "
          "add --resume auto to continue that run, or give a new --out")
 
@@ -289,11 +289,11 @@ def check_output(args):
     if args.resume not in (None, "auto"):
         resume = Path(args.resume)
         run = resume.parent.parent if resume.parent.name == "checkpoints" else None
-        if run is None or distributed.real_path(out) != distributed.real_path(run):  # else: continued in place
+        if run is None or files.real_path(out) != files.real_path(run):  # else: continued in place
             inputs += [("--resume", resume)] + ([("the run of --resume", run)] if run is not None else [])
-    problem = distributed.output_overlap(out, "--out", inputs) or distributed.inside_other_files(out, "--out")
+    problem = files.output_overlap(out, "--out", inputs) or checkpoints.inside_other_files(out, "--out")
     need(problem is None, problem)
-    distributed.check_writable(out, "--out")
+    files.check_writable(out, "--out")
     for name in ("checkpoints", "final"):  # folders the run makes in --out
         need(not (out / name).exists() or (out / name).is_dir(), f"--out {out}: {out / name} is a file, not a "
              "folder; move it aside or give another --out")
@@ -301,7 +301,7 @@ def check_output(args):
         need(not (out / name).is_dir(), f"--out {out}: {out / name} is a folder, not a file; move it aside "
              "or give another --out")
     if (out / "checkpoints").is_dir():
-        distributed.check_writable(out / "checkpoints", "--out")
+        files.check_writable(out / "checkpoints", "--out")
 
 # -----------------------------------------------------------------------------
 # Sizes that cannot fit, ranks that hold different runs (issue 15): one line before allocating
@@ -371,15 +371,15 @@ def check_fits(args):
     needs = [(host, "cpu")] + ([(per_parameter * parameters / world, torch.device("cuda", local_rank))]
                                if cuda and not args.cpu_offload else [])
     for needed, device in needs:
-        free, where = distributed.available_memory(device)
+        free, where = files.available_memory(device)
         if free and needed > free:
             fix = ("lower --tiny-width (or --tiny-layers)" if args.model is None else
                    "train it on more processes (torchrun: FSDP shards it), with --cpu-offload on a GPU, with "
                    "LoRA (--lora-rank), or choose a smaller --model")
             flag = f"--tiny-width {args.tiny_width}" if args.model is None else f"--model {args.model}"
             raise ValueError(f"{flag}: the model has {parameters:,} parameters ({blocks} blocks of width {width}); "
-                             f"training needs at least {distributed.human(needed)} for its weights, gradients, "
-                             f"AdamW moments and EMA/anchor copies, more than the {distributed.human(free)} free in "
+                             f"training needs at least {files.human(needed)} for its weights, gradients, "
+                             f"AdamW moments and EMA/anchor copies, more than the {files.human(free)} free in "
                              f"{where}: {fix}")
 
 
@@ -399,7 +399,7 @@ def activation_problem(args, shape, rows, env) -> str | None:
     per_row = canvas * (width * held_blocks * per_block + vocab * 8)
     per_parameter, _ = state_bytes(args, parameters, width)
     later = (per_parameter - 4) * parameters / world + (0 if env.is_main else 4 * parameters / world)
-    free, where = distributed.available_memory(env.device)
+    free, where = files.available_memory(env.device)
     if env.device.type == "cpu":
         free //= local_world  # the processes on this host share its memory
     needed = args.batch_size * per_row + later
@@ -407,9 +407,9 @@ def activation_problem(args, shape, rows, env) -> str | None:
         return None
     fits = int(max(0, free - later) // per_row)
     return (f"--batch-size {args.batch_size}: a micro-batch of {args.batch_size} rows x {canvas} tokens needs at least "
-            f"{distributed.human(args.batch_size * per_row)} of activations and logits (width {width}, {blocks} "
-            f"blocks), plus {distributed.human(later)} of training state still to allocate: more than the "
-            f"{distributed.human(free)} free in {where}; lower --batch-size to about {fits} or less"
+            f"{files.human(args.batch_size * per_row)} of activations and logits (width {width}, {blocks} "
+            f"blocks), plus {files.human(later)} of training state still to allocate: more than the "
+            f"{files.human(free)} free in {where}; lower --batch-size to about {fits} or less"
             + (" (it would not fit even at 1: lower --seq-len)" if fits < 1 else
                " (--grad-accum keeps the global batch" + (")" if args.activation_checkpointing
                                                           else "; --activation-checkpointing stores less)")))
@@ -417,13 +417,13 @@ def activation_problem(args, shape, rows, env) -> str | None:
 
 def run_fingerprint(args, model, train_rows, eval_rows) -> dict:
     """What every rank must hold alike: {part: (hash, summary)}."""
-    rows = lambda r: (distributed.fingerprint_of(r.input_ids, r.prompt_lengths, r.answer_lengths),
+    rows = lambda r: (sharding.fingerprint_of(r.input_ids, r.prompt_lengths, r.answer_lengths),
                       f"{len(r.input_ids)} rows")
     parameters = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     settings = json.dumps(vars(args), sort_keys=True, default=str)
-    return {"settings": (distributed.fingerprint_of(settings), "flags hash " + distributed.fingerprint_of(settings)),
+    return {"settings": (sharding.fingerprint_of(settings), "flags hash " + sharding.fingerprint_of(settings)),
             "training rows": rows(train_rows), "held-out rows": rows(eval_rows),
-            "model": (distributed.fingerprint_of(parameters), f"{len(parameters)} tensors, "
+            "model": (sharding.fingerprint_of(parameters), f"{len(parameters)} tensors, "
                       f"{sum(math.prod(s) for _, s in parameters):,} parameters")}
 
 
@@ -432,12 +432,12 @@ def check_run(args, model, train_rows, eval_rows, env):
     micro-batch fits; else every rank stops with the same line (SystemExit)."""
     try:
         if env.world_size > 1:  # hashing every row costs seconds on a large set: only when ranks must agree
-            distributed.check_same_run(run_fingerprint(args, model, train_rows, eval_rows), env)
+            sharding.check_same_run(run_fingerprint(args, model, train_rows, eval_rows), env)
         error = activation_problem(args, model_shape(args), train_rows, env)
     except ValueError as e:
         error = str(e)
-    if error := distributed.agreed_error(error and f"error: {error}", env):
-        distributed.leave(env)
+    if error := sharding.agreed_error(error and f"error: {error}", env):
+        sharding.leave(env)
         raise SystemExit(error)
 
 
@@ -461,7 +461,7 @@ def out_of_memory_in_one_line(run):
             text = " ".join(str(e).split())
             what = re.search(r"CUDA out of memory|out of memory|can't allocate memory", text)
             tried = re.search(r"[Tt]ried to allocate ([\d.]+) ?(bytes|[KMGT]i?B)", text)
-            size = tried and (distributed.human(int(tried[1])) if tried[2] == "bytes" else f"{tried[1]} {tried[2]}")
+            size = tried and (files.human(int(tried[1])) if tried[2] == "bytes" else f"{tried[1]} {tried[2]}")
             detail = (what[0] if what else type(e).__name__) + (f", tried to allocate {size}" if size else "")
             if frames & {"forward", "backward", "_engine_run_backward", "held_out_eval", "final_generation"}:
                 fix = (f"lower --batch-size {args.batch_size} (--grad-accum keeps the global batch), or --seq-len "
@@ -510,8 +510,8 @@ def trim_log(path: Path, step: int):
         except json.JSONDecodeError:
             continue
         if row.get("step", 0) < step or (row.get("step") == step and "loss" in row):
-            rows.append(distributed.strict_json(row) + "\n")  # an older log's bare NaN as "NaN"
-    distributed.atomic_write_text(path, "".join(rows))  # a kill here leaves the old log or the new
+            rows.append(files.strict_json(row) + "\n")  # an older log's bare NaN as "NaN"
+    files.atomic_write_text(path, "".join(rows))  # a kill here leaves the old log or the new
 
 
 def prepare_output(out: Path, resume: Path | None, start_step: int, run_config: dict, eval_examples):
@@ -519,16 +519,16 @@ def prepare_output(out: Path, resume: Path | None, start_step: int, run_config: 
     checkpoints set aside), writes config.json and the held-out examples (held_out.jsonl, for
     evaluate.py), each file written whole or not at all."""
     out.mkdir(parents=True, exist_ok=True)
-    distributed.remove_unfinished(out / "checkpoints")  # left by a kill while saving
+    checkpoints.remove_unfinished(out / "checkpoints")  # left by a kill while saving
     if resume:
         trim_log(out / "log.jsonl", start_step)
-        for path in distributed.set_aside_later(out / "checkpoints", start_step):
+        for path in checkpoints.set_aside_later(out / "checkpoints", start_step):
             print(f"note: {path.name} is past the resumed step {start_step}: moved to {path}")
     else:
         (out / "log.jsonl").unlink(missing_ok=True)
-    distributed.atomic_write_text(out / "config.json", distributed.metadata_json(run_config))
+    files.atomic_write_text(out / "config.json", files.metadata_json(run_config))
     if eval_examples:
-        distributed.atomic_write_text(out / "held_out.jsonl", "".join(
+        files.atomic_write_text(out / "held_out.jsonl", "".join(
             json.dumps({"messages": ex.prompt + [{"role": "assistant", "content": ex.answer}]}) + "\n"
             for ex in eval_examples))
 
@@ -617,7 +617,7 @@ def reduce_parts(parts: torch.Tensor, config: JEPAConfig, world_size: int) -> di
     """Average every part over ranks but the anchor, which is summed: each rank holds the
     share of its own parameter shards."""
     per_rank = torch.tensor([1 if name == "anchor" else world_size for name in PARTS], device=parts.device)
-    values = dict(zip(PARTS, (distributed.all_reduce_sum(parts) / per_rank).tolist()))
+    values = dict(zip(PARTS, (sharding.all_reduce_sum(parts) / per_rank).tolist()))
     return {"loss": values["diffusion"] + config.jepa_lambda * values["jepa"] + values["anchor"], **values}
 
 
@@ -644,7 +644,7 @@ def held_out_eval(model, eval_rows, args, env):
             embeddings = out.embedding.new_zeros((n_chunks, *out.embedding.shape), dtype=torch.float32)
         embeddings[chunk] = out.embedding.float()
     held_out = reduce_parts(totals * env.world_size / n_chunks, model.config, env.world_size)
-    return held_out | {"embedding_rank": effective_rank(distributed.all_reduce_sum(embeddings).flatten(0, 1))}
+    return held_out | {"embedding_rank": effective_rank(sharding.all_reduce_sum(embeddings).flatten(0, 1))}
 
 
 def gradient_check(run) -> dict:
@@ -654,7 +654,7 @@ def gradient_check(run) -> dict:
     n = math.ceil(args.grad_cosine / env.world_size) * env.world_size
     batches = lambda: (held_out_batch(run.eval_rows, c, args, env.device) for c in range(env.rank, n, env.world_size))
     groups = diagnostics.block_groups(model.backbone, run.backbone.family.blocks(model.backbone))
-    return diagnostics.gradient_cosines(model, batches, groups, distributed.all_reduce_sum)
+    return diagnostics.gradient_cosines(model, batches, groups, sharding.all_reduce_sum)
 
 
 def final_generation(backbone, examples, args, env) -> dict:
@@ -684,7 +684,7 @@ class Run:
     and skipped count; train the time it started."""
     args: argparse.Namespace  # load settles the defaults that depend on the model (--lr, ...)
     config: JEPAConfig
-    env: distributed.Env
+    env: sharding.Env
     backbone: Backbone | None = None
     base_parameters: int = 0  # the base model's, before LoRA: LoRA's line compares the adapter with it
     train_rows: data.Tokenized | None = None
@@ -727,9 +727,9 @@ def set_up(argv) -> Run:
         check_fits(args)  # issue 15: a model that cannot fit is refused before it is allocated
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    distributed.stop_on_second_signal()  # even a rank stuck in a collective stops on a second SIGTERM
+    files.stop_on_second_signal()  # even a rank stuck in a collective stops on a second SIGTERM
     hf_logging.disable_progress_bar()  # one progress bar: ours
-    env = distributed.init_distributed(args.device, timedelta(minutes=args.collective_timeout))
+    env = sharding.init_distributed(args.device, timedelta(minutes=args.collective_timeout))
     torch.manual_seed(args.seed)
     return Run(args, config, env)
 
@@ -748,7 +748,7 @@ def load(run: Run):
         run.train_rows, run.eval_rows, run.eval_examples = load_data(args, run.backbone.tokenizer, env.is_main)
     except (ValueError, OSError, ImportError) as e:
         error = f"error: {e}"
-    if error := distributed.agreed_error(error, env):  # the other ranks wait here for rank 0's loading
+    if error := sharding.agreed_error(error, env):  # the other ranks wait here for rank 0's loading
         raise SystemExit(error)
     # issue 15: the same run on every rank; a batch fits
     check_run(args, run.backbone.model, run.train_rows, run.eval_rows, env)
@@ -803,18 +803,18 @@ def shard(run: Run):
     rank's shards filled from rank 0's weights, and the optimizer over what trains."""
     args, env, backbone = run.args, run.env, run.backbone
     with run.on_meta():  # the predictor and the EMA target and anchor copies too (LoRA: an EMA adapter, no copy)
-        run.model = model = DLLMJEPA(backbone.model, run.config, backbone.mask_token_id,
-                                     backbone.family.shift_logits, blocks_of=backbone.family.blocks,
+        run.model = model = DLLMJEPA(backbone.model, run.config, backbone.mask_token_id, backbone.family.shift_logits,
+                                     truncated_forward=sharding.truncated_forward(backbone.family.blocks),
                                      **(lora.dllm_jepa_kwargs(backbone.model, run.config) if args.lora_rank else {}))
         if model.predictor is not None:
             model.predictor.float()  # fp32 masters (built in the backbone's dtype: a LoRA base may be bf16)
     if env.is_main and args.lora_rank:
         report_lora(run)
-    full_state = distributed.weights_to_send(model) if env.is_main and env.world_size > 1 else None
+    full_state = sharding.weights_to_send(model) if env.is_main and env.world_size > 1 else None
     dtype = run.dtype
-    distributed.shard_model(model, backbone.family.blocks, param_dtype=dtype if dtype != torch.float32 else None,
-                            cpu_offload=args.cpu_offload, activation_checkpointing=args.activation_checkpointing)
-    distributed.materialize(model, full_state, env, args.cpu_offload)
+    sharding.shard_model(model, backbone.family.blocks, param_dtype=dtype if dtype != torch.float32 else None,
+                         cpu_offload=args.cpu_offload, activation_checkpointing=args.activation_checkpointing)
+    sharding.materialize(model, full_state, env, args.cpu_offload)
     del full_state  # rank 0's full copy: freed now that every rank holds its shards
     run.optimizer = make_optimizer(model, args.lr, args.weight_decay)
 
@@ -841,7 +841,7 @@ def resume(run: Run):
     run.run_config = {"args": vars(args), "objective": dataclasses.asdict(run.config), "world_size": env.world_size,
                       "model_family": run.backbone.family.name, "compatibility_fixes": run.backbone.fixes,
                       "model_parameters": sum(p.numel() for p in run.backbone.model.parameters())}
-    checkpoint = (distributed.latest_checkpoint(out / "checkpoints") if args.resume == "auto"
+    checkpoint = (checkpoints.latest_checkpoint(out / "checkpoints") if args.resume == "auto"
                   else Path(args.resume) if args.resume else None)
     changed = continue_from(run, checkpoint) if checkpoint is not None else []
     error = None
@@ -850,7 +850,7 @@ def resume(run: Run):
             prepare_output(out, checkpoint, run.start_step, run.run_config, run.eval_examples)
         except (ValueError, OSError) as e:
             error = f"error: {e}"
-    if error := distributed.agreed_error(error, env):  # the other ranks must not wait at a barrier
+    if error := sharding.agreed_error(error, env):  # the other ranks must not wait at a barrier
         raise SystemExit(error)
     if env.is_main:
         print(json.dumps(run.run_config, indent=2, default=str))
@@ -861,7 +861,7 @@ def resume(run: Run):
                   "reproduce an uninterrupted one")
         print(f"{len(run.train_rows.input_ids)} training rows, {len(run.eval_rows.input_ids)} held-out rows; "
               f"{'resuming from ' + str(checkpoint) if checkpoint else 'starting'} at step {run.start_step}")
-    distributed.barrier()
+    sharding.barrier()
 
 
 def continue_from(run: Run, checkpoint: Path) -> list[str]:
@@ -869,12 +869,12 @@ def continue_from(run: Run, checkpoint: Path) -> list[str]:
     skipped count -> the settings changed since (check_resume's warnings). A checkpoint this run
     cannot continue stops it in one line."""
     try:  # distributed's errors name the checkpoint; check_resume's do not
-        saved = distributed.checkpoint_extra(checkpoint)["config"]
+        saved = checkpoints.checkpoint_extra(checkpoint)["config"]
         try:
             changed = check_resume(saved, run.run_config)
         except ValueError as e:
             raise ValueError(f"{checkpoint}: {e}") from None
-        extra = distributed.load_checkpoint(checkpoint, run.model, run.optimizer, run.env)
+        extra = checkpoints.load_checkpoint(checkpoint, run.model, run.optimizer, run.env)
     except ValueError as e:
         raise SystemExit(f"error: --resume {e}") from None
     run.start_step, run.skipped = extra["step"], extra.get("skipped", 0)
@@ -925,15 +925,15 @@ def train(run: Run):
             bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "diffusion", "jepa", "answer_loss")}
                             | {"lr": f"{lr_at(step, args):.1e}"})
             if env.is_main:
-                log.write(distributed.strict_json({"step": done, **parts, "lr": lr_at(step, args),
-                                      "grad_norm": grad_norm.item(), "skipped": bad_in_a_row > 0}) + "\n")
+                log.write(files.strict_json({"step": done, **parts, "lr": lr_at(step, args),
+                                             "grad_norm": grad_norm.item(), "skipped": bad_in_a_row > 0}) + "\n")
             if bad_in_a_row >= args.max_bad_steps:
                 raise SystemExit(f"error: {bad_in_a_row} non-finite steps in a row (steps {done - bad_in_a_row + 1}"
                                  f"-{done}), each skipped: stopping. Lower --lr or --grad-clip, check the data, "
                                  f"or raise --max-bad-steps; the checkpoints hold the weights from before")
             if done % args.eval_every == 0 or done == args.steps:
                 log_eval(run, log, done)
-            stop = distributed.agreed_signal(stop_signal[0] if stop_signal else 0, env.device)  # all ranks stop together
+            stop = sharding.agreed_signal(stop_signal[0] if stop_signal else 0, env.device)  # all ranks stop together
             if done % args.save_every == 0 or done == args.steps or stop:
                 path = save(run, done)
                 if stop:
@@ -970,7 +970,7 @@ def log_eval(run: Run, log, step: int):
     if run.args.grad_cosine:
         held_out |= gradient_check(run)
     if run.env.is_main:
-        log.write(distributed.strict_json({"step": step, "held_out": held_out}) + "\n")
+        log.write(files.strict_json({"step": step, "held_out": held_out}) + "\n")
         tqdm.write(f"step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
 
 
@@ -978,7 +978,7 @@ def save(run: Run, step: int) -> Path:
     """A resumable checkpoint of `step` -> its folder. Disk full, no permission: every rank stops
     with the same line."""
     try:
-        return distributed.save_checkpoint(run.out / "checkpoints", step, run.model, run.optimizer,
+        return checkpoints.save_checkpoint(run.out / "checkpoints", step, run.model, run.optimizer,
                                            {"step": step, "skipped": run.skipped, "config": run.run_config},
                                            run.args.keep, run.env)
     except ValueError as e:
@@ -1026,9 +1026,9 @@ def save_final(run: Run, final: Path) -> tuple[torch.dtype, str | None]:
         load_code.append(install_remote_fixes(folder, run.backbone.family))
         if adapter is not None:
             lora.save_adapter(model.backbone, folder / "adapter", state=adapter)
-            (folder / "adapter" / "training_config.json").write_text(distributed.metadata_json(run.run_config))
+            (folder / "adapter" / "training_config.json").write_text(files.metadata_json(run.run_config))
     try:
-        distributed.export_pretrained(model.backbone, run.backbone.tokenizer, final, run.env, run.run_config,
+        checkpoints.export_pretrained(model.backbone, run.backbone.tokenizer, final, run.env, run.run_config,
                                       transform=(lambda state: lora.merged_state(model.backbone, state))
                                       if args.lora_rank else None, dtype=export_dtype, finish=finish)
     except ValueError as e:
@@ -1047,7 +1047,7 @@ def final_answers(run: Run) -> str:
         return ""
     samples = generated.pop("samples", [])
     with open(out / "log.jsonl", "a") as log:
-        log.write(distributed.strict_json({"step": args.steps, "final_eval": generated}) + "\n")
+        log.write(files.strict_json({"step": args.steps, "final_eval": generated}) + "\n")
     if "exact_match" not in generated:
         print(f"warning: no final generation: {generated['skipped']}")
         return ""
@@ -1076,11 +1076,11 @@ def main(argv=None) -> Path:
         train(run)  # the steps
         final = export(run)  # final/, the held-out answers, the closing lines
     except RuntimeError as e:
-        if not distributed.is_timeout(e):
+        if not sharding.is_timeout(e):
             raise
-        distributed.exit_on_timeout(run.env, run.args.collective_timeout,
-                                    "; the last complete checkpoint is where --resume auto continues")
-    distributed.leave(run.env)  # under torchrun: the group taken down in order, no 'terminate called' at exit
+        sharding.exit_on_timeout(run.env, run.args.collective_timeout,
+                                 "; the last complete checkpoint is where --resume auto continues")
+    sharding.leave(run.env)  # under torchrun: the group taken down in order, no 'terminate called' at exit
     return final
 
 

@@ -8,6 +8,8 @@ The library the commands import: everything train.py and scripts/ need that is n
     lora.py         LoRA through peft: default targets, the EMA-adapter target, the exact anchor, merged export
     sampler.py      the LLaDA sampler: SamplerConfig, generate(), the canvas a trained model expects
     diagnostics.py  the gradient-cosine diagnostic (train.py --grad-cosine)
-    distributed.py  FSDP2 sharding, checkpoints with manifests, export, output and collective checks
+    sharding.py     the process group, FSDP2, collectives, the early-stopped target pass
+    checkpoints.py  checkpoints sealed with manifests, export, the folders other runs own
+    files.py        atomic writes, strict JSON, output-path checks, memory probes, signals
     remote_fixes/   shipped next to an exported LLaDA/Dream so plain AutoModel loads it under transformers 5
 """

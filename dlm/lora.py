@@ -24,10 +24,10 @@ How train.py uses it (flags --lora-rank, --lora-alpha, --lora-dropout, --lora-ta
     lora.apply_lora(backbone.model, backbone.family.name, rank, alpha, dropout, targets)
     model = DLLMJEPA(..., **lora.dllm_jepa_kwargs(backbone.model, config))
     ...
-    distributed.export_pretrained(..., transform=lambda s: lora.merged_state(model.backbone, s))
+    checkpoints.export_pretrained(..., transform=lambda s: lora.merged_state(model.backbone, s))
     lora.save_adapter(model.backbone, final / "adapter", is_main=env.is_main)
 
-`python lora.py --report` measures the tiny model: trainable parameters, target-encoder memory
+`python -m dlm.lora --report` measures the tiny model: trainable parameters, target-encoder memory
 and step time, LoRA against full fine-tuning.
 """
 
@@ -44,8 +44,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch.distributed.tensor import DTensor
 
-from dllm_jepa import StopForward, finish_stopped_forward
-from dlm import backbones
+from dlm import backbones, sharding
 
 TRAINED, EMA = "default", "ema"  # the adapter the optimizer trains; its EMA copy (the target)
 
@@ -222,8 +221,8 @@ class EMAAdapterTarget(nn.Module):
         with using_adapter(model, EMA), evaluating(model):
             try:
                 return model(*args, **kwargs)
-            except StopForward as stop:  # a truncated pass (forward_until): finish the backbone's
-                finish_stopped_forward(model, stop.args[0])  # FSDP forward, as forward_until would
+            except sharding.StopForward as stop:  # a truncated pass (forward_until): finish the
+                sharding.finish_stopped_forward(model, stop.args[0])  # backbone's FSDP forward, as it would
                 raise
 
     def ema_pairs(self) -> tuple[list, list]:
@@ -280,7 +279,7 @@ def dllm_jepa_kwargs(model: nn.Module, config) -> dict:
 def merged_state(model: nn.Module, state: dict | None = None, adapter: str = TRAINED) -> dict:
     """The state dict of the plain model: base weights plus scaling * B @ A of `adapter` in each
     adapted layer, under the names the model had before apply_lora; every adapter tensor
-    dropped. state: the model's full state dict (distributed.export_pretrained gathers it); None
+    dropped. state: the model's full state dict (checkpoints.export_pretrained gathers it); None
     = model.state_dict() (gathered here if sharded: then every rank must call)."""
     state = model.state_dict() if state is None else state
     layers = {f"{name}.": layer for name, layer in lora_layers(model)}
@@ -344,7 +343,7 @@ def save_adapter(model: nn.Module, out_dir, adapter: str = TRAINED, is_main: boo
     return out_dir
 
 # -----------------------------------------------------------------------------
-# Measurements: python lora.py --report
+# Measurements: python -m dlm.lora --report
 
 
 def report(width=128, layers=4, rank=8, alpha=16.0, batch=8, seq_len=128, steps=10, threads=1):
@@ -365,7 +364,8 @@ def report(width=128, layers=4, rank=8, alpha=16.0, batch=8, seq_len=128, steps=
                 apply_lora(backbone.model, backbone.family.name, rank, alpha)
             config = JEPAConfig(method=method)
             kwargs = dllm_jepa_kwargs(backbone.model, config) if use_lora else {}
-            model = DLLMJEPA(backbone.model, config, blocks_of=backbone.family.blocks, **kwargs)
+            model = DLLMJEPA(backbone.model, config,
+                             truncated_forward=sharding.truncated_forward(backbone.family.blocks), **kwargs)
             optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3, betas=(0.9, 0.95), fused=True)
             generator = torch.Generator().manual_seed(0)
             ids = torch.randint(0, 256, (batch, seq_len), generator=generator)

@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from dllm_jepa import DLLMJEPA, JEPAConfig
-from dlm import backbones, distributed
+from dlm import backbones, sharding
 from train import make_optimizer
 
 # name -> JEPAConfig fields. "l/2": the embedding is read at layer L/2 (the target pass stops
@@ -104,7 +104,7 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="parameters and compute (AdamW states follow the parameters)")
     g.add_argument("--fsdp", action="store_true",
-                   help="shard as train.py does (distributed.shard_model: FSDP2 per block, then the roots; "
+                   help="shard as train.py does (sharding.shard_model: FSDP2 per block, then the roots; "
                         "one process); with --dtype bfloat16 the weights stay fp32, computed in bf16")
     g.add_argument("--activation-checkpointing", action="store_true", help="with --fsdp: recompute block activations")
     g.add_argument("--cpu-offload", action="store_true", help="with --fsdp on CUDA: sharded states in host memory")
@@ -202,12 +202,13 @@ class Trainer:
         self.n_layers = len(blocks_of(model))
         self.config = config_for(run, args, self.n_layers)
         torch.manual_seed(1)  # the predictor's init
-        self.model = DLLMJEPA(model, self.config, mask_id, blocks_of=blocks_of).to(device=device, dtype=weight_dtype)
+        self.model = DLLMJEPA(model, self.config, mask_id, truncated_forward=sharding.truncated_forward(blocks_of))
+        self.model.to(device=device, dtype=weight_dtype)
         if args.fsdp:
-            distributed.init_distributed(device.type)
-            distributed.shard_model(self.model, blocks_of, param_dtype=None if dtype == torch.float32 else dtype,
-                                    cpu_offload=args.cpu_offload,
-                                    activation_checkpointing=args.activation_checkpointing)
+            sharding.init_distributed(device.type)
+            sharding.shard_model(self.model, blocks_of, param_dtype=None if dtype == torch.float32 else dtype,
+                                 cpu_offload=args.cpu_offload,
+                                 activation_checkpointing=args.activation_checkpointing)
         self.optimizer = make_optimizer(self.model, lr=1e-5, weight_decay=0.0)  # train.py's
         self.batch = make_batch(args.batch_size, args.seq_len, model.config.vocab_size,
                                 model.config.eos_token_id, device)
@@ -542,7 +543,8 @@ def target_pass_study(args, compile_too=False):
             for block in blocks_of(encoder):  # hooks stay outside the compiled code
                 block.forward = torch.compile(block.forward, dynamic=False)
         jepa = DLLMJEPA(encoder, JEPAConfig(method="dllm-jepa", target="online", embed_layer=layer,
-                                            truncate_target=truncate), mask_id, blocks_of=blocks_of)
+                                            truncate_target=truncate), mask_id,
+                        truncated_forward=sharding.truncated_forward(blocks_of))
 
         def target_pass(jepa=jepa, encoder=encoder, how=how):
             with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=how == "autocast"):

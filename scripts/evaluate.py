@@ -42,7 +42,7 @@ from types import SimpleNamespace
 
 import torch
 
-from dlm import data, distributed, hub
+from dlm import checkpoints, data, files, hub, sharding
 from dlm.sampler import SamplerConfig, add_fast_flags, trained_seq_len
 from tasks import GENERATION_TASKS, TASKS, check_references, load_items
 from tasks.common import Shard, max_positions, with_shots
@@ -232,7 +232,7 @@ def evaluate_task(args, inputs, backbone, base, shard: Shard) -> dict:
     return result
 
 
-def run(args, env: distributed.Env | None = None) -> dict | None:
+def run(args, env: sharding.Env | None = None) -> dict | None:
     """One evaluation, as the command line describes it -> a JSON-ready dict. Three stages:
     the inputs read and checked (before the model loads), the model (and --base) loaded, the
     task run; under torchrun (env) each stage ends with every process (together), so that one
@@ -252,7 +252,7 @@ def run(args, env: distributed.Env | None = None) -> dict | None:
     return together(env, lambda: None if alone else evaluate_task(args, inputs, backbone, base, shard))
 
 
-def together(env: distributed.Env | None, work):
+def together(env: sharding.Env | None, work):
     """work() -> its value, a ValueError or OSError it raises -> SystemExit with one line
     ("error: ..."). Under torchrun every process runs work (ranks other than 0 with their
     stdout and stderr silenced), then waits for the others (on the gloo start-up group, so
@@ -276,7 +276,7 @@ def together(env: distributed.Env | None, work):
         if env.rank == 0:  # before leave's barrier: torchrun stops every process once one has ended
             print(errors[0] if first == 0 else errors[first].replace("error: ", f"error: rank {first}: ", 1),
                   file=sys.stderr, flush=True)
-        distributed.leave(env)
+        sharding.leave(env)
         raise SystemExit(1)
     return value
 
@@ -291,14 +291,14 @@ def silenced(quiet: bool):
         yield
 
 
-def join(args) -> distributed.Env | None:
+def join(args) -> sharding.Env | None:
     """Under torchrun (WORLD_SIZE > 1): the process group (gloo on CPU, nccl on CUDA, each
     process on cuda:LOCAL_RANK), collectives timing out after --collective-timeout; ranks other
     than 0 quiet (no transformers warnings or bars). None for one process."""
     if int(os.environ.get("WORLD_SIZE", 1)) < 2:
         return None
-    distributed.stop_on_second_signal()  # even a rank stuck in a collective stops on a second SIGTERM
-    env = distributed.init_distributed(args.device, timedelta(minutes=args.collective_timeout))
+    files.stop_on_second_signal()  # even a rank stuck in a collective stops on a second SIGTERM
+    env = sharding.init_distributed(args.device, timedelta(minutes=args.collective_timeout))
     if env.rank != 0:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
@@ -324,24 +324,24 @@ def main(argv=None) -> dict | None:
         together(env, lambda: check_outputs(args) if main_rank else None)  # rank 0 alone writes
         result = run(args, env)
     except RuntimeError as e:
-        if env is None or not distributed.is_timeout(e):
+        if env is None or not sharding.is_timeout(e):
             raise
-        distributed.exit_on_timeout(env, args.collective_timeout)
+        sharding.exit_on_timeout(env, args.collective_timeout)
     if main_rank:  # the results printed and written once
         try:
             summary = {k: v for k, v in result.items() if k not in ("answers", "by_subject", "per_t")}
-            print(distributed.strict_json(summary, indent=2))
+            print(files.strict_json(summary, indent=2))
             write_outputs(args, result)
         except SystemExit as e:
             if env is None:
                 raise
             sys.stdout.flush()  # all of it before leave's barrier: torchrun stops every process once one has
             print(e.code, file=sys.stderr, flush=True)  # failed, rank 0 too
-            distributed.leave(env)
+            sharding.leave(env)
             raise SystemExit(1) from None
     if env is not None:
         sys.stdout.flush()
-        distributed.leave(env)  # every rank waits for rank 0's writing, then the group goes down in order
+        sharding.leave(env)  # every rank waits for rank 0's writing, then the group goes down in order
     return result
 
 
@@ -362,9 +362,9 @@ def check_outputs(args):
     inputs = [(flag, path) for flag, path in inputs if path is not None and Path(path).expanduser().exists()]
     outputs = [(flag, path) for flag, path in (("--out", args.out), ("--plot", plot_path(args))) if path is not None]
     for i, (flag, path) in enumerate(outputs):
-        distributed.check_writable(path, flag, folder=False)  # first: an existing folder is not a results file
-        problem = (distributed.output_overlap(path, flag, inputs + outputs[:i])
-                   or distributed.inside_other_files(path, flag))
+        files.check_writable(path, flag, folder=False)  # first: an existing folder is not a results file
+        problem = (files.output_overlap(path, flag, inputs + outputs[:i])
+                   or checkpoints.inside_other_files(path, flag))
         if problem:
             raise ValueError(problem)
 
@@ -373,15 +373,15 @@ def write_outputs(args, result: dict):
     """Write the results (atomically: the old file or the new, never a cut one) and the drift
     plot (drawn beside it, then renamed). A write that still fails costs no finished work: the
     full results are printed to stdout first (unless --out holds them), then one error line."""
-    text = distributed.strict_json(result, indent=2)
+    text = files.strict_json(result, indent=2)
     if args.out:
         out = Path(args.out)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            distributed.atomic_write_text(out, text)
+            files.atomic_write_text(out, text)
         except (OSError, ValueError) as e:
             print(text)
-            line = str(e) if isinstance(e, ValueError) else f"{out}: could not write ({distributed.cause(e)})"
+            line = str(e) if isinstance(e, ValueError) else f"{out}: could not write ({files.cause(e)})"
             raise SystemExit(f"error: --out {line}; the results are printed above in full") from None
         print(f"results: {out}")
     if plot := plot_path(args):
@@ -395,7 +395,7 @@ def write_outputs(args, result: dict):
                 tmp.unlink(missing_ok=True)
             if not args.out:
                 print(text)
-            raise SystemExit(f"error: --plot {plot}: could not write the plot ({distributed.cause(e)}); the results "
+            raise SystemExit(f"error: --plot {plot}: could not write the plot ({files.cause(e)}); the results "
                              f"are {'in ' + str(args.out) if args.out else 'printed above in full'}") from None
         print(f"plot: {plot}")
 

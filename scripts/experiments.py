@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import tiny_model
-from dlm import data, distributed
+from dlm import checkpoints, data, files
 from tasks import check_references, load_items
 from tasks.common import Item
 from tasks.drift import plot_drift
@@ -474,8 +474,8 @@ def run_jobs(jobs: list[Job], profile: Profile, at_once: int, threads: int, t0: 
                 pending.remove(job)
                 job.log.parent.mkdir(parents=True, exist_ok=True)
                 n = str(job.threads or threads)
-                env = os.environ | {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n,  # scripts.* found from any folder
-                                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+                path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # scripts.*
+                env = os.environ | {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "PYTHONPATH": path}  # from any folder
                 print(f"[{time.time() - t0:5.0f}s] {job.name}", flush=True)
                 with job.log.open("w") as log:
                     proc = subprocess.Popen(launcher(profile) + program(job, ROOT) + job.argv,
@@ -784,7 +784,7 @@ def write_report(out: Path, profile: Profile, setup: str, tables: dict, elapsed:
                   "Differences (each method minus diffusion, ± the standard error over seeds):", "",
                   *table["comparisons"], "",
                   f"![metrics]({table['metrics_plot']}) ![drift]({table['drift_plot']})", ""]
-    distributed.atomic_write_text(out / "results.md", "\n".join(lines))
+    files.atomic_write_text(out / "results.md", "\n".join(lines))
 
 # -----------------------------------------------------------------------------
 # The command line
@@ -816,11 +816,11 @@ def check_output(args):
     """--out, before anything is read or trained (ValueError, one line naming the flags): never
     the --data-dir, inside it or around it (the stages write data/ and results there), nor inside a
     model folder or a run's checkpoint; no file in the way, and a place that accepts a new file."""
-    problem = (distributed.output_overlap(args.out, "--out", [("--data-dir", args.data_dir)])
-               or distributed.inside_other_files(args.out, "--out"))
+    problem = (files.output_overlap(args.out, "--out", [("--data-dir", args.data_dir)])
+               or checkpoints.inside_other_files(args.out, "--out"))
     if problem:
         raise ValueError(problem)
-    distributed.check_writable(args.out, "--out")
+    files.check_writable(args.out, "--out")
 
 
 def parse_args(argv=None):
@@ -899,7 +899,7 @@ def run(args) -> Path | None:
             print("\n".join(gpu_hours(profile, inputs, tasks, rows, args.seeds, plan)))
         return None
     out.mkdir(parents=True, exist_ok=True)
-    distributed.atomic_write_text(out / "profile.json", json.dumps(settings, indent=1))
+    files.atomic_write_text(out / "profile.json", json.dumps(settings, indent=1))
     write_data(out, inputs)
     if not profile.model:                                 # 2. the tiny base: a new model, pre-trained in the plan
         new_base(out / "init", inputs.tokenizer, profile)
@@ -922,7 +922,7 @@ def run(args) -> Path | None:
                         "metrics_plot": metrics_plot, "drift_plot": drift_plot}
         everything[task] = {"base": base_eval, "runs": runs}
         print(f"\n## {task}\n{markdown}\n", flush=True)
-    distributed.atomic_write_text(out / "results.json", distributed.strict_json(everything, indent=1))
+    files.atomic_write_text(out / "results.json", files.strict_json(everything, indent=1))
     setup = describe(profile, name, rows, args.seeds, tasks, steps)
     write_report(out, profile, setup, tables, time.time() - t0, at_once, threads, reused)
     print(f"[{time.time() - t0:5.0f}s] done: {out / 'results.md'}")

@@ -462,7 +462,7 @@ def test_dream_recompute_rotary():
         assert rotary.original_inv_freq is rotary.inv_freq
         assert "inv_freq" not in rotary.state_dict()  # still not saved
     assert backbones.dream_recompute_rotary(model) is None  # already right: nothing to report
-    with torch.device("meta"):  # a structure only: its buffers come from rank 0 (distributed.materialize)
+    with torch.device("meta"):  # a structure only: its buffers come from rank 0 (sharding.materialize)
         model = Rotary(config)
     assert backbones.dream_recompute_rotary(model) is None and model.inv_freq.is_meta
 
@@ -569,7 +569,7 @@ def tiny_published_model(folder: Path, family: str, tokenizer, init_device: str 
     """A random bf16 checkpoint of the family's published code, 2 blocks of width 64, laid out as
     the released ones (config.json with auto_map, the code, tokenizer, generation_config.json for
     Dream). init_device: the value LLaDAModelLM.__init__ sets (released copies say "cpu" or "cuda")."""
-    from dlm import distributed
+    from dlm import sharding
     from safetensors.torch import save_file
     folder.mkdir(parents=True)
     for name, text in published_code(family).items():
@@ -606,7 +606,7 @@ def tiny_published_model(folder: Path, family: str, tokenizer, init_device: str 
     (folder / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(folder)
     structure = backbones.load_backbone(str(folder), weights=False).model  # shapes only, on meta
-    aliases, generator = distributed.aliased_keys(structure), torch.Generator().manual_seed(0)
+    aliases, generator = sharding.aliased_keys(structure), torch.Generator().manual_seed(0)
     save_file({key: (torch.randn(value.shape, generator=generator) * 0.05 if value.dim() > 1
                      else 1 + 0.1 * torch.randn(value.shape, generator=generator)).to(torch.bfloat16)
                for key, value in structure.state_dict().items() if key not in aliases},

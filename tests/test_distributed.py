@@ -145,9 +145,10 @@ def test_sharded_ema_moves_between_checkpoints(runs, tmp_path):
 MATERIALIZE = """
 import contextlib, sys, torch
 from dllm_jepa import DLLMJEPA, JEPAConfig
-from dlm import distributed
+from dlm import sharding
 from dlm.backbones import new_tiny_backbone
-env = distributed.init_distributed("cpu")
+from dlm.sharding import truncated_forward
+env = sharding.init_distributed("cpu")
 torch.manual_seed(0)
 with contextlib.nullcontext() if env.is_main else torch.device("meta"):
     b = new_tiny_backbone(hidden_size=32, num_hidden_layers=2)
@@ -155,20 +156,20 @@ with contextlib.nullcontext() if env.is_main else torch.device("meta"):
     b.model.register_buffer("table", torch.randn(7), persistent=False)  # in no state dict
     b.model.table_alias = b.model.table  # a plain attribute naming the buffer (Dream's original_inv_freq)
     b.model.alias = b.model.embed  # one module under two names, as LLaDA's ff_out = wte when tied
-    model = DLLMJEPA(b.model, JEPAConfig(), b.mask_token_id, blocks_of=b.family.blocks)
+    model = DLLMJEPA(b.model, JEPAConfig(), b.mask_token_id, truncated_forward=truncated_forward(b.family.blocks))
 assert all(p.is_meta for p in model.parameters()) != env.is_main
-full = distributed.weights_to_send(model) if env.is_main else None
+full = sharding.weights_to_send(model) if env.is_main else None
 before = {k: v.clone() for k, v in full.items()} if env.is_main else None
 if env.is_main and sys.argv[2] == "send-less":
     del full["backbone.norm.weight"]
-distributed.shard_model(model, b.family.blocks)
-distributed.materialize(model, full, env)
+sharding.shard_model(model, b.family.blocks)
+sharding.materialize(model, full, env)
 after = {k: v.full_tensor() for k, v in model.state_dict().items()}
 assert model.backbone.lm_head.weight is model.backbone.embed.weight
 assert model.backbone.table_alias is model.backbone.table
 after.update({"buffer " + k: v for k, v in model.named_buffers()})
 torch.save({"before": before, "after": after}, f"{sys.argv[1]}/rank{env.rank}.pt")
-distributed.leave(env)
+sharding.leave(env)
 # gloo's threads can still abort at interpreter teardown now and then ('terminate called without
 # an active exception', exit -6: seen in 1 of ~10 CI runs): the results are written, so skip it
 import os; os._exit(0)
@@ -233,15 +234,15 @@ def test_export_saves_a_module_registered_twice_once(tmp_path):
     (from_pretrained runs tie_weights again)."""
     from safetensors import safe_open
 
-    from dlm import distributed
+    from dlm import checkpoints, sharding
     from dlm.backbones import new_tiny_backbone
     from dllm_jepa import DLLMJEPA, JEPAConfig
-    env = distributed.init_distributed("cpu")
+    env = sharding.init_distributed("cpu")
     b = new_tiny_backbone(hidden_size=32, num_hidden_layers=2)
     b.model.alias = b.model.embed
-    model = distributed.shard_model(DLLMJEPA(b.model, JEPAConfig(method="diffusion"), b.mask_token_id),
-                                    b.family.blocks)
-    distributed.export_pretrained(model.backbone, b.tokenizer, tmp_path / "final", env, {})
+    model = sharding.shard_model(DLLMJEPA(b.model, JEPAConfig(method="diffusion"), b.mask_token_id),
+                                 b.family.blocks)
+    checkpoints.export_pretrained(model.backbone, b.tokenizer, tmp_path / "final", env, {})
     with safe_open(tmp_path / "final" / "model.safetensors", "pt") as saved:
         assert "embed.weight" in saved.keys() and "alias.weight" not in saved.keys()
         assert torch.equal(saved.get_tensor("embed.weight"), b.model.embed.weight.full_tensor())

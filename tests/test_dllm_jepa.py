@@ -24,6 +24,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 import dllm_jepa as dj
 from dllm_jepa import DLLMJEPA, JEPAConfig
+from dlm.sharding import truncated_forward
 
 MASK, EOS = 257, 256  # the tiny tokenizer's ids (checked in test_tiny_model.py)
 
@@ -63,7 +64,7 @@ def build(make_model, seed=0, mask_token_id=None, shift_logits=False, backbone=N
     backbone = backbone if backbone is not None else make_model(seed)
     torch.manual_seed(1000 + seed)  # the predictor's init
     return DLLMJEPA(backbone, JEPAConfig(**cfg), mask_token_id=mask_token_id,
-                    shift_logits=shift_logits)
+                    shift_logits=shift_logits, truncated_forward=truncated_forward())  # target passes skip the head
 
 
 def gen(seed=0):

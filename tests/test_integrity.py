@@ -24,8 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dllm_jepa import DLLMJEPA, JEPAConfig
-from dlm import distributed
+from dlm import checkpoints, files, sharding
 from dlm.backbones import new_tiny_backbone
+from dlm.sharding import truncated_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_SPACE = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -35,11 +36,11 @@ NO_SPACE = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 def trained():
     """A sharded tiny DLLMJEPA (EMA target, predictor) after one AdamW step, in a one-process
     gloo group: what train.py saves."""
-    env = distributed.init_distributed("cpu")
+    env = sharding.init_distributed("cpu")
     torch.manual_seed(0)
     b = new_tiny_backbone(hidden_size=32, num_hidden_layers=2, intermediate_size=64)
-    model = distributed.shard_model(DLLMJEPA(b.model, JEPAConfig(), b.mask_token_id, b.family.shift_logits,
-                                             blocks_of=b.family.blocks), b.family.blocks)
+    model = sharding.shard_model(DLLMJEPA(b.model, JEPAConfig(), b.mask_token_id, b.family.shift_logits,
+                                          truncated_forward=truncated_forward(b.family.blocks)), b.family.blocks)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
     ids = torch.randint(0, 200, (2, 16))
     out = model(ids, torch.tensor([4, 4]), torch.tensor([12, 12]), generator=torch.Generator().manual_seed(0))
@@ -54,7 +55,7 @@ def saved(trained, tmp_path_factory):
     env, model, optimizer, _ = trained
     root = tmp_path_factory.mktemp("saved") / "checkpoints"
     for step in (1, 2):
-        distributed.save_checkpoint(root, step, model, optimizer, {"step": step}, 2, env)
+        checkpoints.save_checkpoint(root, step, model, optimizer, {"step": step}, 2, env)
     return root
 
 
@@ -77,9 +78,9 @@ def test_a_flipped_byte_in_a_shard_is_named_on_load(trained, ckpts):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit, inside the tensors' bytes: dcp itself would load it
     shard.write_bytes(data)
-    distributed.check_checkpoint(shard.parent)  # same names and sizes: only reading the bytes tells
+    checkpoints.check_checkpoint(shard.parent)  # same names and sizes: only reading the bytes tells
     with pytest.raises(ValueError) as e:
-        distributed.load_checkpoint(shard.parent, model, optimizer, env)
+        checkpoints.load_checkpoint(shard.parent, model, optimizer, env)
     line = one_line(e)
     assert line.startswith(f"{shard.parent}: an unreadable checkpoint (__0_0.distcp: its bytes changed"), line
     assert f"resume from another in {ckpts} (step_00000001;" in line, line
@@ -98,10 +99,10 @@ def test_missing_truncated_and_extra_files_are_named_by_check_and_load(trained, 
     damage(path)
     problem = problem.format(size=written - 100, written=written)
     with pytest.raises(ValueError) as e:
-        distributed.check_checkpoint(path)
+        checkpoints.check_checkpoint(path)
     assert f"{path}: an unreadable checkpoint ({problem}" in one_line(e), one_line(e)
     with pytest.raises(ValueError) as e:
-        distributed.load_checkpoint(path, model, optimizer, env)
+        checkpoints.load_checkpoint(path, model, optimizer, env)
     assert f"({problem}" in one_line(e) and "step_00000001" in one_line(e), one_line(e)
 
 
@@ -111,10 +112,10 @@ def test_the_manifest_covers_every_file_and_old_checkpoints_still_load(trained, 
     manifest = json.loads((path / "manifest.json").read_text())["files"]
     assert sorted(manifest) == [".metadata", "__0_0.distcp", "extra_rank0.pt"]
     assert manifest["extra_rank0.pt"]["bytes"] == (path / "extra_rank0.pt").stat().st_size
-    assert distributed.load_checkpoint(path, model, optimizer, env)["step"] == 2
+    assert checkpoints.load_checkpoint(path, model, optimizer, env)["step"] == 2
     (path / "manifest.json").unlink()  # as written before manifests: loads as it always did
-    distributed.check_checkpoint(path)
-    assert distributed.load_checkpoint(path, model, optimizer, env)["step"] == 2
+    checkpoints.check_checkpoint(path)
+    assert checkpoints.load_checkpoint(path, model, optimizer, env)["step"] == 2
 
 
 class Killed(BaseException):
@@ -130,15 +131,15 @@ def test_a_checkpoint_half_deleted_by_a_kill_while_pruning_never_looks_complete(
             (Path(path) / "__0_0.distcp").unlink()
             raise Killed
         rmtree(path, *args, **kwargs)
-    monkeypatch.setattr(distributed.shutil, "rmtree", killed_mid_deletion)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed_mid_deletion)
     with pytest.raises(Killed):  # keep=2: step 1 is pruned, and the kill comes mid-deletion
-        distributed.save_checkpoint(ckpts, 3, model, optimizer, {"step": 3}, 2, env)
-    monkeypatch.setattr(distributed.shutil, "rmtree", rmtree)
-    assert [p.name for p in distributed.checkpoint_dirs(ckpts)] == ["step_00000002", "step_00000003"]
+        checkpoints.save_checkpoint(ckpts, 3, model, optimizer, {"step": 3}, 2, env)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", rmtree)
+    assert [p.name for p in checkpoints.checkpoint_dirs(ckpts)] == ["step_00000002", "step_00000003"]
     for later in ("step_00000002", "step_00000003"):  # even alone, the half is never taken
         shutil.move(ckpts / later, ckpts.parent / later)
-    assert distributed.latest_checkpoint(ckpts) is None and distributed.checkpoint_dirs(ckpts) == []
-    distributed.remove_unfinished(ckpts)  # the next run's start-up cleans it away
+    assert checkpoints.latest_checkpoint(ckpts) is None and checkpoints.checkpoint_dirs(ckpts) == []
+    checkpoints.remove_unfinished(ckpts)  # the next run's start-up cleans it away
     assert list(ckpts.iterdir()) == []
 
 
@@ -154,7 +155,7 @@ def test_a_full_disk_while_saving_leaves_no_complete_looking_folder(trained, ckp
     env, model, optimizer, _ = trained
     monkeypatch.setattr(dcp_filesystem, "_write_item", fail_after_a_few_bytes(NO_SPACE))
     with pytest.raises(ValueError) as e:
-        distributed.save_checkpoint(ckpts, 3, model, optimizer, {"step": 3}, 2, env)
+        checkpoints.save_checkpoint(ckpts, 3, model, optimizer, {"step": 3}, 2, env)
     line = one_line(e)
     assert line.startswith(f"{ckpts / 'step_00000003'}: could not write the checkpoint "
                            "(OSError: [Errno 28] No space left on device); it needs about "), line
@@ -167,8 +168,8 @@ def test_a_full_disk_while_saving_leaves_no_complete_looking_folder(trained, ckp
                          "then --resume auto continues from it"), line
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001", "step_00000002"]  # nothing pruned
     monkeypatch.undo()  # space again: the next save works (no rank or folder left behind)
-    assert distributed.save_checkpoint(ckpts, 3, model, optimizer, {"step": 3}, 2, env) == ckpts / "step_00000003"
-    assert distributed.load_checkpoint(ckpts / "step_00000003", model, optimizer, env)["step"] == 3
+    assert checkpoints.save_checkpoint(ckpts, 3, model, optimizer, {"step": 3}, 2, env) == ckpts / "step_00000003"
+    assert checkpoints.load_checkpoint(ckpts / "step_00000003", model, optimizer, env)["step"] == 3
 
 
 def test_a_full_disk_while_saving_the_extra_state_is_caught_too(trained, ckpts, monkeypatch):
@@ -176,9 +177,9 @@ def test_a_full_disk_while_saving_the_extra_state_is_caught_too(trained, ckpts, 
 
     def fsync(path):
         raise NO_SPACE
-    monkeypatch.setattr(distributed, "fsync", fsync)  # torch.save's bytes never reach the disk
+    monkeypatch.setattr(files, "fsync", fsync)  # torch.save's bytes never reach the disk
     with pytest.raises(ValueError, match=r"step_00000003: could not write the checkpoint \(OSError: \[Errno 28\]"):
-        distributed.save_checkpoint(ckpts, 3, model, optimizer, {"step": 3}, 2, env)
+        checkpoints.save_checkpoint(ckpts, 3, model, optimizer, {"step": 3}, 2, env)
     assert not (ckpts / "step_00000003").exists() and not (ckpts / "step_00000003.tmp").exists()
 
 
@@ -187,7 +188,7 @@ def test_a_full_disk_while_exporting_keeps_the_old_export_and_names_the_checkpoi
                                                                                    error):
     env, model, _, tokenizer = trained
     final = ckpts.parent / "final"
-    distributed.export_pretrained(model.backbone, tokenizer, final, env, {"run": 1})
+    checkpoints.export_pretrained(model.backbone, tokenizer, final, env, {"run": 1})
     before = load_file(final / "model.safetensors")
     save_file = transformers.modeling_utils.safe_save_file
 
@@ -196,7 +197,7 @@ def test_a_full_disk_while_exporting_keeps_the_old_export_and_names_the_checkpoi
         raise error
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", half_then_full)
     with pytest.raises(ValueError) as e:
-        distributed.export_pretrained(model.backbone, tokenizer, final, env, {"run": 2})
+        checkpoints.export_pretrained(model.backbone, tokenizer, final, env, {"run": 2})
     line = one_line(e)
     assert line.startswith(f"{final}: could not write the exported model ({type(error).__name__}: "), line
     assert "; it needs about " in line and "the half-written final.tmp was removed" in line, line
@@ -206,7 +207,7 @@ def test_a_full_disk_while_exporting_keeps_the_old_export_and_names_the_checkpoi
     after = load_file(final / "model.safetensors")  # the old export, whole
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
-    distributed.export_pretrained(model.backbone, tokenizer, final, env, {"run": 3})
+    checkpoints.export_pretrained(model.backbone, tokenizer, final, env, {"run": 3})
     assert '"run": 3' in (final / "training_config.json").read_text()
     assert sorted(p.name for p in ckpts.parent.iterdir()) == ["checkpoints", "final"]
 
@@ -215,14 +216,14 @@ def test_a_full_disk_while_exporting_keeps_the_old_export_and_names_the_checkpoi
 def test_atomic_write_text_leaves_the_old_or_the_new_content(tmp_path, monkeypatch, failing):
     path = tmp_path / "log.jsonl"
     path.write_text("old\n")
-    distributed.atomic_write_text(path, "new\n")
+    files.atomic_write_text(path, "new\n")
     assert path.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
 
     def no_space(*args):
         raise NO_SPACE
-    monkeypatch.setattr(distributed.os, failing, no_space)
+    monkeypatch.setattr(files.os, failing, no_space)
     with pytest.raises(ValueError) as e:
-        distributed.atomic_write_text(path, "newer, longer content\n" * 100)
+        files.atomic_write_text(path, "newer, longer content\n" * 100)
     monkeypatch.undo()
     assert one_line(e).startswith(f"{path}: could not write (OSError: [Errno 28] No space left on device); ")
     assert one_line(e).endswith("are free there; its previous content is unchanged")
@@ -233,10 +234,10 @@ TWO_RANKS = """
 import sys
 from pathlib import Path
 import torch
-from dlm import distributed
+from dlm import checkpoints, sharding
 from torch.distributed.fsdp import fully_shard
 
-env = distributed.init_distributed("cpu")
+env = sharding.init_distributed("cpu")
 root = Path(sys.argv[1])
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
@@ -244,20 +245,20 @@ fully_shard(model)
 optimizer = torch.optim.AdamW(model.parameters())
 model(torch.randn(4, 64)).sum().backward()
 optimizer.step()
-path = distributed.save_checkpoint(root, 1, model, optimizer, {"step": 1}, 2, env)
+path = checkpoints.save_checkpoint(root, 1, model, optimizer, {"step": 1}, 2, env)
 if env.is_main:  # a bad copy: one bit of rank 1's shard, which rank 1 alone hashes
     shard = path / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 1
     shard.write_bytes(data)
-distributed.barrier()
+sharding.barrier()
 try:
-    distributed.load_checkpoint(path, model, optimizer, env)
+    checkpoints.load_checkpoint(path, model, optimizer, env)
     line = "loaded"
 except ValueError as e:
     line = str(e)
 (root / f"rank{env.rank}.txt").write_text(line)
-distributed.leave(env)
+sharding.leave(env)
 # gloo's threads can still abort at interpreter teardown now and then ('terminate called without
 # an active exception', exit -6: seen in 1 of ~10 CI runs): the results are written, so skip it
 import os; os._exit(0)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from dllm_jepa import DLLMJEPA, JEPAConfig, ema_momentum, l2_distance
 from dlm import backbones, lora
+from dlm.sharding import stop_module, truncated_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -152,7 +153,7 @@ def test_objective_arguments_follow_the_method():
 def test_only_the_trained_adapter_gets_gradients():
     backbone, _ = tiny(dropout=0.1, b_scale=0.02)
     config = JEPAConfig(method="dllm-jepa")
-    model = DLLMJEPA(backbone.model, config, blocks_of=backbone.family.blocks,
+    model = DLLMJEPA(backbone.model, config, truncated_forward=truncated_forward(backbone.family.blocks),
                      **lora.dllm_jepa_kwargs(backbone.model, config))
     model(*batch()).loss.backward()
     with_grad = {n for n, p in model.backbone.named_parameters() if p.grad is not None}
@@ -178,7 +179,7 @@ def run_steps(model, steps, lr=0.05, total=None):
 def test_ema_adapter_follows_the_ema_rule_and_the_base_never_changes():
     backbone, base = tiny(b_scale=0.02)
     config = JEPAConfig(method="dllm-jepa", ema_momentum=(0.5, 0.9))
-    model = DLLMJEPA(backbone.model, config, blocks_of=backbone.family.blocks,
+    model = DLLMJEPA(backbone.model, config, truncated_forward=truncated_forward(backbone.family.blocks),
                      **lora.dllm_jepa_kwargs(backbone.model, config))
     ema = lambda: [p.detach().clone() for p in lora.adapter_parameters(backbone.model, lora.EMA)]
     online = lambda: [p.detach().clone() for p in lora.adapter_parameters(backbone.model, lora.TRAINED)]
@@ -214,7 +215,7 @@ def test_the_target_pass_runs_the_ema_adapter(embed_layer):
     or not; the online model's active adapter and train mode come back after each pass."""
     backbone, _ = tiny(dropout=0.2, b_scale=0.02)
     config = JEPAConfig(method="dllm-jepa", ema_momentum=(0.5, 0.5), embed_layer=embed_layer)
-    model = DLLMJEPA(backbone.model, config, blocks_of=backbone.family.blocks,
+    model = DLLMJEPA(backbone.model, config, truncated_forward=truncated_forward(backbone.family.blocks),
                      **lora.dllm_jepa_kwargs(backbone.model, config))
     ids, _ = batch(seed=9)
 
@@ -231,7 +232,7 @@ def test_the_target_pass_runs_the_ema_adapter(embed_layer):
         with torch.no_grad():
             return backbone.model(input_ids=ids, output_hidden_states=True).hidden_states[embed_layer]
 
-    assert model.stop_module(model.target_encoder) is (
+    assert stop_module(model.target_encoder, embed_layer, backbone.family.blocks) is (
         backbone.model.layers[1] if embed_layer == 1 else backbone.model.lm_head)
     assert torch.allclose(target(), online(), atol=1e-6)
     for _ in run_steps(model, 3, lr=0.5):
@@ -248,7 +249,7 @@ def test_the_target_pass_runs_in_eval_mode():
     tiny model have none) is off in the target pass, and on again in the online model's."""
     backbone, _ = tiny(b_scale=0.02)
     config = JEPAConfig(method="dllm-jepa")
-    model = DLLMJEPA(backbone.model, config, blocks_of=backbone.family.blocks,
+    model = DLLMJEPA(backbone.model, config, truncated_forward=truncated_forward(backbone.family.blocks),
                      **lora.dllm_jepa_kwargs(backbone.model, config))
     backbone.model.layers[0].register_forward_hook(lambda m, args, out: F.dropout(out, 0.5, m.training))
     ids, _ = batch()
@@ -264,7 +265,7 @@ def test_lora_anchor_is_the_exact_weight_change():
     formula, and the same as the L2 distance of the merged weights to the base: no copy kept."""
     backbone, base = tiny(b_scale=0.05, alpha=6.0)
     config = JEPAConfig(method="l2-anchor", anchor_mu=0.3)
-    model = DLLMJEPA(backbone.model, config, blocks_of=backbone.family.blocks,
+    model = DLLMJEPA(backbone.model, config, truncated_forward=truncated_forward(backbone.family.blocks),
                      **lora.dllm_jepa_kwargs(backbone.model, config))
     assert model.anchor is None and model.target_encoder is None
     out = model(*batch())
@@ -318,20 +319,20 @@ def test_merged_export_equals_base_plus_adapter(tmp_path):
 
 @pytest.mark.parametrize("method", ["dllm-jepa", "l2-anchor"])
 def test_sharded_lora_matches_unsharded(method, tmp_path):
-    """fully_shard per block then root (distributed.shard_model), LoRA layers and the EMA
+    """fully_shard per block then root (sharding.shard_model), LoRA layers and the EMA
     target's adapter inside the blocks: losses, trained and EMA adapters equal the unsharded
     twin's after 3 steps, the base is unchanged, and the merged export equals the model."""
-    from dlm import distributed
+    from dlm import checkpoints, sharding
     from transformers import AutoModel
-    env = distributed.init_distributed("cpu")
+    env = sharding.init_distributed("cpu")
     config = JEPAConfig(method=method, embed_layer=1, anchor_mu=1.0, ema_momentum=(0.5, 0.5))
     models, losses = [], []
     for shard in (False, True):
         backbone, _ = tiny(b_scale=0.02)
-        model = DLLMJEPA(backbone.model, config, blocks_of=backbone.family.blocks,
+        model = DLLMJEPA(backbone.model, config, truncated_forward=truncated_forward(backbone.family.blocks),
                          **lora.dllm_jepa_kwargs(backbone.model, config))
         if shard:
-            distributed.shard_model(model, backbone.family.blocks)
+            sharding.shard_model(model, backbone.family.blocks)
             assert isinstance(model.backbone.layers[0].qkv.lora_A["default"].weight, torch.distributed.tensor.DTensor)
         optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
         row = []
@@ -357,7 +358,7 @@ def test_sharded_lora_matches_unsharded(method, tmp_path):
     state = {k: lora.full(v) for k, v in sharded.state_dict().items()}
     for key, value in plain.state_dict().items():
         assert torch.allclose(state[key], value, atol=1e-6), key
-    distributed.export_pretrained(sharded.backbone, backbone.tokenizer, tmp_path / "final", env, {},
+    checkpoints.export_pretrained(sharded.backbone, backbone.tokenizer, tmp_path / "final", env, {},
                                   transform=lambda s: lora.merged_state(sharded.backbone, s))
     ids, _ = batch(seed=7)
     loaded = AutoModel.from_pretrained(tmp_path / "final")
@@ -367,17 +368,18 @@ def test_sharded_lora_matches_unsharded(method, tmp_path):
 TWO_PROCESSES = r"""
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-from dlm import distributed, lora
+from dlm import lora, sharding
+from dlm.sharding import truncated_forward
 from tests.test_lora import tiny, batch
 from dllm_jepa import DLLMJEPA, JEPAConfig
-env = distributed.init_distributed("cpu")
+env = sharding.init_distributed("cpu")
 result = {}
 for method in ("l2-anchor", "dllm-jepa"):
     backbone, _ = tiny(b_scale=0.02)
     config = JEPAConfig(method=method, embed_layer=1, anchor_mu=1.0, ema_momentum=(0.5, 0.5))
-    model = DLLMJEPA(backbone.model, config, blocks_of=backbone.family.blocks,
+    model = DLLMJEPA(backbone.model, config, truncated_forward=truncated_forward(backbone.family.blocks),
                      **lora.dllm_jepa_kwargs(backbone.model, config))
-    distributed.shard_model(model, backbone.family.blocks)
+    sharding.shard_model(model, backbone.family.blocks)
     rows = []
     for step in range(2):
         out = model(*batch(seed=step), generator=torch.Generator().manual_seed(step))  # the same rows on both ranks
@@ -388,7 +390,7 @@ for method in ("l2-anchor", "dllm-jepa"):
                 p -= 0.05 * p.grad
                 p.grad = None
         model.update_target(step + 1, 2)
-        anchor = distributed.all_reduce_sum(out.anchor.reshape(1))  # the trainer sums each rank's share
+        anchor = sharding.all_reduce_sum(out.anchor.reshape(1))  # the trainer sums each rank's share
         rows.append(dict(diffusion=out.diffusion.item(), jepa=out.jepa.item(), anchor=anchor.item(), grads=grads))
     result[method] = dict(rows=rows, state={k: lora.full(v).tolist() for k, v in model.state_dict().items()})
 if env.is_main:
@@ -411,7 +413,7 @@ def test_two_processes_match_one(tmp_path):
     for method, got in two.items():
         backbone, _ = tiny(b_scale=0.02)
         config = JEPAConfig(method=method, embed_layer=1, anchor_mu=1.0, ema_momentum=(0.5, 0.5))
-        model = DLLMJEPA(backbone.model, config, blocks_of=backbone.family.blocks,
+        model = DLLMJEPA(backbone.model, config, truncated_forward=truncated_forward(backbone.family.blocks),
                          **lora.dllm_jepa_kwargs(backbone.model, config))
         for step, row in enumerate(got["rows"]):
             out = model(*batch(seed=step), generator=torch.Generator().manual_seed(step))

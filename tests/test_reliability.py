@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 import tiny_model
 import train
 from dllm_jepa import DLLMJEPA, JEPAConfig, JEPAOutput
-from dlm import data, distributed
+from dlm import checkpoints, data, sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--tiny-width", "32", "--tiny-layers", "2", "--batch-size", "8", "--seq-len", "32",
@@ -357,8 +357,8 @@ def test_resuming_an_earlier_step_sets_the_later_checkpoints_aside(small_run, tm
     (abandoned,) = (ckpts / "abandoned").iterdir()
     assert sorted(p.name for p in abandoned.iterdir()) == ["step_00000002", "step_00000003"]
     assert f"note: step_00000003 is past the resumed step 1: moved to {abandoned / 'step_00000003'}" in printed
-    assert [p.name for p in distributed.checkpoint_dirs(ckpts)] == ["step_00000002"]
-    assert distributed.latest_checkpoint(ckpts) == ckpts / "step_00000002"
+    assert [p.name for p in checkpoints.checkpoint_dirs(ckpts)] == ["step_00000002"]
+    assert checkpoints.latest_checkpoint(ckpts) == ckpts / "step_00000002"
     assert [row["step"] for row in steps_of(out)] == [1, 2]
 
 
@@ -367,12 +367,12 @@ def test_checkpoint_pruning_keeps_the_newest(tmp_path):
     newest other; a later-numbered folder never pushes out the one just written."""
     for step in (1, 2, 3, 9):
         (tmp_path / f"step_{step:08d}").mkdir()
-    env = distributed.init_distributed("cpu")
+    env = sharding.init_distributed("cpu")
     model = torch.nn.Linear(2, 2)
-    distributed.save_checkpoint(tmp_path, 4, model, torch.optim.SGD(model.parameters()), {}, 2, env)
-    assert [p.name for p in distributed.checkpoint_dirs(tmp_path)] == ["step_00000004", "step_00000009"]
-    distributed.save_checkpoint(tmp_path, 5, model, torch.optim.SGD(model.parameters()), {}, 1, env)
-    assert [p.name for p in distributed.checkpoint_dirs(tmp_path)] == ["step_00000005"]
+    checkpoints.save_checkpoint(tmp_path, 4, model, torch.optim.SGD(model.parameters()), {}, 2, env)
+    assert [p.name for p in checkpoints.checkpoint_dirs(tmp_path)] == ["step_00000004", "step_00000009"]
+    checkpoints.save_checkpoint(tmp_path, 5, model, torch.optim.SGD(model.parameters()), {}, 1, env)
+    assert [p.name for p in checkpoints.checkpoint_dirs(tmp_path)] == ["step_00000005"]
 
 # -----------------------------------------------------------------------------
 # 3. Crashes: SIGTERM, SIGINT, SIGKILL (also mid-write), resume, compare bit for bit
@@ -384,14 +384,14 @@ CRASH = ["--steps", str(STEPS), "--warmup-steps", "4"]
 KILL_MID_WRITE = """
 import os, signal, sys
 import train
-from dlm import distributed
-save, calls = distributed.dcp.save, []
+from dlm import checkpoints
+save, calls = checkpoints.dcp.save, []
 def save_then_die(*args, **kwargs):
     save(*args, **kwargs)
     calls.append(1)
     if len(calls) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
-distributed.dcp.save = save_then_die
+checkpoints.dcp.save = save_then_die
 train.main(sys.argv[1:])
 """
 
@@ -439,8 +439,8 @@ def crash_chain(reference, tmp_path_factory):
     out, ckpts, rng, records = root / "run", root / "run" / "checkpoints", random.Random(6), []
 
     def interrupted(kind, proc, rc):
-        named = distributed.checkpoint_dirs(ckpts)
-        records.append({"kind": kind, "rc": rc, "latest": distributed.latest_checkpoint(ckpts), "named": named,
+        named = checkpoints.checkpoint_dirs(ckpts)
+        records.append({"kind": kind, "rc": rc, "latest": checkpoints.latest_checkpoint(ckpts), "named": named,
                         "named_incomplete": [p for p in named if not ((p / ".metadata").is_file()
                                                                       and (p / "extra_rank0.pt").is_file())],
                         "tmp": {p.name: sorted(f.name for f in p.iterdir()) for p in ckpts.glob("*.tmp")},
@@ -530,11 +530,11 @@ def test_sigint_and_stale_tmp_folders_in_process(reference, tmp_path, monkeypatc
     assert signal.getsignal(signal.SIGINT) is handler  # handlers restored
     monkeypatch.setattr(DLLMJEPA, "forward", forward)
     ckpts = out / "checkpoints"
-    assert distributed.checkpoint_dirs(ckpts) == [ckpts / "step_00000005"]
+    assert checkpoints.checkpoint_dirs(ckpts) == [ckpts / "step_00000005"]
     shutil.copytree(ckpts / "step_00000005", ckpts / "step_00000006.tmp")
     (ckpts / "step_00000006.tmp" / "extra_rank0.pt").unlink()
     (ckpts / "step_00000099.tmp").mkdir()
-    assert distributed.latest_checkpoint(ckpts) == ckpts / "step_00000005"
+    assert checkpoints.latest_checkpoint(ckpts) == ckpts / "step_00000005"
     run(out, *CRASH, "--save-every", "100", "--resume", "auto")
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000005", f"step_{STEPS:08d}"]
     a, b = load_file(reference / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")

@@ -39,7 +39,7 @@ import torch
 
 import train
 from dllm_jepa import DLLMJEPA
-from dlm import backbones, distributed
+from dlm import backbones, files
 from scripts import evaluate as E
 from scripts import experiments as X
 
@@ -248,8 +248,8 @@ def test_a_read_only_out_is_refused_before_loading(tmp_path, capfd, monkeypatch)
 
 
 def test_check_writable_probe_leaves_nothing_behind(tmp_path):
-    distributed.check_writable(tmp_path / "a" / "b", "--out")
-    distributed.check_writable(tmp_path / "r.json", "--out", folder=False)
+    files.check_writable(tmp_path / "a" / "b", "--out")
+    files.check_writable(tmp_path / "r.json", "--out", folder=False)
     assert list(tmp_path.iterdir()) == []
 
 # -----------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def test_evaluate_prints_the_results_when_the_write_fails(saved_model, tmp_path,
     def disk_full(path, content):
         raise ValueError(f"{path}: could not write (OSError: [Errno 28] No space left on device); 0 B are free "
                          "there; its previous content is unchanged")
-    monkeypatch.setattr(distributed, "atomic_write_text", disk_full)
+    monkeypatch.setattr(files, "atomic_write_text", disk_full)
     with pytest.raises(SystemExit) as e:
         E.main(probe_args(saved_model, text, out))
     line = str(e.value.code)
@@ -303,8 +303,8 @@ def test_evaluate_writes_strict_json_atomically(saved_model, tmp_path, monkeypat
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
     out = tmp_path / "results.json"
     writes = []
-    real = distributed.atomic_write_text
-    monkeypatch.setattr(distributed, "atomic_write_text", lambda path, content: (writes.append(path), real(path, content)))
+    real = files.atomic_write_text
+    monkeypatch.setattr(files, "atomic_write_text", lambda path, content: (writes.append(path), real(path, content)))
     monkeypatch.setattr(E, "diffusion_probe", lambda *a, **k: {"probe_loss": math.nan, "per_t": [math.inf, 1.0]})
     E.main(probe_args(saved_model, text, out))
     assert writes == [out]
@@ -481,11 +481,11 @@ def test_ranks_reading_different_data_stop_together_in_one_line(tmp_path):
 STUCK = """
 import os, signal, sys, time
 import torch, torch.distributed as dist
-from dlm import distributed
-env = distributed.init_distributed("cpu")
+from dlm import files, sharding
+env = sharding.init_distributed("cpu")
 if env.rank == 1:  # a peer that hangs (stopped, deadlocked): rank 0 waits for it in a collective
     time.sleep(600)
-distributed.stop_on_second_signal(grace_s=1.0)
+files.stop_on_second_signal(grace_s=1.0)
 caught = []
 def on_signal(signum, frame):  # train.py's handler: it runs only when the main thread is free
     caught.append(signum)
@@ -532,7 +532,7 @@ def test_a_model_too_wide_for_any_machine_is_refused_before_allocating(tmp_path,
 
 
 def test_a_batch_too_large_is_refused_before_the_first_forward(tmp_path, capfd, monkeypatch):
-    monkeypatch.setattr(distributed, "available_memory", lambda device: (4 * 2 ** 30, "host memory"))
+    monkeypatch.setattr(files, "available_memory", lambda device: (4 * 2 ** 30, "host memory"))
     monkeypatch.setattr(DLLMJEPA, "forward", lambda *a, **k: pytest.fail("a forward ran"))
     line = train_refusal(capfd, "--batch-size", "200000", "--canvas", "fixed", "--out", str(tmp_path / "out"))
     assert line.startswith("error: --batch-size 200000: a micro-batch of 200000 rows x 32 tokens needs at least "), line
@@ -543,7 +543,7 @@ def test_a_batch_too_large_is_refused_before_the_first_forward(tmp_path, capfd, 
 
 def test_batch_size_200000_is_refused_on_this_machine(tmp_path, capfd):
     """Without stand-ins: the default tiny model, 200000 rows of 32 tokens, needs over 100 GB."""
-    free, _ = distributed.available_memory("cpu")
+    free, _ = files.available_memory("cpu")
     if not free or free > 150 * 10 ** 9:
         pytest.skip(f"{free} bytes free: enough that the lower bound would not refuse")
     with pytest.raises(SystemExit) as e:

@@ -1,0 +1,228 @@
+"""
+File safety and the process's surroundings, for every command: nothing half-written, nothing
+written over an input, no refusal found late.
+
+- Writes: `atomic_write_text` (a sibling .tmp file, fsynced, renamed over the old), strict
+  JSON (a non-finite float as the string "NaN", never a bare NaN that strict parsers refuse).
+- Output paths, checked before anything loads: an output never is, contains or lies inside
+  an input (`output_overlap`), and its place accepts a new file (`check_writable`).
+- Memory: what is free on a GPU or in host memory (a cgroup's limit included).
+- Signals: a second SIGTERM ends a process even while it is stuck inside a collective.
+- One line for an error from deep inside a library (`cause`), sizes in bytes for people (`human`).
+"""
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+
+
+def cause(error: BaseException) -> str:
+    """'Type: first line' of an error, unwrapping dcp's CheckpointException (each failed rank's
+    error and stack) to the error underneath, e.g. 'OSError: [Errno 28] No space left on device'."""
+    if isinstance(error, CheckpointException):
+        failure = next(iter(error.failures.values()), (error,))
+        error = failure[0] if isinstance(failure, tuple) else failure
+    detail = (str(error).splitlines() or [""])[0]
+    return f"{type(error).__name__}{': ' + detail if detail else ''}"
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+# -----------------------------------------------------------------------------
+# Writes that are whole or not at all, in strict JSON
+
+
+def atomic_write_text(path: Path, text: str):
+    """Replace a file's content all at once (config.json, log.jsonl rewritten on resume): write a
+    sibling .tmp file, fsync it, os.replace it over `path`, so a reader or a kill sees the old
+    content or the new, never a cut one. A failed write (a full disk) leaves the old content and
+    raises ValueError with one line."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write_synced(tmp, text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(next(p for p in path.parents if p.exists())).free
+        raise ValueError(f"{path}: could not write ({cause(e)}); {human(free)} are free there; "
+                         "its previous content is unchanged") from None
+    fsync(path.parent)
+
+
+def write_synced(path: Path, text: str):
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync(path: Path):
+    """Flush a file's bytes (or a folder's entries) to the disk, so that a rename publishing them
+    cannot survive a power cut without them. Some filesystems refuse a folder's fsync: harmless."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def strict_json(obj, **kwargs) -> str:
+    """json.dumps that strict parsers accept: a non-finite float (a skipped step's NaN loss, an
+    infinite gradient norm, --grad-clip inf) is written as the string "NaN", "Infinity" or
+    "-Infinity" (Python's spelling: float() reads it back), never as bare NaN/Infinity, which
+    are not JSON (RFC 8259) and which json.loads(..., parse_constant=...) and JSON.parse refuse."""
+    return json.dumps(finite_floats(obj), allow_nan=False, default=str, **kwargs)
+
+
+def finite_floats(obj):
+    """obj with every non-finite float, at any depth of dicts, lists and tuples, as a string."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else "Infinity" if obj > 0 else "-Infinity"
+    if isinstance(obj, dict):
+        return {key: finite_floats(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_floats(value) for value in obj]
+    return obj
+
+
+def metadata_json(metadata: dict) -> str:
+    return strict_json(metadata, indent=2) + "\n"  # NaN/inf as strings: valid JSON
+
+# -----------------------------------------------------------------------------
+# Output paths: never over an input, writable before anything loads
+
+
+def real_path(path) -> Path:
+    """The absolute path with links resolved, for comparing two names of one place."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def output_overlap(out, out_flag: str, inputs) -> str | None:
+    """One line if the output path `out` is, lies inside or contains one of `inputs` ((flag,
+    path) pairs; a None path is skipped): writing there would overwrite or mix with an input.
+    None if every input lies apart from it."""
+    where = real_path(out)
+    for flag, path in inputs:
+        if path is None:
+            continue
+        other = real_path(path)
+        relation = ("is" if where == other else "lies inside" if other in where.parents
+                    else "contains" if where in other.parents else None)
+        if relation:
+            return (f"{out_flag} {out}: {relation} {flag} {path}; the outputs would be written over "
+                    f"or among the inputs: give an {out_flag} apart from them")
+    return None
+
+
+def check_writable(path, flag: str, folder: bool = True):
+    """Raise ValueError, one line naming the flag, unless `path` can be written: a folder
+    (folder=True) or a file. Nothing is created: the nearest existing folder at or above it must
+    be a folder (not a file in the way) that accepts a new file (a probe file is made there and
+    removed): a read-only place, a full permission denial or a file in the way is found before
+    anything loads, not when the first result is written."""
+    path = Path(path).expanduser()
+    if os.path.lexists(path):
+        if not path.exists():
+            raise ValueError(f"{flag} {path}: is a link to nothing; remove it or give another {flag}")
+        if folder and not path.is_dir():
+            raise ValueError(f"{flag} {path}: is a file, not a folder")
+        if not folder and path.is_dir():
+            raise ValueError(f"{flag} {path}: is a folder; give a file name (e.g. {path / 'results.json'})")
+    start = path if folder else path.parent
+    existing = next(p for p in (start, *start.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is {'a link to nothing' if not existing.exists() else 'a file'}"
+                         f", so no folder can be made there; give another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {existing} ({cause(e)}); give another {flag}") from None
+
+# -----------------------------------------------------------------------------
+# Memory and signals
+
+
+def available_memory(device: torch.device | str) -> tuple[int, str]:
+    """(bytes free, where) on a CUDA device (torch.cuda.mem_get_info) or in host memory (the
+    smaller of /proc/meminfo's MemAvailable and a cgroup's limit less its usage); (0, '') if
+    unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"GPU {device.index or 0}"
+    free = []
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            free.append(int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    return (min(free), "host memory") if free else (0, "")
+
+
+_SIGNAL_WATCH: dict = {}
+
+
+def stop_on_second_signal(grace_s: float = 3.0):
+    """A second SIGTERM or SIGINT ends the process even while it is stuck inside a collective.
+
+    train.py's handler (first signal: finish the step, save, exit; second: die) is Python code,
+    which runs only when the main thread comes back to the interpreter: a rank blocked in a
+    collective whose peer died or hangs (an orphaned torchrun worker) never does, and ignores
+    every SIGTERM. The C-level handler still writes each signal's number to the wakeup fd; a
+    thread reading it counts them and, `grace_s` after the second one (time for the handler to
+    act if the main thread is free), exits with 128 + the signal number. Started once per
+    process (main thread only); each call resets the count."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if _SIGNAL_WATCH:
+        _SIGNAL_WATCH["count"] = 0
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    if previous != -1:  # an event loop (asyncio, a notebook kernel) owns the wakeup fd: leave it to it
+        signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
+        return
+    _SIGNAL_WATCH.update(count=0)
+
+    def watch():
+        while True:
+            number = os.read(read, 1)
+            if not number:
+                return
+            if number[0] not in (signal.SIGTERM, signal.SIGINT):
+                continue
+            _SIGNAL_WATCH["count"] += 1
+            if _SIGNAL_WATCH["count"] >= 2:
+                time.sleep(grace_s)
+                print(f"signal {number[0]} again: stopping now, inside a collective that cannot complete "
+                      "(the last complete checkpoint stays intact)", file=sys.stderr, flush=True)
+                os._exit(128 + number[0])
+
+    threading.Thread(target=watch, name="second-signal", daemon=True).start()
