@@ -34,7 +34,7 @@ h the LM head's FLOPs, 4F - h against 6F - 3h; reading at layer L/2, the target 
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -151,6 +151,11 @@ class JEPAConfig:
         else:
             check(self.target is None, f"target={self.target!r} applies only to method='dllm-jepa' "
                   f"({self.method} has no separate target encoder): leave it unset")
+
+    @classmethod
+    def from_flags(cls, flags: dict) -> "JEPAConfig":
+        """From train.py's flags, which bear the fields' names; an unset one (None) keeps its default."""
+        return cls(**{f.name: flags[f.name] for f in fields(cls) if f.init and flags.get(f.name) is not None})
 
     @property
     def method_spec(self) -> dict:

@@ -227,6 +227,14 @@ AutoConfig.register(TinyDLMConfig.model_type, TinyDLMConfig)
 AutoModel.register(TinyDLMConfig, TinyDLM)
 
 
+def shape(width: int, layers: int, seq_len: int = 0) -> dict:
+    """TinyDLMConfig fields of a new tiny model of `width` and `layers` blocks (train.py's
+    --tiny-width/--tiny-layers): SwiGLU hidden width 8/3 of the model's, rounded to a multiple of
+    32 (LLaMA's rule), and positions for canvases of seq_len (at least 512)."""
+    return dict(hidden_size=width, num_hidden_layers=layers, intermediate_size=round(width * 8 / 3 / 32) * 32,
+                max_position_embeddings=max(512, seq_len))
+
+
 def make_tiny_model(tokenizer: PreTrainedTokenizerFast, **overrides) -> TinyDLM:
     """A randomly initialised TinyDLM whose special ids match `tokenizer`, and its vocabulary
     too unless `vocab_size` is given (a larger table, as bench.py builds a real model's shape)."""

@@ -1,6 +1,6 @@
 """
 The library the commands import: everything train.py and scripts/ need that is not the method
-(dllm_jepa.py) or the tiny model (tiny_model.py). One room per job:
+(dllm_jepa.py) or the tiny model (tiny_model.py), one file per job:
 
     backbones.py    loads LLaDA, Dream and the tiny model and describes them (mask id, shifted logits, blocks)
     data.py         the built-in task, reading files, chat-template tokenisation, canvas lengths, batches
@@ -8,6 +8,8 @@ The library the commands import: everything train.py and scripts/ need that is n
     lora.py         LoRA through peft: default targets, the EMA-adapter target, the exact anchor, merged export
     sampler.py      the LLaDA sampler: SamplerConfig, generate(), the canvas a trained model expects
     diagnostics.py  the gradient-cosine diagnostic (train.py --grad-cosine)
+    flags.py        train.py's flags, in the groups --help shows
+    preflight.py    train.py's guards: flags, paths, --out, sizes, ranks, out of memory, resume
     sharding.py     the process group, FSDP2, collectives, the early-stopped target pass
     checkpoints.py  checkpoints sealed with manifests, export, the folders other runs own
     files.py        atomic writes, strict JSON, output-path checks, memory probes, signals

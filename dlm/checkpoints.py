@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.fsdp import FSDPModule
 
-from dlm import files, sharding
+from dlm import backbones, files, lora, sharding
 
 MANIFEST = "manifest.json"  # every other file's size and sha256, written last: the checkpoint's seal
 
@@ -322,6 +322,31 @@ def replace_folder(new: Path, final: Path):
 
 # -----------------------------------------------------------------------------
 # Export: final/, in one process's save_pretrained layout
+
+
+def export_model(model, backbone, final: Path, flags, run_config: dict,
+                 env: sharding.Env) -> tuple[torch.dtype, str | None]:
+    """train.py's final/: the fine-tuned backbone of DLLMJEPA `model` and its tokenizer (a
+    backbones.Backbone's), save_pretrained into `final` (export_pretrained: whole or not at all)
+    -> (its dtype, the auto_map entry of remote_fixes/ its code loads with, or None). In the
+    loaded checkpoint's dtype unless --export-dtype (LLaDA/Dream: bf16, 16 GB for 8B, not 32);
+    with LoRA the adapter merged in (a plain model, no peft needed), and with --export-adapter
+    the adapter alone too, in final/adapter. flags: model, export_dtype, export_adapter, lora_rank."""
+    export_dtype = ((backbone.saved_dtype or torch.float32) if flags.export_dtype == "auto"
+                    else getattr(torch, flags.export_dtype))
+    adapter = lora.adapter_state(model.backbone) if flags.export_adapter else None  # every rank gathers it
+    if flags.model is not None and Path(flags.model).expanduser().is_dir():  # the adapter names its base by
+        model.backbone.name_or_path = str(Path(flags.model).expanduser().resolve())  # a path valid anywhere
+    load_code = []
+
+    def finish(folder):  # rank 0, inside final.tmp
+        load_code.append(backbones.install_remote_fixes(folder, backbone.family))
+        if adapter is not None:
+            lora.save_adapter(model.backbone, folder / "adapter", state=adapter)
+            (folder / "adapter" / "training_config.json").write_text(files.metadata_json(run_config))
+    export_pretrained(model.backbone, backbone.tokenizer, final, env, run_config, dtype=export_dtype, finish=finish,
+                      transform=(lambda state: lora.merged_state(model.backbone, state)) if flags.lora_rank else None)
+    return export_dtype, load_code[0] if load_code else None
 
 
 def export_pretrained(backbone, tokenizer, out_dir: Path, env: sharding.Env, metadata: dict,

@@ -7,7 +7,8 @@ written over an input, no refusal found late.
 - Output paths, checked before anything loads: an output never is, contains or lies inside
   an input (`output_overlap`), and its place accepts a new file (`check_writable`).
 - Memory: what is free on a GPU or in host memory (a cgroup's limit included).
-- Signals: a second SIGTERM ends a process even while it is stuck inside a collective.
+- Signals: the first SIGTERM/SIGINT lets train.py finish its step and save (stop_requests); a
+  second ends the process even while it is stuck inside a collective (stop_on_second_signal).
 - One line for an error from deep inside a library (`cause`), sizes in bytes for people (`human`).
 """
 
@@ -226,3 +227,23 @@ def stop_on_second_signal(grace_s: float = 3.0):
                 os._exit(128 + number[0])
 
     threading.Thread(target=watch, name="second-signal", daemon=True).start()
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGTERM/SIGINT: finish the step, save a resumable checkpoint, exit. Yields the signals
+    received so far (the loop reads them after each step); the previous handlers come back on
+    leaving, however the loop ends."""
+    stop_signal = []
+
+    def on_signal(signum, frame):
+        if stop_signal:  # a second signal: stop now (the last complete checkpoint stays intact)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        stop_signal.append(signum)
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop_signal
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)

@@ -234,7 +234,7 @@ def spider_tables() -> Path:
     return path
 
 # -----------------------------------------------------------------------------
-# Training rows: train.py --data NAME[:split]
+# Training rows: train.py --data NAME[:split], and --data/--eval-data whatever they name
 
 
 def training_examples(name: str, split: str = "train") -> list[data.Example]:
@@ -270,6 +270,7 @@ def training_examples(name: str, split: str = "train") -> list[data.Example]:
                 for row, w in zip(rows, where)]
     return [data.example_from_row(row, w) for row, w in zip(rows, where)]
 
+
 def load_examples(name: str, split: str) -> list[data.Example]:
     """train.py --data NAME: a dataset of the paper by its name here (NAME:split picks a split),
     through its adapter; or any Hugging Face dataset, e.g. "openai/gsm8k:main" (id[:config]),
@@ -281,6 +282,47 @@ def load_examples(name: str, split: str) -> list[data.Example]:
                       "check the name, config and split, and network access to the Hugging Face hub; "
                       "or give a local .jsonl, .json or .txt file")
     return [data.example_from_row(dict(row), f"{name}[{split}] row {i}") for i, row in enumerate(rows)]
+
+
+def training_rows(flags, tokenizer) -> tuple[data.Tokenized, data.Tokenized, list[data.Example] | None, list[str]]:
+    """train.py's --data and --eval-data, each 'builtin', a .jsonl/.json/.txt file or a dataset by
+    name, tokenised (flags: data, eval_data, split, eval_fraction, seq_len, builtin_size, seed) ->
+    (training rows, held-out rows, held-out examples: prompt and answer text for the final
+    generation, None for plain text; notes on what was skipped or cut). Without --eval-data the
+    held-out rows are --eval-fraction of --data's. A malformed row stops with file:line."""
+    notes = []
+
+    def read(source):
+        path = Path(source)
+        if path.suffix == ".txt":
+            return data.tokenize_text(path, tokenizer, flags.seq_len), None
+        if source == "builtin":
+            examples = data.builtin_task(flags.builtin_size, flags.seed)
+        else:
+            examples = (data.read_examples(path) if path.suffix in (".jsonl", ".json")
+                        else load_examples(source, flags.split))
+            examples, skipped = data.clean_examples(examples, source)
+            notes.append(skipped and f"note: {skipped}")
+        rows = data.tokenize_examples(examples, tokenizer, flags.seq_len)
+        if rows.prompts_cut == len(examples):
+            raise ValueError(f"--seq-len {flags.seq_len}: no prompt of {source} fits (rows need up to "
+                             f"{rows.longest} tokens); use --seq-len {rows.longest}")
+        if rows.truncated:
+            notes.append(f"warning: {source}: {rows.truncated} of {len(examples)} examples were longer than "
+                         f"--seq-len {flags.seq_len} and were cut ({rows.prompts_cut} at the prompt's start; "
+                         f"answers kept at least in part); --seq-len {rows.longest} keeps all whole")
+        return rows, examples
+
+    train_rows, train_examples = read(flags.data)
+    if flags.eval_data:
+        eval_rows, eval_examples = read(flags.eval_data)
+    else:
+        if len(train_rows.input_ids) < 2:
+            raise ValueError(f"--data {flags.data}: one example cannot be split; add --eval-data")
+        train_idx, eval_idx = data.split_indices(len(train_rows.input_ids), flags.eval_fraction, flags.seed)
+        train_rows, eval_rows = data.select(train_rows, train_idx), data.select(train_rows, eval_idx)
+        eval_examples = train_examples and [train_examples[i] for i in eval_idx.tolist()]
+    return train_rows, eval_rows, eval_examples, list(filter(None, notes))
 
 
 # -----------------------------------------------------------------------------

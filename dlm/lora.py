@@ -44,6 +44,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch.distributed.tensor import DTensor
 
+import tiny_model
 from dlm import backbones, sharding
 
 TRAINED, EMA = "default", "ema"  # the adapter the optimizer trains; its EMA copy (the target)
@@ -342,6 +343,20 @@ def save_adapter(model: nn.Module, out_dir, adapter: str = TRAINED, is_main: boo
                   out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     return out_dir
 
+def summary(model: nn.Module, rank: int, alpha: float, targets: str, base_parameters: int) -> str:
+    """One line on what LoRA trains in a DLLMJEPA `model`: the adapters' size against the base's
+    (base_parameters: counted before LoRA), the predictor's, and the EMA adapter's memory (the
+    target encoder it replaces would be a full copy)."""
+    base = model.backbone
+    adapter = sum(p.numel() for p in adapter_parameters(base))
+    ema = (sum(p.numel() * p.element_size() for p in adapter_parameters(base, EMA))
+           if isinstance(model.target_encoder, EMAAdapterTarget) else 0)
+    predictor = sum(p.numel() for p in model.predictor.parameters()) if model.predictor is not None else 0
+    return (f"LoRA rank {rank}, alpha {alpha:g} on {targets.replace(',', ', ')} ({len(lora_layers(base))} layers): "
+            f"{adapter:,} trainable parameters ({adapter / base_parameters:.1%} of the base's {base_parameters:,})"
+            + (f", plus the predictor's {predictor:,}" if predictor else "")
+            + (f"; EMA target: an EMA adapter, {ema / 2**20:.2f} MiB" if ema else ""))
+
 # -----------------------------------------------------------------------------
 # Measurements: python -m dlm.lora --report
 
@@ -351,8 +366,7 @@ def report(width=128, layers=4, rank=8, alpha=16.0, batch=8, seq_len=128, steps=
     encoder's memory and the time of one optimizer step, full fine-tuning against LoRA."""
     from dllm_jepa import DLLMJEPA, JEPAConfig
     torch.set_num_threads(threads)
-    shape = dict(hidden_size=width, num_hidden_layers=layers, intermediate_size=round(width * 8 / 3 / 32) * 32,
-                 max_position_embeddings=max(512, seq_len))
+    shape = tiny_model.shape(width, layers, seq_len)
     size = lambda params: sum(p.numel() for p in params)
     nbytes = lambda params: sum(p.numel() * p.element_size() for p in params)
     rows = []

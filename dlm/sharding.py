@@ -17,7 +17,6 @@ Sharding for train.py: one code path from a laptop CPU to a GPU cluster.
 """
 
 import contextlib
-import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -97,6 +96,18 @@ def exit_on_timeout(env: Env, minutes: float, then: str = ""):
     os._exit(1)
 
 
+@contextlib.contextmanager
+def timeout_in_one_line(env: Env, minutes: float, then: str = ""):
+    """A collective inside that gave up waiting for another rank (is_timeout) ends the process
+    with exit_on_timeout's one line; any other error passes through."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not is_timeout(e):
+            raise
+        exit_on_timeout(env, minutes, then)
+
+
 def agreed_error(error: str | None, env: Env) -> str | None:
     """Wait for every rank; return the first error any rank met (None if none), so that all
     stop together with the same line, none left waiting for a rank that has exited."""
@@ -105,35 +116,11 @@ def agreed_error(error: str | None, env: Env) -> str | None:
     return next(filter(None, errors), None)
 
 
-def check_same_run(fingerprint: dict, env: Env):
-    """Every rank compares its fingerprint of the run ({part: (hash, summary)}: settings,
-    training rows, held-out rows, model) with rank 0's, on the gloo start-up group, before any
-    collective depends on them: ranks that read other data (another file of the same name on
-    another node, another row count) would otherwise wait for each other forever. Raises
-    ValueError with the same line on every rank."""
-    if env.world_size == 1:
-        return
-    gathered = [None] * env.world_size
-    dist.all_gather_object(gathered, fingerprint, group=env.start_up)
-    first = gathered[0]
-    for rank, other in enumerate(gathered):
-        differ = [part for part in first if other.get(part) != first[part]]
-        if differ:
-            details = "; ".join(
-                f"{part}: {first[part][1]} on rank 0, {other[part][1]} on rank {rank}"
-                if first[part][1] != other[part][1] else f"{part}: same size, other content" for part in differ)
-            raise ValueError(f"rank {rank} does not hold the same run as rank 0 ({details}); every process must "
-                             "be started with the same flags and read the same data files and model")
-
-
-def fingerprint_of(*parts) -> str:
-    """sha256 (16 hex digits) of tensors, strings and bytes, in order."""
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            part = str((tuple(part.shape), part.dtype)).encode() + part.detach().cpu().contiguous().numpy().tobytes()
-        digest.update(part if isinstance(part, bytes) else str(part).encode())
-    return digest.hexdigest()[:16]
+def on_meta(env: Env):
+    """Where a rank builds its modules: rank 0 reads (or initialises) the weights; the other ranks
+    build the same modules on the meta device, without memory, and receive their shards from
+    rank 0 once sharded (materialize)."""
+    return contextlib.nullcontext() if env.is_main else torch.device("meta")
 
 # -----------------------------------------------------------------------------
 # FSDP2

@@ -306,10 +306,8 @@ def new_base(path: Path, tokenizer, profile: Profile) -> Path:
     if not (path / "config.json").is_file():
         import torch
         torch.manual_seed(0)
-        model = tiny_model.make_tiny_model(tokenizer, hidden_size=profile.tiny_width,
-                                           num_hidden_layers=profile.tiny_layers,
-                                           intermediate_size=round(profile.tiny_width * 8 / 3 / 32) * 32,
-                                           max_position_embeddings=max(512, profile.seq_len))
+        model = tiny_model.make_tiny_model(tokenizer, **tiny_model.shape(profile.tiny_width, profile.tiny_layers,
+                                                                          profile.seq_len))
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return path

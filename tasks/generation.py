@@ -14,7 +14,7 @@ import torch
 from dlm import data
 from dlm.sampler import SamplerConfig, generate_text, sampler_for
 from tasks import score_answers
-from tasks.common import Item, Shard, fit_prompt, map_batches, max_positions
+from tasks.common import Item, Shard, exact_match, fit_prompt, map_batches, max_positions
 from tasks.probe import ProbeConfig, answer_scores
 
 
@@ -70,3 +70,22 @@ def evaluate_generation(backbone, task: str, items: list[Item], sampler: Sampler
     return {"task": task, "n": len(items), **metrics, "prompts_cut": cut, "sampler": asdict(sampler),
             "generation_s": seconds, "tokens_per_s": len(items) * sampler.gen_length / max(seconds, 1e-9),
             "answers": [{"prediction": a, "reference": i.reference} for a, i in zip(answers, items)]}
+
+
+def held_out_answers(backbone, examples: list[data.Example], seq_len: int, batch_size: int, rank: int = 0,
+                     world_size: int = 1) -> dict:
+    """train.py's last stage: the held-out examples answered with the sampler and scored by exact
+    match, what the model can do, which the loss does not show. The canvas is the longest one
+    trained (seq_len): each prompt is followed by seq_len minus the longest prompt masks, one
+    block, one token per step (canvas_for, evaluate.py's default for this model). Every rank
+    answers an equal share (FSDP runs every forward on all ranks)."""
+    try:
+        sampler = canvas_for(backbone, examples, {"gen_length": None, "block_length": None}, seq_len)
+    except ValueError as e:
+        return {"skipped": str(e)}
+    prompts = [data.prompt_ids(backbone.tokenizer, ex.prompt) for ex in examples]
+    answers = generate_sharded(backbone, prompts, sampler, batch_size, rank, world_size)
+    right = [exact_match(a, ex.answer) for a, ex in zip(answers, examples)]
+    return {"exact_match": sum(right) / len(right), "n": len(right), "gen_length": sampler.gen_length,
+            "samples": [{"prompt": ex.prompt[-1]["content"], "answer": a, "reference": ex.answer, "right": r}
+                        for ex, a, r in zip(examples, answers, right)]}

@@ -39,7 +39,7 @@ import torch
 
 import train
 from dllm_jepa import DLLMJEPA
-from dlm import backbones, files
+from dlm import backbones, files, preflight
 from scripts import evaluate as E
 from scripts import experiments as X
 
@@ -72,7 +72,7 @@ def nothing_loads(monkeypatch):
     """Make any model or data loading fail loudly: a refusal must come before it."""
     def loaded(*args, **kwargs):
         raise AssertionError("the model or the data were loaded before the refusal")
-    for name in ("load_backbone", "load_data"):
+    for name in ("load_backbone", "training_rows"):
         monkeypatch.setattr(train, name, loaded)
     monkeypatch.setattr(E, "run", loaded)
 
@@ -179,8 +179,8 @@ def test_out_meeting_any_input_is_refused_naming_both(saved_model, small_run, tm
 def test_continuing_a_run_in_place_is_still_allowed(small_run):
     """--out the run that holds --resume's checkpoint is the ordinary way to continue it."""
     resume = small_run / "checkpoints" / "step_00000002"
-    train.check_output(train.parse_args(SMALL + ["--out", str(small_run), "--resume", str(resume)])[1])
-    train.check_output(train.parse_args(SMALL + ["--out", str(small_run), "--resume", "auto"])[1])
+    preflight.check_output(train.parse_args(SMALL + ["--out", str(small_run), "--resume", str(resume)])[1])
+    preflight.check_output(train.parse_args(SMALL + ["--out", str(small_run), "--resume", "auto"])[1])
 
 
 def test_evaluate_out_and_plot_never_meet_an_input(saved_model, tmp_path, monkeypatch):
@@ -410,7 +410,7 @@ def test_trim_log_keeps_rows_and_makes_old_bare_nan_strict(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 1.5}\n{"step": 2, "held_out": {"loss": 2.0}}\n'
                    '{"step": 3, "loss": 1.0}\n{"step": 3, "lo')
-    train.trim_log(log, 2)
+    preflight.trim_log(log, 2)
     assert log_rows(tmp_path) == [{"step": 1, "loss": "NaN"}, {"step": 2, "loss": 1.5}]
 
 
@@ -553,7 +553,7 @@ def test_batch_size_200000_is_refused_on_this_machine(tmp_path, capfd):
 
 def test_ordinary_sizes_are_not_refused(tmp_path):
     args = train.parse_args(SMALL + ["--out", str(tmp_path)])[1]
-    train.check_fits(args)  # no ValueError
+    preflight.check_fits(args)  # no ValueError
 
 
 @pytest.mark.parametrize("where, error, flag", [

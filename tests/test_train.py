@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoTokenizer
 
 import tiny_model
 import train
-from dlm import data
+from dlm import data, preflight
 
 SMALL = ["--tiny-width", "32", "--tiny-layers", "2", "--batch-size", "8", "--seq-len", "32",
          "--builtin-size", "400", "--no-progress"]
@@ -349,14 +349,14 @@ def test_lora_settings_are_fatal_on_resume():
     for change in ({"lora_rank": 8}, {"lora_alpha": 4.0}, {"lora_targets": "qkv,down"}, {"dtype": "bfloat16"},
                    {"lora_rank": 0, "lora_alpha": None, "lora_targets": None}):
         with pytest.raises(ValueError, match=next(iter(change))):
-            train.check_resume(config(), config(**change))
-    assert train.check_resume(config(), config(lora_dropout=0.1)) == ["lora_dropout 0.0 -> 0.1"]
+            preflight.check_resume(config(), config(**change))
+    assert preflight.check_resume(config(), config(lora_dropout=0.1)) == ["lora_dropout 0.0 -> 0.1"]
     before_lora = config()
     for key in ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout"):
         del before_lora["args"][key]
     plain = config(lora_rank=0, lora_alpha=None, lora_targets=None)
-    assert train.check_resume(before_lora, plain) == []
-    assert train.check_resume(before_lora, plain | {"args": plain["args"] | {"dtype": "bfloat16"}}) == [
+    assert preflight.check_resume(before_lora, plain) == []
+    assert preflight.check_resume(before_lora, plain | {"args": plain["args"] | {"dtype": "bfloat16"}}) == [
         "dtype float32 -> bfloat16"]
 
 
