@@ -1,25 +1,23 @@
 """
 DLLM-JEPA: a JEPA objective for fine-tuning masked-diffusion language models.
 
-This file is the method, top to bottom; everything else (data, the command line, sharding)
-lives elsewhere. It holds:
+This file is the method, top to bottom, importing only torch; data, the command line and
+sharding live elsewhere. It holds:
 1. the forward masking process of LLaDA (Nie et al., 2025, "Large Language Diffusion Models"),
 2. the masked-diffusion SFT loss (LLaDA's form, and a token-normalised variant), and the
    same loss and argmax accuracy on the real answer tokens (what scored EOS padding hides),
-3. the two-rate view construction: one sequence, a lightly masked *context* view and a
-   heavily masked *target* view, nested by default,
-4. the predictor: a small residual MLP from context embeddings to target embeddings,
-5. the JEPA distance: cosine (default) or smooth-L1 on layer-normalised targets,
-   and the collapse check the paper reports: the effective rank of pooled embeddings,
+3. the two views of one sequence: a lightly masked *context*, a heavily masked *target*,
+4. the predictor: a residual MLP on the pooled context embedding (or transformer layers),
+5. the JEPA distance (cosine, or smooth-L1 on layer-normalised targets) and the collapse
+   check the paper reports: the effective rank of pooled embeddings,
 6. the target encoder: an EMA copy of the backbone (I-JEPA, Assran et al., 2023) or the
    online model itself under no_grad,
 7. the single-pass update: ONE gradient-carrying forward of the context view gives both the
    diffusion loss and the context embedding; ONE no-grad forward of the target encoder on
    the target view gives the target. Loss = diffusion + lambda * JEPA,
 8. four methods from one config field, so every comparison shares every other line:
-   `diffusion` (the baseline), `dllm-jepa` (the method), `two-pass` (LLM-JEPA's design,
-   Huang et al., 2025: the target view carries gradient through the online model, no EMA),
-   and `l2-anchor` (diffusion + mu * ||theta - theta_base||^2).
+   `diffusion`, `dllm-jepa`, `two-pass` (LLM-JEPA's design, Huang et al., 2025: the target
+   view carries gradient through the online model) and `l2-anchor` (+ mu ||theta - theta_0||^2).
 
 Paper: "DLLM-JEPA: Joint Embedding Predictive Architectures for Masked Diffusion Language
 Models", arXiv 2606.00091. Its full text is not public to us: choices it does not pin down
@@ -34,7 +32,7 @@ h the LM head's FLOPs, 4F - h against 6F - 3h; reading at layer L/2, the target 
 
 import copy
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -69,6 +67,11 @@ VIEW_PRESETS = {
     "wide-range": dict(context_t=(0.01, 1.0), target_t=(0.5, 1.0)),
 }
 
+# The values a field of JEPAConfig may take, where they are a few names.
+CHOICES = dict(method=METHODS, views=VIEW_PRESETS, target_view=("heavier", "lighter", "clean"),
+               loss_norm=("answer", "token"), loss_weight=("inverse-t", "flat"), pooling=("answer", "visible", "token"),
+               predictor=("mlp", "transformer"), predictor_init=("identity", "random"), distance=("cosine", "smooth_l1"))
+
 
 @dataclass
 class JEPAConfig:
@@ -86,9 +89,8 @@ class JEPAConfig:
     target_t: tuple | None = None       # (low, high) of the target view's t; None = preset
     nested: bool = True                 # one mask contains the other (one uniform draw per token)
     target_view: str = "heavier"        # "heavier": the light context predicts a heavier target (the paper's
-                                        # summaries); "lighter": the target hides a random part of what the
-                                        # context hides, t ~ U(0, t_context) (I-JEPA/data2vec: the better-
-                                        # informed view is the target); "clean": the target is unmasked
+                                        # summaries); "lighter": t ~ U(0, t_context), the better-informed view
+                                        # is the target (I-JEPA, data2vec); "clean": the target is unmasked
     # embedding and predictor
     embed_layer: int = -1               # index into hidden_states (0 = embeddings, -1 = last)
     truncate_target: bool = True        # target pass stops at embed_layer, no LM head: same z
@@ -112,15 +114,13 @@ class JEPAConfig:
     anchor_mu: float = 1e-2
 
     def __post_init__(self):  # validates only: the fields stay as given (replace/asdict round-trip)
-        check(self.method in METHODS, f"method={self.method!r}: choose one of {list(METHODS)}")
-        check(self.views in VIEW_PRESETS, f"views={self.views!r}: choose one of {list(VIEW_PRESETS)}")
+        for name, choices in CHOICES.items():
+            check(getattr(self, name) in choices, f"{name}={getattr(self, name)!r}: choose one of {list(choices)}")
         for name, t_range in (("context_t", self.context_range), ("target_t", self.target_range)):
             check(len(t_range) == 2, f"{name}={t_range}: give (low, high)")
             lo, hi = t_range
             check(0 < lo <= 1 and 0 < hi <= 1, f"{name}=({lo}, {hi}): t must lie in (0, 1]")
             check(lo <= hi, f"{name}=({lo}, {hi}): low must not exceed high")
-        check(self.target_view in ("heavier", "lighter", "clean"),
-              f"target_view={self.target_view!r}: 'heavier', 'lighter' or 'clean'")
         check(self.target_t is None or self.target_view == "heavier",
               f"target_t={self.target_t} applies to target_view='heavier' only (a lighter or clean target's "
               "rate follows the context's)")
@@ -128,34 +128,24 @@ class JEPAConfig:
               f"target_t={self.target_range} ends below context_t={self.context_range}: the target "
               "view is the heavier one, so its high end must be >= the context's")
         check(0 <= self.eps < 1, f"eps={self.eps}: must lie in [0, 1)")
-        check(self.loss_norm in ("answer", "token"), f"loss_norm={self.loss_norm!r}: 'answer' or 'token'")
-        check(self.loss_weight in ("inverse-t", "flat"), f"loss_weight={self.loss_weight!r}: 'inverse-t' or 'flat'")
-        check(self.pooling in ("answer", "visible", "token"),
-              f"pooling={self.pooling!r}: 'answer', 'visible' or 'token'")
-        check(self.distance in ("cosine", "smooth_l1"), f"distance={self.distance!r}: 'cosine' or 'smooth_l1'")
         check(self.jepa_lambda >= 0, f"jepa_lambda={self.jepa_lambda}: must be >= 0")
         check(self.anchor_mu >= 0, f"anchor_mu={self.anchor_mu}: must be >= 0")
         check(self.predictor_depth >= 1, f"predictor_depth={self.predictor_depth}: must be >= 1")
         check(self.predictor_mult >= 1, f"predictor_mult={self.predictor_mult}: must be >= 1")
-        check(self.predictor in ("mlp", "transformer"), f"predictor={self.predictor!r}: 'mlp' or 'transformer'")
-        check(self.predictor_init in ("identity", "random"),
-              f"predictor_init={self.predictor_init!r}: 'identity' or 'random'")
         check(self.predictor != "transformer" or self.pooling != "token",
               "predictor='transformer' pools its output like the target: use pooling 'answer' or 'visible'")
         m0, m1 = self.ema_momentum
         check(0 <= m0 <= m1 <= 1, f"ema_momentum={self.ema_momentum}: need 0 <= start <= end <= 1")
         check(not self.target_autocast or self.method == "dllm-jepa",
               "target_autocast applies to dllm-jepa's no-grad target pass only")
-        if self.method == "dllm-jepa":
-            check(self.target in (None, "ema", "online"), f"target={self.target!r}: 'ema' or 'online'")
-        else:
-            check(self.target is None, f"target={self.target!r} applies only to method='dllm-jepa' "
-                  f"({self.method} has no separate target encoder): leave it unset")
+        ours = self.method == "dllm-jepa"  # the one method with a target encoder of its own
+        check(self.target in ((None, "ema", "online") if ours else (None,)), f"target={self.target!r}" + (
+            ": 'ema' or 'online'" if ours else f" applies only to method='dllm-jepa' ({self.method} has no "
+            "separate target encoder): leave it unset"))
 
-    @classmethod
-    def from_flags(cls, flags: dict) -> "JEPAConfig":
-        """From train.py's flags, which bear the fields' names; an unset one (None) keeps its default."""
-        return cls(**{f.name: flags[f.name] for f in fields(cls) if f.init and flags.get(f.name) is not None})
+    def total(self, diffusion, jepa, anchor):
+        """The loss a step backpropagates: diffusion + jepa_lambda * jepa + anchor."""
+        return diffusion + self.jepa_lambda * jepa + anchor
 
     @property
     def method_spec(self) -> dict:
@@ -279,12 +269,9 @@ def make_views(input_ids, scored, t_context, t_target, mask_token_id, eps, neste
 
 
 def embed(hidden, region, pooling):
-    """Read the JEPA embedding from one layer's hidden states (B, T, C).
-
-    Pooled: the mean over `region` (B, T), then a LayerNorm without parameters, as a public
-    reproduction reads the paper -> (B, C). pooling="token": per-token LayerNorm -> (B, T, C).
-    Rows with an empty region pool to zeros; jepa_loss gives them no weight.
-    """
+    """The JEPA embedding from one layer's hidden states (B, T, C): the mean over `region` (B, T),
+    then a LayerNorm without parameters, as a public reproduction reads the paper -> (B, C);
+    pooling="token": per-token LayerNorm -> (B, T, C). An empty region pools to zeros (no weight)."""
     if pooling == "token":
         return F.layer_norm(hidden, hidden.shape[-1:])
     weights = region.to(hidden.dtype)[..., None]                       # (B, T, 1)
@@ -293,14 +280,11 @@ def embed(hidden, region, pooling):
 
 
 class Predictor(nn.Module):
-    """Residual MLP z -> z + W2 gelu(W1 LN(z)), `depth` times, on the pooled vector (B, C).
-
-    On one pooled vector, a transformer layer (the reproduction's "k transformer layers")
-    reduces to a residual linear map (attention over a single token) and this residual MLP.
-    init="identity" (our default) starts each W2 at zero, so the predictor starts as the
-    identity and the first JEPA gradients already teach the backbone, not a random map;
-    "random" keeps PyTorch's init (the paper's "randomly initialised" layers).
-    """
+    """Residual MLP z -> z + W2 gelu(W1 LN(z)), `depth` times, on the pooled vector (B, C). On one
+    pooled vector, a transformer layer (the reproduction's "k transformer layers") reduces to a
+    residual linear map (attention over a single token) and this residual MLP. init="identity"
+    (our default) starts each W2 at zero, so the predictor starts as the identity and the first
+    JEPA gradients already teach the backbone; "random" keeps PyTorch's init (the paper's)."""
 
     def __init__(self, width: int, depth: int = 2, mult: int = 2, init: str = "identity"):
         super().__init__()
@@ -363,25 +347,19 @@ def sinusoid(T, C, device):
     return torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1)[:, :C]
 
 # -----------------------------------------------------------------------------
-# 5. The JEPA distance
+# 5. The JEPA distance, and the collapse check
 
 
 def jepa_loss(prediction, target, weights, distance):
-    """Weighted mean distance between predicted and target embeddings.
-
-    prediction, target: (B, C) pooled or (B, T, C) per token; weights: (B,) or (B, T), 0 for
-    rows/tokens with nothing to compare. cosine: 1 - cos(pred, target); smooth_l1: on the
-    layer-normalised target, as I-JEPA regresses its normalised targets.
-    """
+    """Weighted mean distance between predicted and target embeddings: prediction, target (B, C)
+    pooled or (B, T, C) per token; weights (B,) or (B, T), 0 where there is nothing to compare.
+    cosine: 1 - cos(pred, target); smooth_l1: on the layer-normalised target, as I-JEPA."""
     if distance == "cosine":
         d = 1 - F.cosine_similarity(prediction.float(), target.float(), dim=-1)
     else:
         d = F.smooth_l1_loss(prediction.float(), target.float(), reduction="none").mean(-1)
     weights = weights.to(d.dtype)
     return (d * weights).sum() / weights.sum().clamp(min=1)
-
-# -----------------------------------------------------------------------------
-# 5b. The collapse check
 
 
 @torch.no_grad()
@@ -416,8 +394,7 @@ class JEPAOutput:
     # diagnostics, without gradient
     answer_loss: torch.Tensor     # diffusion loss on the real answer tokens (padding excluded)
     answer_accuracy: torch.Tensor # argmax accuracy on the masked answer tokens
-    embedding: torch.Tensor       # pooled context embedding (B, C), for effective_rank (answer mean
-                                  # when pooling="token")
+    embedding: torch.Tensor       # pooled context embedding (B, C), for effective_rank (token: answer mean)
 
 
 class DLLMJEPA(nn.Module):
@@ -428,10 +405,9 @@ class DLLMJEPA(nn.Module):
     LLaDA and Dream all do. mask_token_id defaults to backbone.config.mask_token_id.
     shift_logits: the backbone's output at position i predicts token i + 1 (Dream); the loss
     reads it so (position 0, always prompt, is never scored).
-    truncated_forward: (model, ids, layer) -> hidden_states[layer] from a pass that stops there
-    (no later blocks, no LM head), or None where it cannot stop: backbone and FSDP knowledge,
-    built by dlm.sharding.truncated_forward(blocks_of). Without it target passes run whole: the
-    same embedding, at the cost of a full forward.
+    truncated_forward: (model, ids, layer) -> hidden_states[layer] from a pass that stops there,
+    or None where it cannot (backbone and FSDP knowledge: dlm.sharding.truncated_forward builds
+    it); without it target passes run whole: the same embedding, at a full forward's cost.
     target_encoder: an EMA target built elsewhere instead of a frozen copy of the backbone
     (lora.EMAAdapterTarget: the backbone run with an EMA copy of its LoRA adapter), called like
     the backbone; its `ema_pairs()` names the (EMA, online) tensors update_target lerps.
@@ -465,9 +441,8 @@ class DLLMJEPA(nn.Module):
 
     def encode(self, model, ids, logits=True):
         """One forward pass -> (logits as the model gives them, hidden states at embed_layer).
-        logits=False with config.truncate_target (target passes): (None, hidden) from a pass that
-        stops where the embedding is read (truncated_forward: l/L of a forward, no LM head); the
-        same tensor."""
+        logits=False (target passes) with truncate_target: (None, hidden), the same tensor from
+        truncated_forward's pass that stops where it is read (l/L of a forward, no LM head)."""
         if not logits and self.config.truncate_target and self.truncated_forward is not None:
             hidden = self.truncated_forward(model, ids, self.config.embed_layer)
             if hidden is not None:
@@ -501,8 +476,7 @@ class DLLMJEPA(nn.Module):
                                      cfg.eps, cfg.nested, generator)
         if cfg.target_view == "clean":  # the target sees the whole sequence: no masks, not even eps's
             target = View(input_ids, torch.zeros_like(target.masked), t_target, torch.zeros_like(target.p))
-        zero = input_ids.new_zeros((), dtype=torch.float32)
-        jepa = anchor = zero
+        jepa = anchor = input_ids.new_zeros((), dtype=torch.float32)
 
         # 1. Target forward: no grad through the EMA copy (dllm-jepa), or with grad through
         #    the online model (two-pass, LLM-JEPA's 6F design).
@@ -535,7 +509,7 @@ class DLLMJEPA(nn.Module):
         answer_loss, answer_accuracy = answer_metrics(logits, input_ids, context.masked, context.p, answer,
                                                       self.shift_logits)
         pooled = z_context if cfg.pooling != "token" else embed(hidden, answer, "answer")
-        return JEPAOutput(diffusion + cfg.jepa_lambda * jepa + anchor, diffusion, jepa, anchor,
+        return JEPAOutput(cfg.total(diffusion, jepa, anchor), diffusion, jepa, anchor,
                           answer_loss, answer_accuracy, pooled.detach())
 
     @torch.no_grad()
@@ -568,11 +542,9 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 
 def l2_distance(model: nn.Module, base: nn.Module) -> torch.Tensor:
-    """||theta - theta_base||^2 summed over every parameter (L2-SP, Li et al., 2018).
-
-    Under FSDP each rank sums its own shards (to_local): the gradient 2 (theta - theta_base)
-    is elementwise, so each shard gets exactly its own part; the value is this rank's share.
-    """
+    """||theta - theta_base||^2 summed over every parameter (L2-SP, Li et al., 2018). Under FSDP
+    each rank sums its own shards (to_local): the gradient 2 (theta - theta_base) is elementwise,
+    so each shard gets exactly its own part; the value is this rank's share."""
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t
     return sum((local(p).float() - local(b).float()).pow(2).sum()
                for p, b in zip(model.parameters(), base.parameters()))

@@ -42,9 +42,8 @@ from transformers.utils import logging as hf_logging
 
 import tiny_model
 from dllm_jepa import DLLMJEPA, JEPAConfig, effective_rank
-from dlm import checkpoints, data, diagnostics, files, lora, preflight, sharding
+from dlm import checkpoints, data, diagnostics, files, flags, lora, preflight, sharding
 from dlm.backbones import Backbone, load_backbone, new_tiny_backbone
-from dlm.flags import parse_args
 from dlm.hub import training_rows
 from tasks.generation import held_out_answers
 
@@ -113,7 +112,7 @@ def load_model(args, env) -> Backbone:
 def build(settings, backbone, base_parameters, env) -> tuple[DLLMJEPA, torch.optim.AdamW]:
     """DLLMJEPA (predictor, EMA target or anchor copy; under LoRA an EMA adapter), sharded by
     FSDP2, every rank's shards filled from rank 0's weights, and AdamW over what trains."""
-    objective = JEPAConfig.from_flags(vars(settings))
+    objective = flags.objective(vars(settings))
     with sharding.on_meta(env):
         model = DLLMJEPA(backbone.model, objective, backbone.mask_token_id, backbone.family.shift_logits,
                          truncated_forward=sharding.truncated_forward(backbone.family.blocks),
@@ -224,10 +223,10 @@ def loss_parts(output) -> torch.Tensor:
 
 def reduce_parts(parts: torch.Tensor, config: JEPAConfig, world_size: int) -> dict:
     """Average every part over ranks but the anchor, which is summed: each rank holds the
-    share of its own parameter shards. The loss is DLLMJEPA's: diffusion + lambda jepa + anchor."""
+    share of its own parameter shards; the loss from them as DLLMJEPA totals it."""
     per_rank = torch.tensor([1 if name == "anchor" else world_size for name in PARTS], device=parts.device)
     values = dict(zip(PARTS, (sharding.all_reduce_sum(parts) / per_rank).tolist()))
-    return {"loss": values["diffusion"] + config.jepa_lambda * values["jepa"] + values["anchor"], **values}
+    return {"loss": config.total(values["diffusion"], values["jepa"], values["anchor"]), **values}
 
 
 def clip_gradients(model, grad_clip) -> torch.Tensor:
@@ -409,7 +408,7 @@ def main(argv=None) -> Path:
     """Run training; returns the folder of the exported model. Every refusal is one line: exit 2
     for a bad flag, 1 for bad data or files. Every file is strict JSON: a non-finite value (a
     skipped step's loss) is the string "NaN", "Infinity" or "-Infinity" (float() reads it back)."""
-    parser, args = parse_args(argv)
+    parser, args = flags.parse_args(argv)
     preflight.check_start(parser, args)  # flags, paths, --out and sizes, before anything loads
     files.stop_on_second_signal()  # even a rank stuck in a collective stops on a second SIGTERM
     hf_logging.disable_progress_bar()  # one progress bar: ours

@@ -156,6 +156,21 @@ def read_examples(path: Path) -> list[Example]:
     return examples
 
 
+def chat_row(prompt: list, answer: str) -> dict:
+    """A row in the chat shape read_examples reads back: the prompt's messages, then the answer as
+    the assistant's."""
+    return {"messages": prompt + [{"role": "assistant", "content": answer}]}
+
+
+def write_jsonl(path: Path, rows: list) -> int:
+    """rows as a .jsonl file, one JSON object a line ("\n" on every system), its folder made if
+    need be -> how many."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return len(rows)
+
+
 def clean_examples(examples: list[Example], source: str) -> tuple[list[Example], str | None]:
     """Skip rows that teach nothing: blank answers, blank prompts, exact duplicates (the first
     copy is kept). Returns the rest and a one-line report of what was skipped (None if nothing).

@@ -5,9 +5,10 @@ train.settle fills the defaults that depend on the model, and dlm/preflight.py c
 """
 
 import argparse
+import dataclasses
 import math
 
-from dllm_jepa import METHODS, VIEW_PRESETS
+from dllm_jepa import METHODS, VIEW_PRESETS, JEPAConfig
 from dlm import data, lora
 
 DESCRIPTION = "Fine-tune a masked-diffusion LM with DLLM-JEPA (or a baseline) from the command line."
@@ -148,3 +149,10 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                    help="held-out examples answered with the sampler after training, scored by exact match "
                         "(default: 200 for --data builtin, else 0; evaluate.py scores task metrics)")
     return p, p.parse_args(argv)
+
+
+def objective(flags: dict) -> JEPAConfig:
+    """The objective from the flags, which bear JEPAConfig's field names; an unset flag (None)
+    leaves its field at the default."""
+    return JEPAConfig(**{f.name: flags[f.name] for f in dataclasses.fields(JEPAConfig)
+                         if f.init and flags.get(f.name) is not None})

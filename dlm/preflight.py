@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 import tiny_model
-from dllm_jepa import METHODS, JEPAConfig, check
-from dlm import checkpoints, files, sharding
+from dllm_jepa import METHODS, check
+from dlm import checkpoints, data, files, flags, sharding
 from dlm.backbones import new_tiny_backbone
 
 # -----------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def check_start(parser, args):
                      "tiny model's base exists only in this run: final/ holds it merged)")
     try:
         check_flags(args)
-        JEPAConfig.from_flags(vars(args))  # the objective's own checks
+        flags.objective(vars(args))  # the objective's own checks
     except ValueError as e:  # name the flag, not the dataclass field
         parser.error(re.sub(r"(?<![\w-])([a-z]+(?:_[a-z]+)*)=", lambda m: f"--{m[1].replace('_', '-')}=", str(e)))
     try:
@@ -85,7 +85,7 @@ def check_flags(args):
     check(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must be >= 0")
     check(args.model is not None or (args.tiny_width >= 8 and args.tiny_width % 8 == 0),
           f"--tiny-width {args.tiny_width}: must be a positive multiple of 8 (4 heads of an even size)")
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    cuda = sharding.pick_device(args.device) == "cuda"
     check(args.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is visible; use --device cpu")
     check(cuda or not args.cpu_offload, "--cpu-offload: needs a CUDA device (it offloads GPU parameters to CPU)")
 
@@ -187,7 +187,7 @@ def state_bytes(args, parameters: int, width: int) -> tuple[float, float]:
     """(bytes per parameter of the training state, bytes of the full weights and frozen copies
     rank 0 holds before sharding): fp32 master weights, gradients and two AdamW moments, plus
     an EMA target or anchor copy; a LoRA base only its frozen weights."""
-    copies = (JEPAConfig.from_flags(vars(args)).target_kind == "ema") + bool(METHODS[args.method]["anchor"])
+    copies = (flags.objective(vars(args)).target_kind == "ema") + bool(METHODS[args.method]["anchor"])
     per_layer = (2 * args.predictor_mult + 4 * (args.predictor == "transformer")) * width * width  # MLP (+ attention)
     predictor = args.predictor_depth * per_layer if METHODS[args.method]["target_pass"] else 0
     if getattr(args, "lora_rank", 0):
@@ -206,7 +206,7 @@ def check_fits(args):
     parameters, width, blocks, vocab = shape
     local_rank, world, local_world = processes()
     per_parameter, start_up = state_bytes(args, parameters, width)
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    cuda = sharding.pick_device(args.device) == "cuda"
     host = start_up if cuda else max(start_up, per_parameter * parameters * local_world / world)
     needs = [(host, "cpu")] + ([(per_parameter * parameters / world, torch.device("cuda", local_rank))]
                                if cuda and not args.cpu_offload else [])
@@ -443,8 +443,7 @@ def prepare_output(out: Path, resume: Path | None, step: int, run_config: dict, 
             files.atomic_write_text(out / "config.json", files.metadata_json(run_config))
             if eval_examples:
                 files.atomic_write_text(out / "held_out.jsonl", "".join(
-                    json.dumps({"messages": ex.prompt + [{"role": "assistant", "content": ex.answer}]}) + "\n"
-                    for ex in eval_examples))
+                    json.dumps(data.chat_row(ex.prompt, ex.answer)) + "\n" for ex in eval_examples))
         except (ValueError, OSError) as e:
             error = f"error: {e}"
     if error := sharding.agreed_error(error, env):

@@ -327,6 +327,24 @@ def trained_seq_len(model: str) -> int | None:
         return None
 
 
+def canvas_args(gen_length: int | None, block_length: int | None, trained: int | None) -> dict:
+    """--gen-length and --block-length as given, else their defaults: for a model whose trained
+    canvas is known (trained_seq_len) None, which sampler_for settles once the prompts are known
+    (the trained canvas, one block); for any other model SamplerConfig's 128 masks in blocks of 32."""
+    if trained is None:
+        return dict(gen_length=gen_length or SamplerConfig.gen_length,
+                    block_length=block_length or SamplerConfig.block_length)
+    return dict(gen_length=gen_length, block_length=block_length or gen_length)
+
+
+def check_room(gen_length: int | None, positions: int | None, flag: str = "--gen-length", error=ValueError):
+    """`error` (one line naming the flag) when gen_length masks leave no room for a prompt in the
+    model's positions (None: unknown, or not yet settled)."""
+    if gen_length is not None and positions is not None and gen_length >= positions:
+        raise error(f"{flag} {gen_length} leaves no room for a prompt in the model's {positions} positions: "
+                    f"give a smaller {flag}")
+
+
 def sampler_for(longest_prompt: int, sampler_args: dict, trained: int | None) -> SamplerConfig:
     """The sampler, with the canvas the model was trained on when it is known: a gen_length of
     None becomes its --seq-len minus the longest prompt (one block, one token per step), the

@@ -47,11 +47,17 @@ class Env:
         return self.rank == 0
 
 
+def pick_device(name: str | None) -> str:
+    """--device auto (or none given): "cuda" when a CUDA device is visible, else "cpu"; any other
+    name as it is (each command says in its own way what it does when CUDA is asked for and absent)."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name in (None, "", "auto") else name
+
+
 def init_distributed(device: str, timeout: timedelta | None = None) -> Env:
     """Join torchrun's process group, or make a one-process group on the spot. `timeout`: how
     long a collective waits for the other ranks before it fails (torch's default if None), so a
     stopped or hung rank ends the run with an error instead of a hang (see is_timeout)."""
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = pick_device(device) == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
     backend = "nccl" if use_cuda else "gloo"

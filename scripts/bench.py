@@ -52,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from dllm_jepa import DLLMJEPA, JEPAConfig
 from dlm import backbones, sharding
-from train import make_optimizer
+from train import clip_gradients, make_optimizer
 
 # name -> JEPAConfig fields. "l/2": the embedding is read at layer L/2 (the target pass stops
 # there); filled in once the depth is known.
@@ -140,11 +140,9 @@ def parse_args(argv=None):
 
 
 def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
-    return torch.device(name)
+    return torch.device(sharding.pick_device(name))
 
 
 def sync(device):
@@ -222,8 +220,9 @@ class Trainer:
         return self.model(*self.batch, generator=gen)
 
     def update(self, out):
-        """Backward, AdamW step, EMA update."""
+        """Backward, clipping, AdamW step, EMA update: train.py's step."""
         out.loss.backward()
+        clip_gradients(self.model, 1.0)  # train.py's default --grad-clip
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_target(self.count, 1000)
@@ -585,8 +584,9 @@ def ratios(rows, key):
 
 
 def check_targets(rows, costs, matmul, device="cpu", isolated=True):
-    """The issue's targets, each with its measured value and whether it holds. The memory
-    targets need each run's own peak (isolated): in one process the peaks mix."""
+    """The cost targets of the method (the paper's 4F against 6F, and its memory), each with its
+    measured value and whether it holds. The memory targets need each run's own peak
+    (isolated): in one process the peaks mix."""
     F_, h = costs["F"], costs["h"]
     checks = []
 
@@ -668,8 +668,8 @@ def report(result):
         for name, r in result["study"].items():
             print(f"{name:38s} {r['flops'] / 1e9:8.3f} {r['flops_vs_full']:6.3f} {r['time_s'] * 1e3:8.1f} "
                   f"{r['time_vs_full']:6.3f} {r['flops_per_s'] / 1e9:8.1f} {r['max_abs_diff']:10.2e}")
-    print("\ntargets (issue 5):" + ("" if result["isolated"] else
-                                     " (memory targets need --isolate: in one process the peaks mix)"))
+    print("\ncost targets:" + ("" if result["isolated"] else
+                               " (memory targets need --isolate: in one process the peaks mix)"))
     for c in result["targets"]:
         print(f"  [{'met' if c['met'] else 'NOT met':7s}] {c['target']}: {c['value']:.3f} "
               f"({c['op']} {c['limit']:.3f})" + (f"; {c['note']}" if c["note"] else ""))

@@ -43,7 +43,7 @@ from types import SimpleNamespace
 import torch
 
 from dlm import checkpoints, data, files, hub, sharding
-from dlm.sampler import SamplerConfig, add_fast_flags, trained_seq_len
+from dlm.sampler import SamplerConfig, add_fast_flags, canvas_args, trained_seq_len
 from tasks import GENERATION_TASKS, TASKS, check_references, load_items
 from tasks.common import Shard, max_positions, with_shots
 from tasks.drift import drift_report, plot_drift
@@ -128,10 +128,6 @@ def parse_args(argv=None):
     return p, p.parse_args(argv)
 
 
-def pick_device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def load(name: str, args, device=None):
     """A model folder or hub id (train.py's final/, a merged LoRA export too); a peft adapter
     folder, loaded onto the base its adapter_config.json names; or, the first time --model is
@@ -157,7 +153,7 @@ def load(name: str, args, device=None):
     if adapter is not None:
         from peft import PeftModel
         backbone.model = PeftModel.from_pretrained(backbone.model, adapter).merge_and_unload()
-    backbone.model.to(device or pick_device(args.device)).eval()
+    backbone.model.to(device or sharding.pick_device(args.device)).eval()
     return backbone
 
 
@@ -173,12 +169,9 @@ def read_inputs(args) -> SimpleNamespace:
         raise ValueError("--shots needs --fewshot-data (where the exemplars come from)")
     if args.task in GENERATION_TASKS:
         inputs.trained = trained = trained_seq_len(args.adapter or args.model)
-        default = 128 if trained is None else None  # None: from the trained canvas, once prompts are known
-        inputs.sampler_args = dict(gen_length=args.gen_length or default, steps=args.steps,
-                                   temperature=args.temperature, remasking=args.remasking,
-                                   suppress_eos=args.suppress_eos, threshold=args.threshold,
-                                   prefix_cache=args.prefix_cache,
-                                   block_length=args.block_length or (32 if trained is None else args.gen_length))
+        inputs.sampler_args = canvas_args(args.gen_length, args.block_length, trained) | dict(  # None: the trained
+            steps=args.steps, temperature=args.temperature, remasking=args.remasking,  # canvas, once prompts are known
+            suppress_eos=args.suppress_eos, threshold=args.threshold, prefix_cache=args.prefix_cache)
         if inputs.sampler_args["gen_length"] is not None:  # flags checked before the model loads
             SamplerConfig(**inputs.sampler_args)
         tables = Path(args.spider_tables) if args.spider_tables else None
@@ -242,7 +235,7 @@ def run(args, env: sharding.Env | None = None) -> dict | None:
     world = env.world_size if env else 1
     shard = Shard(env.rank if env else 0, world, not args.no_progress)
     alone = env is not None and env.rank != 0 and args.task == "drift"
-    device = env.device if env else pick_device(args.device)
+    device = env.device if env else sharding.pick_device(args.device)
     inputs = together(env, lambda: read_inputs(args))
 
     def load_models():

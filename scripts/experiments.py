@@ -168,13 +168,6 @@ def shuffled(rows: list, seed: int = 0) -> list:
     return rows
 
 
-def write_jsonl(path: Path, items: list[Item]):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps({"messages": item.prompt + [{"role": "assistant", "content": item.reference}]}) + "\n")
-
-
 def require(path: Path) -> Path:
     if not path.exists():
         raise ValueError(f"{path} is missing: point --data-dir at a folder in the layout README.md "
@@ -322,7 +315,8 @@ def write_data(out: Path, inputs: Inputs) -> Path:
     for task, splits in inputs.splits.items():
         for split, items in zip(("train", "dev", "test"), splits):
             if items:
-                write_jsonl(folder / task / f"{split}.jsonl", items)
+                rows = [data.chat_row(item.prompt, item.reference) for item in items]
+                data.write_jsonl(folder / task / f"{split}.jsonl", rows)
     write_mmlu(folder / "mmlu_test", inputs.mmlu, "test")
     write_mmlu(folder / "mmlu_dev", inputs.mmlu_dev, "dev")
     return folder

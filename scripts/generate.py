@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from dlm import data
-from dlm.sampler import SamplerConfig, add_fast_flags, generate_text, sampler_for, stop_ids, trained_seq_len
+from dlm import data, sharding
+from dlm.sampler import (SamplerConfig, add_fast_flags, canvas_args, check_room, generate_text, sampler_for, stop_ids,
+                         trained_seq_len)
 
 # -----------------------------------------------------------------------------
 # Watching the decoding (--show)
@@ -251,10 +252,9 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     trained = trained_seq_len(args.model)
-    sampler_args = dict(gen_length=args.gen_length or (None if trained else default.gen_length),
-                        block_length=args.block_length or (args.gen_length if trained else default.block_length),
-                        steps=args.steps, temperature=args.temperature, remasking=args.remasking,
-                        suppress_eos=args.suppress_eos, threshold=args.threshold, prefix_cache=args.prefix_cache)
+    sampler_args = canvas_args(args.gen_length, args.block_length, trained) | dict(
+        steps=args.steps, temperature=args.temperature, remasking=args.remasking, suppress_eos=args.suppress_eos,
+        threshold=args.threshold, prefix_cache=args.prefix_cache)
     if sampler_args["gen_length"] is not None:  # checked now; a trained canvas once the prompts are known
         try:
             SamplerConfig(**sampler_args)
@@ -276,13 +276,10 @@ def run(args, sampler_args: dict, trained: int | None, stdout) -> list[str]:
             if p.messages[0]["role"] != "system":
                 p.messages.insert(0, {"role": "system", "content": args.system})
     limit = model_positions(args.model)
-    if limit is not None and (sampler_args["gen_length"] or 0) >= limit:
-        raise BadFlag(f"--gen-length {sampler_args['gen_length']} leaves no room for a prompt in the model's "
-                      f"{limit} positions: give a smaller --gen-length")
+    check_room(sampler_args["gen_length"], limit, error=BadFlag)
     path = Path(args.model).expanduser()
     backbone = load_backbone(str(path) if path.exists() else args.model, dtype=getattr(torch, args.dtype))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    backbone.model.to(device).eval()
+    backbone.model.to(sharding.pick_device(args.device)).eval()
     longest = max(len(data.prompt_ids(backbone.tokenizer, p.messages)) for p in prompts)
     sampler = sampler_for(longest, sampler_args, trained)
     ids = [prompt_tokens(backbone.tokenizer, p, sampler.gen_length, limit) for p in prompts]

@@ -68,8 +68,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from dlm.sampler import (SamplerConfig, aligned_logits, check_prefix_cache, conventions, generate, generate_text,
-                         left_pad, sampler_for, trained_seq_len)
+from dlm import sharding
+from dlm.sampler import (SamplerConfig, aligned_logits, canvas_args, check_prefix_cache, check_room, conventions,
+                         generate, generate_text, left_pad, sampler_for, trained_seq_len)
 from tasks.common import fit_prompt, max_positions
 
 MODEL_NAME = "dllm"
@@ -185,11 +186,9 @@ class DiffusionLM(TemplateLM):
         self.mc_samples, self.seed = int(mc_samples), int(seed)
         # the sampler, defaulted as evaluate.py does: None = the trained canvas, once the prompts are known
         self.trained = trained_seq_len(pretrained) if pretrained is not None else None
-        self.sampler_args = dict(gen_length=gen_length or (128 if self.trained is None else None),
-                                 block_length=block_length or (32 if self.trained is None else gen_length),
-                                 steps=steps, temperature=float(temperature), remasking=remasking,
-                                 suppress_eos=bool(suppress_eos), threshold=number(threshold, "threshold"),
-                                 prefix_cache=bool(prefix_cache))
+        self.sampler_args = canvas_args(gen_length, block_length, self.trained) | dict(
+            steps=steps, temperature=float(temperature), remasking=remasking, suppress_eos=bool(suppress_eos),
+            threshold=number(threshold, "threshold"), prefix_cache=bool(prefix_cache))
         if self.sampler_args["gen_length"] is not None:
             SamplerConfig(**self.sampler_args)  # a bad flag fails before the weights load
         if backbone is None:
@@ -208,12 +207,10 @@ class DiffusionLM(TemplateLM):
 
     @staticmethod
     def pick_device(device: str | None) -> str:
-        if device in (None, "", "auto"):
-            return "cuda" if torch.cuda.is_available() else "cpu"
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             log.warning("device %s: no CUDA device is visible; running on the CPU", device)
             return "cpu"
-        return device
+        return sharding.pick_device(device)
 
     # --- tokens ---------------------------------------------------------------
 
@@ -318,9 +315,7 @@ class DiffusionLM(TemplateLM):
         prompts = [self.tok_encode(c) for c in contexts]
         sampler = sampler_for(max(map(len, prompts)), self.sampler_args, self.trained)
         if self.limit is not None:
-            if sampler.gen_length >= self.limit:
-                raise ValueError(f"gen_length {sampler.gen_length} leaves no room for a prompt in the model's "
-                                 f"{self.limit} positions: give a smaller gen_length")
+            check_room(sampler.gen_length, self.limit, "gen_length")
             prompts = [fit_prompt(p, self.limit - sampler.gen_length) for p in prompts]
         answers = generate_text(self.backbone, prompts, sampler, self.batch_size, self.seed)
         return [cut_at(a, (kw or {}).get("until")) for a, kw in zip(answers, gen_kwargs)]

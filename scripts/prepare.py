@@ -30,7 +30,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from dlm import hub
+from dlm import data, hub
 
 GSM8K_DEV_ROWS = 300  # test_dev.jsonl: the first 300 test rows (the dev slice experiments.py scores)
 
@@ -39,25 +39,20 @@ def text_file(path: Path):
     return path.open("w", encoding="utf-8", newline="")  # "\n" line ends on every system
 
 
-def write_jsonl(path: Path, rows: list) -> int:
-    with text_file(path) as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    return len(rows)
-
 # -----------------------------------------------------------------------------
 # One writer per dataset: its folder (empty) -> {file: its rows, or what it holds}
 
 
 def gsm8k(folder: Path) -> dict:
     train, test = hub.load_rows("gsm8k", "train"), hub.load_rows("gsm8k", "test")
-    return {"train.jsonl": write_jsonl(folder / "train.jsonl", train),
-            "test_dev.jsonl": write_jsonl(folder / "test_dev.jsonl", test[:GSM8K_DEV_ROWS])}
+    return {"train.jsonl": data.write_jsonl(folder / "train.jsonl", train),
+            "test_dev.jsonl": data.write_jsonl(folder / "test_dev.jsonl", test[:GSM8K_DEV_ROWS])}
 
 
 def nl_rx(name: str):
     def write(folder: Path) -> dict:
         file = f"{name.split('-')[-1]}_train.jsonl"
-        return {file: write_jsonl(folder / file, hub.load_rows(name, "train"))}
+        return {file: data.write_jsonl(folder / file, hub.load_rows(name, "train"))}
     return write
 
 

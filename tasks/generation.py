@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 
 from dlm import data
-from dlm.sampler import SamplerConfig, generate_text, sampler_for
+from dlm.sampler import SamplerConfig, check_room, generate_text, sampler_for
 from tasks import score_answers
 from tasks.common import Item, Shard, exact_match, fit_prompt, map_batches, max_positions
 from tasks.probe import ProbeConfig, answer_scores
 
 
 def canvas_for(backbone, items: list[Item], sampler_args: dict, trained: int | None) -> SamplerConfig:
-    """generate.sampler_for with the longest of the items' chat prompts."""
+    """sampler.sampler_for with the longest of the items' chat prompts."""
     longest = max(len(data.prompt_ids(backbone.tokenizer, item.prompt)) for item in items)
     return sampler_for(longest, sampler_args, trained)
 
@@ -54,9 +54,7 @@ def evaluate_generation(backbone, task: str, items: list[Item], sampler: Sampler
     limit = max_positions(backbone.model)
     cut = 0
     if limit is not None:
-        if sampler.gen_length >= limit:
-            raise ValueError(f"--gen-length {sampler.gen_length} leaves no room for a prompt in the model's "
-                             f"{limit} positions: give a smaller --gen-length")
+        check_room(sampler.gen_length, limit)
         cut = sum(len(p) > limit - sampler.gen_length for p in prompts)
         prompts = [fit_prompt(p, limit - sampler.gen_length) for p in prompts]
     if shard.world > 1:

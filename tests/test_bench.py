@@ -43,7 +43,7 @@ def test_bench_table_and_json(bench_result, capsys):
     assert "full pass (paper)" in saved["study"]
     bench.report(result)
     out = capsys.readouterr().out
-    for text in ("ms/step", "tensors", "dllm-jepa-online", "two-pass", "targets (issue 5)", "F (one forward)",
+    for text in ("ms/step", "tensors", "dllm-jepa-online", "two-pass", "cost targets:", "F (one forward)",
                  "target pass alone", "memory targets need --isolate"):
         assert text in out
 

@@ -733,7 +733,7 @@ def test_flop_ratios(make_model, truncate):
     if truncate:  # the exact expectation, to 1%
         assert abs(r_diff / ((4 * F_ - H) / (3 * F_)) - 1) <= 0.01, r_diff
         assert abs(r_two / ((4 * F_ - H) / (6 * F_ - 3 * H)) - 1) <= 0.01, r_two
-    else:  # the claim
+    else:  # the paper's claim (4F against 6F)
         assert abs(r_diff / (4 / 3) - 1) <= 0.03, r_diff
         assert abs(r_two / (2 / 3) - 1) <= 0.03, r_two
 

@@ -16,6 +16,7 @@ import torch
 import dllm_jepa as dj
 import train
 from dlm import data
+from dlm.flags import parse_args
 from scripts import evaluate, generate
 from tasks.common import Item
 from tasks.generation import canvas_for
@@ -36,7 +37,7 @@ def test_canvas_length_by_mode():
 def test_micro_batch_canvas_is_a_pure_function_of_seed_step_and_shard(tokenizer):
     examples = data.builtin_task(64, seed=0)
     rows = data.tokenize_examples(examples, tokenizer, 40)
-    args = train.parse_args(["--seq-len", "40"])[1]
+    args = parse_args(["--seq-len", "40"])[1]
     idx = torch.arange(16)
     lengths = lambda step, shard: train.micro_batch(rows, idx, args, step, shard, "cpu")[0].shape[1]
     args.seed = 3

@@ -100,7 +100,7 @@ def test_every_method_trains(tmp_path, method):
 
 
 # -----------------------------------------------------------------------------
-# Row shapes read (bad flags and bad rows: tests/test_reliability.py)
+# Row shapes read (bad flags and bad rows: tests/test_faults.py)
 
 
 def test_accepted_row_shapes(tmp_path):

@@ -1,8 +1,8 @@
 """
-Reliability, second round (issue 15): never destroy an input, never lose finished work, never
-hang, one line for every refusal.
+The guards of dlm/preflight.py and dlm/files.py, and the commands' outputs: never destroy an
+input, never lose finished work, never hang, one line for every refusal.
 
-    python -m pytest tests/test_reliability2.py -q
+    python -m pytest tests/test_preflight.py -q
 
 1. An --out that is, contains or lies inside an input (--model, --data, --eval-data, --resume's
    checkpoint and run), a model folder or a checkpoint is refused up front (train.py,
@@ -40,6 +40,7 @@ import torch
 import train
 from dllm_jepa import DLLMJEPA
 from dlm import backbones, files, preflight
+from dlm.flags import parse_args
 from scripts import evaluate as E
 from scripts import experiments as X
 
@@ -179,8 +180,8 @@ def test_out_meeting_any_input_is_refused_naming_both(saved_model, small_run, tm
 def test_continuing_a_run_in_place_is_still_allowed(small_run):
     """--out the run that holds --resume's checkpoint is the ordinary way to continue it."""
     resume = small_run / "checkpoints" / "step_00000002"
-    preflight.check_output(train.parse_args(SMALL + ["--out", str(small_run), "--resume", str(resume)])[1])
-    preflight.check_output(train.parse_args(SMALL + ["--out", str(small_run), "--resume", "auto"])[1])
+    preflight.check_output(parse_args(SMALL + ["--out", str(small_run), "--resume", str(resume)])[1])
+    preflight.check_output(parse_args(SMALL + ["--out", str(small_run), "--resume", "auto"])[1])
 
 
 def test_evaluate_out_and_plot_never_meet_an_input(saved_model, tmp_path, monkeypatch):
@@ -552,7 +553,7 @@ def test_batch_size_200000_is_refused_on_this_machine(tmp_path, capfd):
 
 
 def test_ordinary_sizes_are_not_refused(tmp_path):
-    args = train.parse_args(SMALL + ["--out", str(tmp_path)])[1]
+    args = parse_args(SMALL + ["--out", str(tmp_path)])[1]
     preflight.check_fits(args)  # no ValueError
 
 

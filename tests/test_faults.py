@@ -1,7 +1,7 @@
 """
-Reliability (issue 6): bad data, bad flags, crashes and resume, numerical faults.
+Faults from outside: bad data, bad flags, crashes and resume, numerical faults.
 
-    python -m pytest tests/test_reliability.py -q        # about a minute on 2 CPU cores
+    python -m pytest tests/test_faults.py -q        # about a minute on 2 CPU cores
 
 1. Bad data: every malformed row stops loading with one line naming file:line, what is wrong
    and how to fix it; blank answers/prompts and exact duplicates are skipped, counted and
@@ -306,7 +306,7 @@ def test_bad_paths_and_checkpoints_are_refused_in_one_line(small_run, tmp_path, 
     truncated, junk = tmp_path / "truncated" / "step_00000002", tmp_path / "junk" / "step_00000002"
     for copy in (truncated, junk):
         shutil.copytree(ckpts / "step_00000002", copy)
-        (copy / "manifest.json").unlink()  # as written before manifests (test_integrity checks those)
+        (copy / "manifest.json").unlink()  # as written before manifests (test_checkpoints checks those)
     (shards,) = truncated.glob("*.distcp")
     shards.write_bytes(shards.read_bytes()[:1000])
     (junk / "extra_rank0.pt").write_text("not a pickle")
@@ -579,7 +579,7 @@ def test_poisoned_steps_leave_weights_optimizer_and_ema_untouched(tmp_path, monk
     run(out, "--steps", "7", "--save-every", "1", "--keep", "7", "--max-bad-steps", "2")
     log = steps_of(out)
     assert [row["skipped"] for row in log] == [False, False, True, False, True, False, False]
-    # non-finite values are strict JSON strings (issue 15): "NaN", "Infinity", which float() reads back
+    # non-finite values are strict JSON strings: "NaN", "Infinity", which float() reads back
     assert log[2]["loss"] == "NaN" and math.isnan(float(log[2]["loss"])) and math.isfinite(log[4]["loss"])
     assert log[4]["grad_norm"] in ("Infinity", "NaN")
     printed = capsys.readouterr().out

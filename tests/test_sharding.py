@@ -2,7 +2,7 @@
 FSDP2 on CPU (gloo): 2 processes against 1, sharded EMA, distributed resume, rank 0's
 weights sent to ranks that built the model on the meta device.
 
-    python -m pytest tests/test_distributed.py -q
+    python -m pytest tests/test_sharding.py -q
 
 Two processes with micro-batch B draw exactly the masks that one process draws with two
 accumulation micro-batches of B (masks are seeded by (seed, step, shard)), so their losses

@@ -3,7 +3,7 @@ Checkpoint and export integrity: a manifest of sizes and hashes checked on load,
 never leaves a complete-looking half, a full disk reported in one line with the checkpoint to
 resume from, and files replaced all at once.
 
-    python -m pytest tests/test_integrity.py -q
+    python -m pytest tests/test_checkpoints.py -q
 """
 
 import errno
