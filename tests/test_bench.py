@@ -167,6 +167,17 @@ def test_bench_builds_llada_8b_shape():
     assert sum(p.numel() for p in full.parameters()) == pytest.approx(8.0e9, rel=0.01)
 
 
+def test_bench_steps_as_train_does(monkeypatch):
+    """A bench step is train.py's: backward, then the gradients clipped to train.py's default
+    --grad-clip 1.0 before AdamW steps (the clipping's cost is in every row)."""
+    clipped = []
+    monkeypatch.setattr(bench, "clip_gradients", lambda model, grad_clip: clipped.append(grad_clip))
+    args = bench.parse_args(BENCH_FLAGS)
+    trainer = bench.Trainer("diffusion", args, torch.device("cpu"), torch.float32)
+    trainer.step()
+    assert clipped == [1.0] and trainer.count == 1
+
+
 def test_bench_refuses_checkpointing_without_fsdp():
     with pytest.raises(SystemExit, match="--activation-checkpointing and --cpu-offload go with --fsdp"):
         bench.main(BENCH_FLAGS + ["--activation-checkpointing"])

@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoTokenizer
 import tiny_model
 import train
 from dlm import data, preflight
+from dlm.flags import parse_args
 
 SMALL = ["--tiny-width", "32", "--tiny-layers", "2", "--batch-size", "8", "--seq-len", "32",
          "--builtin-size", "400", "--no-progress"]
@@ -159,6 +160,22 @@ def test_plain_text_rows(tmp_path):
     assert rows.prompt_lengths.tolist() == [1] * 5 and rows.answer_lengths.tolist() == [15] * 5
     with pytest.raises(ValueError, match="fewer than one row"):
         data.tokenize_text(path, tiny_model.make_tokenizer(), 100)
+
+
+def test_settle_fills_the_defaults_and_leaves_the_flags_as_parsed():
+    """The defaults that depend on the model are settled once, into a new namespace: the parsed
+    flags stay as given (None where unset), and an explicit flag always wins."""
+    _, args = parse_args(["--steps", "50", "--lora-rank", "4", "--lora-targets", " down, qkv,down "])
+    parsed = dict(vars(args))
+    settings = train.settle(args, "tiny-dlm")
+    assert vars(args) == parsed and args.lr is None and args.lora_alpha is None
+    assert (settings.loss_weight, settings.lr, settings.warmup_steps, settings.final_eval) == ("flat", 1e-3, 5, 200)
+    assert (settings.lora_alpha, settings.lora_targets) == (8.0, "down,qkv")
+    loaded = train.settle(parse_args(["--model", "m", "--data", "d.jsonl", "--lr", "3e-4"])[1], "llada")
+    assert (loaded.loss_weight, loaded.lr, loaded.warmup_steps, loaded.final_eval) == ("inverse-t", 3e-4, 30, 0)
+    assert loaded.lora_alpha is None and loaded.lora_targets is None  # no LoRA: nothing to settle
+    targets = train.settle(parse_args(["--lora-rank", "2"])[1], "llada").lora_targets
+    assert targets == "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out"  # the family's own
 
 
 def test_learning_rate_schedule_by_hand(tmp_path):
