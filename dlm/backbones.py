@@ -414,10 +414,12 @@ def saved_dtype_of(config, name_or_path: str, read_weights: bool = True) -> torc
 def install_remote_fixes(folder: Path, family: Family) -> str | None:
     """After save_pretrained of a LLaDA or Dream model into `folder`: copy the family's file of
     remote_fixes/ beside the checkpoint's own modeling code and point config.json's auto_map
-    (AutoModel and any entry naming the same class) at its subclass, so that plain
-    `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads it under transformers 5.
-    Returns the auto_map entry now used, or None when the family needs none or the folder's
-    code is not the published one this repairs (then backbones.load_backbone(folder) loads it)."""
+    (AutoModel, AutoModelForCausalLM, and any entry naming the same class) at its subclass, so
+    that plain `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads it under
+    transformers 5, and AutoModelForCausalLM too (the class is the LM, head included; Dream's
+    released config lists AutoModel only). Returns the auto_map entry now used, or None when the
+    family needs none or the folder's code is not the published one this repairs (then
+    backbones.load_backbone(folder) loads it)."""
     if family.remote_fixes is None:
         return None
     file, published = family.remote_fixes
@@ -430,6 +432,7 @@ def install_remote_fixes(folder: Path, family: Family) -> str | None:
         return None
     shutil.copyfile(Path(__file__).resolve().parent / "remote_fixes" / file, Path(folder) / file)
     config["auto_map"] = {key: ours if value in (published, ours) else value for key, value in auto_map.items()}
+    config["auto_map"]["AutoModelForCausalLM"] = ours
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return ours
 

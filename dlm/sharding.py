@@ -258,7 +258,10 @@ def forward_until(model: nn.Module, ids, stop_at: nn.Module) -> torch.Tensor:
     so under FSDP2 `stop_at` is never all-gathered; FSDP2's post-forward hook on `model`,
     skipped by the raise, is run by hand (private API): it reshards the root's parameters
     (embeddings, head), which would otherwise stay gathered until the backward (under no_grad,
-    for good) and sets the root's state back to idle.
+    for good) and sets the root's state back to idle. With gradient (two-pass) it also hooks the
+    returned tensor to gather them again for the backward; Dream's head reads a slice of the
+    last state (a view), and an in-place op on a view would drop that hook (FSDP2 warns of wrong
+    gradients): a view is handed over as a copy, which nothing can modify behind the hook.
     """
     def hook(module, args, kwargs):
         raise StopForward((args or tuple(kwargs.values()))[0])
@@ -270,6 +273,8 @@ def forward_until(model: nn.Module, ids, stop_at: nn.Module) -> torch.Tensor:
         hidden = stop.args[0]
     finally:
         handle.remove()
+    if isinstance(model, FSDPModule) and torch.is_grad_enabled() and hidden._is_view():
+        hidden = hidden.clone()  # (B, T, C)
     finish_stopped_forward(model, hidden)
     return hidden
 

@@ -524,7 +524,8 @@ def test_saved_dtype_of(tmp_path, tokenizer):
 
 def test_install_remote_fixes_only_over_the_published_code(tmp_path):
     """The family's remote_fixes file goes beside modeling_llada.py and auto_map entries naming
-    LLaDA's class point at its subclass (again: unchanged); other code, or the tiny model: nothing."""
+    LLaDA's class point at its subclass (again: unchanged), AutoModelForCausalLM's too, also where
+    the config had none (Dream's); other code, or the tiny model: nothing."""
     llada = FAMILIES["llada"]
     auto_map = {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
                 "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"}
@@ -535,6 +536,15 @@ def test_install_remote_fixes_only_over_the_published_code(tmp_path):
         assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == auto_map | {
             "AutoModel": "llada_transformers5.LLaDAModelLM", "AutoModelForCausalLM": "llada_transformers5.LLaDAModelLM"}
     assert (tmp_path / "llada_transformers5.py").read_text().startswith('"""\nLLaDA\'s published modeling code')
+    dream = tmp_path / "dream"  # the released Dream config's auto_map has no AutoModelForCausalLM: it gets one
+    dream.mkdir()
+    (dream / "config.json").write_text(json.dumps({"model_type": "Dream", "auto_map": {
+        "AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"}}))
+    (dream / "modeling_dream.py").write_text("# Dream's\n")
+    assert backbones.install_remote_fixes(dream, FAMILIES["Dream"]) == "dream_transformers5.DreamModel"
+    assert json.loads((dream / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "dream_transformers5.DreamModel",
+        "AutoModelForCausalLM": "dream_transformers5.DreamModel"}
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "my_llada.Model"}}))
@@ -616,13 +626,15 @@ def tiny_published_model(folder: Path, family: str, tokenizer, init_device: str 
 
 PLAIN_LOAD = """
 import sys, torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoModelForCausalLM
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)  # the default dtype: config.json's
 as_float = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
+as_lm = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
+ids = torch.arange(3, 27).reshape(2, 12)
 with torch.no_grad():
-    logits = as_float(input_ids=torch.arange(3, 27).reshape(2, 12)).logits
-torch.save({"class": type(model).__module__ + "." + type(model).__name__, "dtype": model.dtype, "logits": logits},
-           sys.argv[2])
+    logits, lm_logits = as_float(input_ids=ids).logits, as_lm(input_ids=ids).logits
+torch.save({"class": type(model).__module__ + "." + type(model).__name__, "dtype": model.dtype, "logits": logits,
+            "lm_class": type(as_lm).__module__ + "." + type(as_lm).__name__, "lm_logits": lm_logits}, sys.argv[2])
 """
 
 
@@ -631,7 +643,8 @@ torch.save({"class": type(model).__module__ + "." + type(model).__name__, "dtype
 def test_exports_load_with_plain_automodel(tmp_path, tokenizer, family, variant):
     """train.py (LoRA, merged export; full fine-tuning for tied LLaDA) on a tiny model of the family's
     published code: final/ is bf16, as the checkpoint; a fresh process loads it with nothing but
-    AutoModel.from_pretrained(final, trust_remote_code=True), in bf16 by default, and its logits
+    AutoModel.from_pretrained(final, trust_remote_code=True) (and AutoModelForCausalLM, which
+    Dream's released auto_map lacks), in bf16 by default, and its logits
     equal those of backbones.load_backbone(final) (the one-line load train.py also prints): the
     weights, the rotary tables (Dream: recomputed, not left uninitialised) and the tied head all
     arrive. Under 5.x the published code alone does not load (LLaDA: post_init, tie_weights and
@@ -656,11 +669,12 @@ def test_exports_load_with_plain_automodel(tmp_path, tokenizer, family, variant)
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     plain = torch.load(tmp_path / "plain.pt", weights_only=False)
-    assert plain["class"].endswith(shim) and plain["dtype"] == torch.bfloat16
+    assert plain["class"].endswith(shim) and plain["lm_class"].endswith(shim) and plain["dtype"] == torch.bfloat16
     loaded = backbones.load_backbone(str(final)).model.eval()
     with torch.no_grad():
         expected = loaded(input_ids=torch.arange(3, 27).reshape(2, 12)).logits
     torch.testing.assert_close(plain["logits"], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(plain["lm_logits"], expected, rtol=0, atol=1e-5)  # AutoModelForCausalLM too
     if lora:  # the adapter alone, named after its base, beside the merged model
         adapter = json.loads((final / "adapter" / "adapter_config.json").read_text())
         assert adapter["base_model_name_or_path"] == str(base.resolve())

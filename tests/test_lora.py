@@ -351,13 +351,16 @@ def test_sharded_lora_matches_unsharded(method, tmp_path):
                 assert not state._fsdp_param_group.is_unsharded and state._training_state.name == "IDLE"
         models.append((model, backbone))
         losses.append(row)
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-7)  # (step, loss/anchor)
     if method == "l2-anchor":
         assert losses[1][-1][1] > 0
     (plain, _), (sharded, backbone) = models
     state = {k: lora.full(v) for k, v in sharded.state_dict().items()}
     for key, value in plain.state_dict().items():
-        assert torch.allclose(state[key], value, atol=1e-6), key
+        # 1e-5, not 1e-6: AdamW divides each gradient by its running RMS, so where a gradient is
+        # near zero (the predictor's second block, behind its zero-initialised output layer) the
+        # sharded sum's rounding moves a weight by ~3e-6; a sharding error moves it by ~lr = 1e-2
+        assert torch.allclose(state[key], value, atol=1e-5), (key, (state[key] - value).abs().max())
     checkpoints.export_pretrained(sharded.backbone, backbone.tokenizer, tmp_path / "final", env, {},
                                   transform=lambda s: lora.merged_state(sharded.backbone, s))
     ids, _ = batch(seed=7)

@@ -246,3 +246,70 @@ def test_export_saves_a_module_registered_twice_once(tmp_path):
     with safe_open(tmp_path / "final" / "model.safetensors", "pt") as saved:
         assert "embed.weight" in saved.keys() and "alias.weight" not in saved.keys()
         assert torch.equal(saved.get_tensor("embed.weight"), b.model.embed.weight.full_tensor())
+
+
+TWO_PASS_DREAM = r"""
+import copy, json, sys, warnings, torch, torch.distributed as dist
+from transformers.modeling_outputs import MaskedLMOutput
+sys.path.insert(0, sys.argv[1])
+import tiny_model
+from dlm import sharding
+from dllm_jepa import DLLMJEPA, JEPAConfig
+
+class DreamLike(tiny_model.TinyDLM):
+    # Dream's conventions: the head reads a slice of the final norm's output, a view (Dream:
+    # lm_head(hidden_states[:, -num_logits_to_keep:, :]) with 0, every position), and the
+    # output at i predicts token i + 1.
+    def forward(self, input_ids, output_hidden_states=False, **kwargs):
+        cfg = self.config
+        cos, sin = tiny_model.rotary_tables(input_ids.shape[1], cfg.hidden_size // cfg.num_attention_heads,
+                                            cfg.rope_theta, input_ids.device)
+        hidden = [self.embed(input_ids)]
+        for block in self.layers:
+            hidden.append(block(hidden[-1], cos, sin))
+        hidden[-1] = self.norm(hidden[-1])
+        logits = self.lm_head(hidden[-1][:, -0:, :])
+        return MaskedLMOutput(logits=torch.cat([logits[:, 1:], logits[:, -1:]], 1),
+                              hidden_states=tuple(hidden) if output_hidden_states else None)
+
+env = sharding.init_distributed("cpu")
+tokenizer = tiny_model.make_tokenizer()
+torch.manual_seed(0)
+config = tiny_model.TinyDLMConfig(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id, hidden_size=32,
+                                  num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+model = DLLMJEPA(DreamLike(config), JEPAConfig(method="two-pass"), shift_logits=True,
+                 truncated_forward=sharding.truncated_forward(lambda m: m.layers))
+plain = copy.deepcopy(model)
+sharding.shard_model(model, lambda m: m.layers)
+ids, prompt = torch.randint(0, 256, (2, 4, 24), generator=torch.Generator().manual_seed(1)), torch.full((4,), 6)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model(ids[env.rank], prompt, generator=torch.Generator().manual_seed(env.rank)).loss.backward()
+grads = {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.grad is not None}
+for rank in range(2):  # one process, both ranks' micro-batches: FSDP2 averages the ranks' gradients
+    (plain(ids[rank], prompt, generator=torch.Generator().manual_seed(rank)).loss / 2).backward()
+if env.is_main:
+    json.dump({"warnings": [str(w.message) for w in caught],
+               "diff": {name: (grads[name] - p.grad).abs().max().item() for name, p in plain.named_parameters()
+                        if p.grad is not None}}, open(sys.argv[2], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_two_pass_gradients_under_fsdp2_equal_an_unwrapped_dream_like_model(tmp_path):
+    """two-pass (the target view carries gradient through a truncated pass, stopped at the head)
+    on a tiny model with Dream's conventions, whose head reads a view: on 2 FSDP2 ranks the
+    gradient of every parameter equals one unwrapped process's over both micro-batches, and
+    FSDP2's "returned a view tensor ... wrong gradients" warning does not appear."""
+    (tmp_path / "two_pass.py").write_text(TWO_PASS_DREAM)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(tmp_path / "two_pass.py"), str(ROOT), str(tmp_path / "out.json")],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert not [w for w in out["warnings"] if "view tensor" in w], out["warnings"]
+    assert {name.split(".")[0] for name in out["diff"]} == {"backbone", "predictor"}
+    assert len(out["diff"]) == 15 + 12  # every tensor of the backbone (15) and the predictor (12) has a gradient
+    for name, diff in out["diff"].items():
+        assert diff < 1e-6, (name, diff)

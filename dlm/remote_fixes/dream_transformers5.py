@@ -1,6 +1,7 @@
 """
 Dream's published modeling code (modeling_dream.py, written for transformers 4.x), made to load
-with plain `AutoModel.from_pretrained(folder, trust_remote_code=True)` under transformers 5.
+with plain `AutoModel.from_pretrained(folder, trust_remote_code=True)` under transformers 5
+(and AutoModelForCausalLM: the export's auto_map adds the entry the released config lacks).
 
 train.py's export copies this file beside the checkpoint's own modeling_dream.py and points
 config.json's auto_map at the class below, a subclass of Dream's own that changes nothing in its
