@@ -25,9 +25,9 @@ generated tokens/s (batch x gen_length / seconds, median of --repeats), the rati
 the time goes: the model's forward passes vs everything else (the sampler's own work),
 timed by wrapping the model's forward.
 
---fast answers --data's questions (a task of evaluate.py, chat prompts, the model's trained
-canvas unless --gen-length is given) with the exact sampler, then with each --thresholds value
-(generate.py --threshold), each without and with the prefix cache (--prefix-cache, where the
+--fast answers --data's questions (a task of scripts/evaluate.py, chat prompts, its canvas:
+the model's trained one unless --gen-length is given) with the exact sampler, then with each --thresholds value
+(scripts/generate.py --threshold), each without and with the prefix cache (--prefix-cache, where the
 model takes one), in one run (the settings in turn, --repeats rounds), and prints per setting:
 tokens/s (answers x gen_length / seconds of generation, median of --repeats; --cpu-time: this
 process's CPU seconds, for a shared CPU machine) and its ratio to the exact sampler's;
@@ -47,9 +47,10 @@ import torch.nn.functional as F
 
 import tiny_model
 from dlm import backbones, data
-from dlm.sampler import PREFIX_CACHE_MODEL_TYPES, SamplerConfig, generate, generate_text, trained_seq_len
+from dlm.sampler import (PREFIX_CACHE_MODEL_TYPES, SamplerConfig, canvas_args, check_room, generate, generate_text,
+                         trained_seq_len)
 from tasks import GENERATION_TASKS, load_items
-from tasks.common import exact_match
+from tasks.common import exact_match, max_positions
 from tasks.generation import canvas_for
 
 
@@ -143,9 +144,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--prompt-length", type=int, default=32, help="tokens per prompt (random ids, all equal)")
-    p.add_argument("--gen-length", type=int, default=None, help="default: 64; --fast: a train.py model's "
-                   "trained canvas (its --seq-len minus the longest prompt)")
-    p.add_argument("--block-length", type=int, default=None, help="default: 32; --fast: --gen-length")
+    p.add_argument("--gen-length", type=int, default=None, help="default: 64; --fast: evaluate.py's, a train.py "
+                   "model's trained canvas (its --seq-len minus the longest prompt), else 128")
+    p.add_argument("--block-length", type=int, default=None, help="default: 32; --fast: evaluate.py's, the trained "
+                   "canvas's gen length (one block), else 32")
     p.add_argument("--steps", type=int, default=None, help="default: --gen-length (one token per step)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each; the median is reported")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -247,12 +249,11 @@ def compare_fast(args) -> dict:
     model = backbone.model.to(args.device).eval()
     items = load_items(args.task, Path(args.data))[: args.limit]
     trained = trained_seq_len(args.model)
-    if args.gen_length is None and trained is None:
-        raise ValueError(f"--model {args.model} is not a train.py model (no trained canvas): give --gen-length")
-    base = dict(gen_length=args.gen_length, block_length=args.block_length or args.gen_length)
+    base = canvas_args(args.gen_length, args.block_length, trained)  # evaluate.py's canvas
     prompts = [data.prompt_ids(backbone.tokenizer, item.prompt) for item in items]
     settings = fast_settings(args.thresholds, model.config.model_type in PREFIX_CACHE_MODEL_TYPES)
     configs = {name: canvas_for(backbone, items, base | extra, trained) for name, extra in settings.items()}
+    check_room(configs["exact"].gen_length, max_positions(model))
     timer = ForwardTimer(model)
     runs = {name: [] for name in configs}
     with torch.no_grad():

@@ -56,7 +56,7 @@ def test_fast_mode_compares_settings_on_a_task(tmp_path, capsys):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"prompt": f"reverse {w}", "answer": w[::-1]}) + "\n"
                                                  for w in words))
     rows = bench_sampler.main(["--fast", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "rows.jsonl"),
-                               "--gen-length", "8", "--batch-size", "2", "--repeats", "1",
+                               "--gen-length", "8", "--block-length", "8", "--batch-size", "2", "--repeats", "1",
                                "--thresholds", "1.0", "0.05"])
     out = capsys.readouterr().out
     assert list(rows) == ["exact", "exact + cache", "threshold 1", "threshold 1 + cache", "threshold 0.05",
@@ -69,6 +69,9 @@ def test_fast_mode_compares_settings_on_a_task(tmp_path, capsys):
         assert cached["positions"] < rows[name]["positions"] or cached["forwards"] == 1  # one step: no cached one
     assert rows["threshold 0.05"]["forwards"] < 8 and rows["threshold 0.05"]["fewer"] > 1
     assert "goal (>= 2x fewer forwards" in out and "exact match" in out
+    with pytest.raises(SystemExit, match="--gen-length 128 leaves no room for a prompt in the model's 128 positions"):
+        bench_sampler.main(["--fast", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "rows.jsonl"),
+                            "--gen-length", "128", "--block-length", "128", "--repeats", "1"])
 
 
 def test_fast_mode_bad_flags_are_one_line(capsys):
