@@ -11,7 +11,7 @@ unchanged:
 - forward returns logits and every hidden state (embeddings, then one per block, the last
   one after the final norm), the seam `dllm_jepa.DLLMJEPA` reads,
 - forward can take the keys and values of earlier positions (`past_key_values`) and return
-  its own (`use_cache`): what generate.py's prefix cache reuses across a block's steps.
+  its own (`use_cache`): what dlm/sampler.py's prefix cache reuses across a block's steps.
 
 It is a transformers `PreTrainedModel`, so save_pretrained / from_pretrained / AutoModel
 work offline, and `make_tokenizer()` builds a real `PreTrainedTokenizerFast` (256 byte
@@ -198,7 +198,7 @@ class TinyDLM(PreTrainedModel):
         block, each (B, H, S, D), as use_cache returns them (cut to the first S positions):
         input_ids then holds positions S .. S + T - 1, which attend to those S as well, and
         attention_mask, if given, covers all S + T. use_cache: return every block's keys and
-        values, past ones included, as past_key_values (generate.py's prefix cache).
+        values, past ones included, as past_key_values (dlm/sampler.py's prefix cache).
         """
         B, T = input_ids.shape
         S = 0 if past_key_values is None else past_key_values[0][0].shape[2]

@@ -512,7 +512,7 @@ PEAK_FLOPS, MFU_TRAIN, MFU_GENERATE = 989e12, 0.40, 0.30
 START_S, LOAD_S_PER_GB, WRITE_S_PER_GB = 14.0, 1.1, 5.9
 # The fast sampler the plan also prices: --threshold FAST_THRESHOLD, which on the CPU profile's
 # NL-RX-SYNTH model took FAST_FEWER times fewer forwards per answer than the exact sampler
-# (bench_sampler.py --fast, docs/evaluation.md); not measured on LLaDA or Dream.
+# (scripts/bench_sampler.py --fast, docs/evaluation.md); not measured on LLaDA or Dream.
 FAST_THRESHOLD, FAST_FEWER = 0.9, 2.09
 
 

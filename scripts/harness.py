@@ -28,7 +28,7 @@ model_args (comma-separated key=value):
                   for a train.py model the canvas it was trained on (its --seq-len minus the
                   longest prompt of the run, one block), else 128 masks in blocks of 32
     threshold, prefix_cache
-                  generate.py's speed-ups (--threshold T, --prefix-cache), off by default
+                  the sampler's speed-ups (--threshold T, --prefix-cache), off by default
     mc_samples    Monte-Carlo samples per multi-token loglikelihood (default 128, LLaDA's)
 
 The three requests:

@@ -225,7 +225,7 @@ def test_on_step_sees_every_committing_step(peaky, tokenizer):
 # -----------------------------------------------------------------------------
 # The exact default, parallel decoding (--threshold) and the prefix cache (--prefix-cache)
 
-# What the sampler answered before --threshold and --prefix-cache existed (generate.py as of the
+# What the sampler answered before --threshold and --prefix-cache existed (the sampler as of the
 # commit that added them, run on `peaky`): the default must stay LLaDA's sampler token for token.
 RECORDED = {
     ("greedy, 3 blocks", False): [[243, 108, 161, 206, 161, 243, 19, 108, 175, 206, 249, 12],

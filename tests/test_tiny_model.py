@@ -3,7 +3,7 @@
 Run: python -m pytest tests/test_tiny_model.py -q
 
 Checked: output shapes and hidden states (the seam dllm_jepa reads), full bidirectional
-attention, rotary positions, the attention mask, past keys/values (generate.py's prefix
+attention, rotary positions, the attention mask, past keys/values (dlm/sampler.py's prefix
 cache), save/load through AutoModel, and the
 tokenizer (exact round trip of any text, special tokens, chat template, save/load).
 """
@@ -124,7 +124,7 @@ def test_batch_rows_are_independent(make_model):
 
 
 def test_past_key_values_continue_a_forward_exactly(make_model):
-    """generate.py's prefix cache's seam: the keys/values of the first S columns of a forward,
+    """dlm/sampler.py's prefix cache's seam: the keys/values of the first S columns of a forward,
     handed to a forward of the remaining columns, give exactly the full forward's logits there
     (several layers, left padding hidden)."""
     model = make_model(num_hidden_layers=3).eval()
