@@ -9,7 +9,9 @@ unchanged:
 - RMSNorm, rotary position embeddings and SwiGLU MLPs, as in LLaDA (Nie et al., 2025),
 - the blocks sit in `model.layers` (the FSDP and activation-checkpointing loops walk it),
 - forward returns logits and every hidden state (embeddings, then one per block, the last
-  one after the final norm), the seam `dllm_jepa.DLLMJEPA` reads.
+  one after the final norm), the seam `dllm_jepa.DLLMJEPA` reads,
+- forward can take the keys and values of earlier positions (`past_key_values`) and return
+  its own (`use_cache`): what dlm/sampler.py's prefix cache reuses across a block's steps.
 
 It is a transformers `PreTrainedModel`, so save_pretrained / from_pretrained / AutoModel
 work offline, and `make_tokenizer()` builds a real `PreTrainedTokenizerFast` (256 byte
@@ -18,6 +20,7 @@ as they do for LLaDA and Dream.
 """
 
 import json
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -134,16 +137,30 @@ class Block(nn.Module):
         self.gate_up = nn.Linear(d, 2 * f, bias=False)
         self.down = nn.Linear(f, d, bias=False)
 
-    def forward(self, x, cos, sin, attention_mask=None):
+    def forward(self, x, cos, sin, attention_mask=None, past=None, kept=None):
+        """x (B, T, C) -> (B, T, C). past: this block's keys and values of S earlier positions,
+        each (B, H, S, D), rotary applied; x's positions attend to them and to each other.
+        kept: a list to which the block appends the keys and values it attended over (past and
+        x's own, each (B, H, S + T, D)), for a later forward's `past`."""
         B, T, C = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).split(C, dim=-1)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, D)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, S + T, D)
+        if kept is not None:
+            kept.append((k, v))
         # is_causal=False: every position attends to every other, masked ones included.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=False)
         x = x + self.attn_out(y.transpose(1, 2).reshape(B, T, C))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
+
+
+@dataclass
+class TinyDLMOutput(MaskedLMOutput):
+    """MaskedLMOutput and, with use_cache, every block's keys and values."""
+    past_key_values: tuple | None = None
 
 
 class TinyDLM(PreTrainedModel):
@@ -173,25 +190,37 @@ class TinyDLM(PreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed = value
 
-    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kwargs):
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, past_key_values=None,
+                use_cache=False, **kwargs):
+        """input_ids (B, T) -> logits (B, T, V), and every hidden state when asked.
+
+        past_key_values: keys and values of S positions before input_ids, one (k, v) pair per
+        block, each (B, H, S, D), as use_cache returns them (cut to the first S positions):
+        input_ids then holds positions S .. S + T - 1, which attend to those S as well, and
+        attention_mask, if given, covers all S + T. use_cache: return every block's keys and
+        values, past ones included, as past_key_values (dlm/sampler.py's prefix cache).
+        """
         B, T = input_ids.shape
-        if T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings="
+        S = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if S + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {S + T} tokens is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
-        if attention_mask is not None:  # (B, T) of 1 = attend; broadcast to (B, 1, 1, T)
+        if attention_mask is not None:  # (B, S + T) of 1 = attend; broadcast to (B, 1, 1, S + T)
             attention_mask = attention_mask[:, None, None, :].bool()
-        cos, sin = rotary_tables(T, self.config.hidden_size // self.config.num_attention_heads,
+        cos, sin = rotary_tables(S + T, self.config.hidden_size // self.config.num_attention_heads,
                                  self.config.rope_theta, input_ids.device)
+        cos, sin = cos[S:], sin[S:]  # the input's own positions (past keys are rotated already)
         x = self.embed(input_ids)  # (B, T, C)
         hidden_states = [x]  # kept only when asked: a no-grad pass would otherwise hold all L+1
-        for block in self.layers:
-            x = block(x, cos, sin, attention_mask)
+        kept = [] if use_cache else None
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, attention_mask, None if past_key_values is None else past_key_values[i], kept)
             hidden_states = hidden_states + [x] if output_hidden_states else [x]
         x = self.norm(x)
         hidden_states[-1] = x  # HF convention (and LLaDA's): the last state is after the final norm
         logits = self.lm_head(x)  # (B, T, V)
-        return MaskedLMOutput(logits=logits,
-                              hidden_states=tuple(hidden_states) if output_hidden_states else None)
+        return TinyDLMOutput(logits=logits, hidden_states=tuple(hidden_states) if output_hidden_states else None,
+                             past_key_values=tuple(kept) if use_cache else None)
 
 
 AutoConfig.register(TinyDLMConfig.model_type, TinyDLMConfig)

@@ -18,6 +18,17 @@ commits the k it is most sure of (k from a linear schedule) and leaves the rest 
   real token. Models with rotary positions only (the tiny model, LLaDA) see relative
   positions, which left-padding does not change; so a batched row decodes as it would alone.
 
+Two options trade exactness for speed, both from Fast-dLLM (Wu et al., 2025) and both off by
+default (the paper's protocol uses the exact sampler):
+- `threshold` (--threshold T): confidence-aware parallel decoding. Each step commits every
+  masked position of the block whose confidence is above T, and at least the most confident
+  one, so a block takes as many steps as it needs (at most one per position; T = 1 commits one
+  a step: the exact sampler with steps = gen_length),
+- `prefix_cache` (--prefix-cache): the block-wise approximate cache. A block's first step runs
+  the whole canvas and keeps the keys/values of the prompt and the finished blocks; its later
+  steps run only the block and what follows (PrefixCache; the tiny model only: LLaDA's and
+  Dream's published code takes no cache).
+
 Entry points: `generate` (token ids in, token ids out; its `on_step` hook sees the canvas
 after every step) and `generate_text` (a Backbone and prompt token lists in, decoded answers
 out); `sampler_for` settles the canvas a train.py model was trained on.
@@ -37,6 +48,8 @@ import torch.nn.functional as F
 @dataclass
 class SamplerConfig:
     """LLaDA's knobs. LLaDA-8B-Instruct on GSM8K: gen_length 256, block_length 8, steps 256.
+    threshold and prefix_cache are Fast-dLLM's two speed-ups (Wu et al., 2025), off by default:
+    the defaults are the exact LLaDA sampler, which the paper's protocol uses.
     A bad value raises ValueError naming it as evaluate.py's flag (--gen-length, --steps, ...)."""
     gen_length: int = 128                 # masked positions appended to the prompt
     block_length: int = 32                # positions per semi-autoregressive block
@@ -44,24 +57,44 @@ class SamplerConfig:
     temperature: float = 0.0              # 0: argmax; > 0: Gumbel-max sampling
     remasking: str = "low_confidence"     # "low_confidence" | "random"
     suppress_eos: bool = False            # forbid EOS inside the canvas
+    threshold: float | None = None        # commit every masked token of the block whose confidence
+                                          # is above it, at least one a step (no fixed steps); None: LLaDA's schedule
+    prefix_cache: bool = False            # reuse the prompt's and finished blocks' keys/values within a block
 
     def __post_init__(self):
-        if self.steps is None:  # not `or`: steps=0 is an error, not a request for the default
+        if self.threshold is not None:
+            check_threshold(self)
+        elif self.steps is None:  # not `or`: steps=0 is an error, not a request for the default
             self.steps = self.gen_length
         for name in ("gen_length", "block_length", "steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.gen_length % self.block_length:
             raise ValueError(f"--gen-length {self.gen_length} is not a multiple of "
                              f"--block-length {self.block_length}")
         blocks = self.gen_length // self.block_length
-        if self.steps % blocks:
+        if self.steps is not None and self.steps % blocks:
             raise ValueError(f"--steps {self.steps} cannot be shared evenly by {blocks} blocks "
                              f"(--gen-length / --block-length): make it a multiple of {blocks}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):  # nan >= 0 is False too
             raise ValueError(f"--temperature {self.temperature}: must be a finite number >= 0")
         if self.remasking not in ("low_confidence", "random"):
             raise ValueError(f"--remasking {self.remasking!r}: 'low_confidence' or 'random'")
+
+
+def check_threshold(config: SamplerConfig):
+    """--threshold T: a probability in (0, 1] (1: one token a step, the exact sampler with steps =
+    gen_length), compared with the model's confidence, so not with --remasking random; it sets
+    the number of steps itself, so not with --steps."""
+    t = config.threshold
+    if not 0 < t <= 1:  # nan fails too
+        raise ValueError(f"--threshold {t}: must be a probability in (0, 1], e.g. 0.9")
+    if config.steps is not None:
+        raise ValueError(f"--steps {config.steps} with --threshold {t}: a threshold decides how many tokens "
+                         "each step commits, so the steps are not fixed; give one of the two")
+    if config.remasking != "low_confidence":
+        raise ValueError(f"--threshold {t} with --remasking {config.remasking}: the threshold is on the "
+                         "model's confidence, which only low_confidence remasking uses")
 
 # -----------------------------------------------------------------------------
 # Pieces
@@ -107,29 +140,91 @@ def takes_position_ids(model) -> bool:
 MASK_4D_FAMILIES = {"dream"}
 
 
-def padding_mask_for(attention_mask, four_d: bool):
-    """(B, T) 1 = real token -> what the model's forward takes as attention_mask."""
+def padding_mask_for(attention_mask, four_d: bool, queries: int | None = None):
+    """(B, T) 1 = real token -> what the model's forward takes as attention_mask; four_d: (B, 1,
+    queries, T), queries = T unless a prefix cache runs only the last `queries` positions."""
     if not four_d:
         return attention_mask
     B, T = attention_mask.shape
-    return attention_mask.bool()[:, None, None, :].expand(B, 1, T, T)
+    return attention_mask.bool()[:, None, None, :].expand(B, 1, queries or T, T)
+
+
+def model_inputs(model, queries: int, attention_mask=None, mask_4d=False) -> dict:
+    """The padding keyword arguments of a forward over the canvas's last `queries` columns
+    (all of them, unless a prefix cache holds the first ones): {} when there is no padding
+    (the unpadded call stays exactly the model's plain forward)."""
+    if attention_mask is None:
+        return {}
+    kwargs = {"attention_mask": padding_mask_for(attention_mask, mask_4d, queries)}
+    if takes_position_ids(model):  # positions count real tokens only
+        kwargs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)[:, -queries:]
+    return kwargs
+
+
+def align(logits, shift_logits: bool):
+    """Shifted-logit backbones: output i predicts i + 1 -> row i takes output i - 1 (row 0 is
+    prompt, never scored)."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if shift_logits else logits
 
 
 def aligned_logits(model, ids, attention_mask=None, shift_logits=False, mask_4d=False):
     """Logits (B, T, V) whose row i scores token i, for any backbone family.
 
-    attention_mask (B, T): 1 for real tokens, 0 for left padding; None when there is none
-    (the unpadded call stays exactly the model's plain forward).
+    attention_mask (B, T): 1 for real tokens, 0 for left padding; None when there is none.
     """
-    kwargs = {}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = padding_mask_for(attention_mask, mask_4d)
-        if takes_position_ids(model):  # positions count real tokens only
-            kwargs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, **kwargs).logits
-    if shift_logits:  # output i predicts i + 1 -> row i takes output i - 1 (row 0 is prompt)
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-    return logits
+    return align(model(input_ids=ids, **model_inputs(model, ids.shape[1], attention_mask, mask_4d)).logits,
+                 shift_logits)
+
+
+# Model types whose forward takes the keys/values of a prefix and returns its own (use_cache):
+# the tiny model. LLaDA's published forward refuses a cache (it asserts past_key_values is None
+# and not use_cache) and Dream's returns none (Fast-dLLM ships modified copies of both models'
+# code for its cache); this project does not copy modeling code.
+PREFIX_CACHE_MODEL_TYPES = {"tiny-dlm"}
+
+
+def check_prefix_cache(model_config):
+    """ValueError, one line, unless a model of this transformers config can run --prefix-cache."""
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in PREFIX_CACHE_MODEL_TYPES:
+        raise ValueError(f"--prefix-cache: a {model_type or 'model of this kind'} model cannot reuse keys/values "
+                         "(LLaDA's and Dream's published forwards take or return no cache; only the tiny model "
+                         "does): drop --prefix-cache")
+
+
+class PrefixCache:
+    """Fast-dLLM's block-wise approximate prefix cache (Wu et al., 2025): the first forward of a
+    block runs the whole canvas and keeps every layer's keys and values of the columns before the
+    block (the prompt and the finished blocks); the block's later steps run only the columns from
+    the block on, which attend to the kept ones. One column earlier for shifted logits, whose
+    output there predicts the block's first token.
+
+    Approximate: attention is bidirectional, so the kept keys/values were computed while the
+    block was still masked and do not see the tokens it commits later. Exact where the prefix's
+    keys/values cannot depend on later columns: a one-layer model (its keys are functions of the
+    token and its position alone), and every block's first step.
+    """
+
+    def __init__(self, model, attention_mask, shift_logits: bool, mask_4d: bool):
+        check_prefix_cache(getattr(model, "config", None))
+        self.model, self.attention_mask = model, attention_mask
+        self.shift_logits, self.mask_4d = shift_logits, mask_4d
+        self.start, self.column, self.past = None, 0, None
+
+    def logits(self, x, start: int):
+        """Aligned logits (B, T - column, V) of the canvas x (B, T) from self.column on, for the
+        block that starts at column `start`; its first call runs the whole canvas and refreshes
+        the cache (column 0)."""
+        T = x.shape[1]
+        if start != self.start:  # a new block: the whole canvas, keeping the prefix's keys/values
+            out = self.model(input_ids=x, use_cache=True,
+                             **model_inputs(self.model, T, self.attention_mask, self.mask_4d))
+            self.start, self.column = start, start - self.shift_logits
+            self.past = tuple((k[:, :, :self.column], v[:, :, :self.column]) for k, v in out.past_key_values)
+            return align(out.logits, self.shift_logits)
+        out = self.model(input_ids=x[:, self.column:], past_key_values=self.past,
+                         **model_inputs(self.model, T - self.column, self.attention_mask, self.mask_4d))
+        return align(out.logits, self.shift_logits)
 
 
 def left_pad(prompts, pad_id: int):
@@ -161,6 +256,11 @@ def generate(model, prompts, mask_token_id: int, config: SamplerConfig | None = 
     on_step: called after every step that commits tokens, with the canvases so far
         (B, gen_length), mask_token_id where nothing is committed yet; to watch the decoding
         (--show), not to change it: the tensor is the sampler's own, read it only.
+
+    How many positions a step commits: LLaDA's linear schedule (commit_schedule), or with
+    config.threshold every candidate whose confidence is above it and at least the most
+    confident one (Fast-dLLM's parallel decoding, Wu et al., 2025). Then a block ends when it
+    has no masks left: a row that finishes first waits, unchanged, for the others of its batch.
     """
     if shift_logits and any(len(p) == 0 for p in prompts):
         raise ValueError("a shifted-logit backbone needs a non-empty prompt: the first canvas "
@@ -175,21 +275,29 @@ def generate(model, prompts, mask_token_id: int, config: SamplerConfig | None = 
     if not bool(prompt_mask.all()):  # padding exists: hide it from attention
         attention_mask = torch.cat([prompt_mask, torch.ones(B, L, dtype=torch.long)], 1).to(device)
     position = torch.arange(P + L, device=device)[None, :]                             # (1, T)
-    steps_per_block = config.steps // (L // block)
+    threshold = config.threshold
+    # steps a block may take: fixed by LLaDA's schedule; with a threshold at most one per position
+    steps_per_block = block if threshold is not None else config.steps // (L // block)
+    cache = PrefixCache(model, attention_mask, shift_logits, mask_4d) if config.prefix_cache else None
 
     for start in range(P, P + L, block):
         in_reach = position < start + block  # this block and (already full) earlier ones
         n_masked = (x[:, start:start + block] == mask_token_id).sum(1)                # (B,)
-        schedule = commit_schedule(n_masked, steps_per_block)                         # (B, S)
+        schedule = commit_schedule(n_masked, steps_per_block) if threshold is None else None  # (B, S)
         for step in range(steps_per_block):
-            k = schedule[:, step]
-            if not bool(k.any()):
-                continue  # nothing to commit anywhere: skip the forward
             # candidates: masked canvas positions up to this block's end (the prompt is never
             # rewritten; later blocks wait). Only their logits are upcast: (M, V), M <= B * block.
             candidates = (x == mask_token_id) & (position >= P) & in_reach              # (B, T)
-            logits = aligned_logits(model, x, attention_mask, shift_logits,
-                                    mask_4d)[candidates].double()
+            # positions to commit per row: the schedule's, or with a threshold at least one
+            # wherever masks are left (more below)
+            k = schedule[:, step] if threshold is None else candidates.any(1).long()  # (B,)
+            if not bool(k.any()):
+                continue  # nothing to commit anywhere: skip the forward
+            if cache is None:
+                logits = aligned_logits(model, x, attention_mask, shift_logits, mask_4d)  # (B, T, V)
+            else:
+                logits = cache.logits(x, start)                  # (B, T - column, V): the cached prefix left out
+            logits = logits[candidates[:, x.shape[1] - logits.shape[1]:]].double()     # (M, V)
             if config.suppress_eos and len(suppress_ids):
                 logits[:, list(suppress_ids)] = -float("inf")
             x0 = add_gumbel(logits, config.temperature, generator).argmax(-1)          # (M,)
@@ -201,7 +309,10 @@ def generate(model, prompts, mask_token_id: int, config: SamplerConfig | None = 
             confidence[candidates] = score
             proposal = x.clone()
             proposal[candidates] = x0
-            x = torch.where(top_k_mask(confidence, k) & candidates, proposal, x)
+            chosen = top_k_mask(confidence, k)
+            if threshold is not None:  # and every other candidate the model is sure enough of
+                chosen |= confidence > threshold
+            x = torch.where(chosen & candidates, proposal, x)
             if on_step is not None:
                 on_step(x[:, P:])
     return x[:, P:]
@@ -291,3 +402,14 @@ def generate_text(backbone, prompts, config: SamplerConfig | None = None, batch_
                             on_step=None if on_step is None else functools.partial(on_step, i))
         answers += [decode_answer(tokenizer, c.tolist(), stops) for c in canvases]
     return answers
+
+
+def add_fast_flags(group):
+    """--threshold and --prefix-cache, the sampler's speed-ups (scripts/generate.py and scripts/evaluate.py)."""
+    group.add_argument("--threshold", type=float, default=None, metavar="T",
+                       help="parallel decoding (Fast-dLLM): each step commits every masked token of the block "
+                            "whose confidence is above T (0 < T <= 1), at least one; replaces --steps. Default: "
+                            "the exact LLaDA sampler")
+    group.add_argument("--prefix-cache", action="store_true",
+                       help="reuse the prompt's and finished blocks' keys/values within a block (Fast-dLLM's "
+                            "approximate cache; tiny model only)")

@@ -43,7 +43,7 @@ from types import SimpleNamespace
 import torch
 
 from dlm import checkpoints, data, files, hub, sharding
-from dlm.sampler import SamplerConfig, canvas_args, trained_seq_len
+from dlm.sampler import SamplerConfig, add_fast_flags, canvas_args, trained_seq_len
 from tasks import GENERATION_TASKS, TASKS, check_references, load_items
 from tasks.common import Shard, max_positions, with_shots
 from tasks.drift import drift_report, plot_drift
@@ -108,6 +108,7 @@ def parse_args(argv=None):
     g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
                    help="which predictions each step commits: the most confident, or random ones")
     g.add_argument("--suppress-eos", action="store_true", help="never place EOS in the canvas")
+    add_fast_flags(g)
     g.add_argument("--batch-size", type=int, default=8, help="prompts (or windows) per forward")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0, random remasking)")
     g = p.add_argument_group("probe and drift")
@@ -170,7 +171,7 @@ def read_inputs(args) -> SimpleNamespace:
         inputs.trained = trained = trained_seq_len(args.adapter or args.model)
         inputs.sampler_args = canvas_args(args.gen_length, args.block_length, trained) | dict(  # None: the trained
             steps=args.steps, temperature=args.temperature, remasking=args.remasking,  # canvas, once prompts are known
-            suppress_eos=args.suppress_eos)
+            suppress_eos=args.suppress_eos, threshold=args.threshold, prefix_cache=args.prefix_cache)
         if inputs.sampler_args["gen_length"] is not None:  # flags checked before the model loads
             SamplerConfig(**inputs.sampler_args)
         tables = Path(args.spider_tables) if args.spider_tables else None

@@ -505,16 +505,38 @@ def run_jobs(jobs: list[Job], profile: Profile, at_once: int, threads: int, t0: 
 # Assumptions of the GPU-hours estimate: an H100 SXM's dense bf16 peak (NVIDIA's datasheet),
 # and the fraction of it we expect (model FLOPs utilisation), lower for generation.
 PEAK_FLOPS, MFU_TRAIN, MFU_GENERATE = 989e12, 0.40, 0.30
+# What every job costs besides FLOPs, measured on the 2-core CPU machine (docs/evaluation.md has
+# the code) and scaled by bytes: a process start (python importing torch, transformers, peft), a
+# model load (backbones.load_backbone of a bf16 save_pretrained folder, a process's first load)
+# and a checkpoint write (dcp.save of the fp32 training state), each while the job's GPUs wait.
+# The machine was shared (load average about 5); a GPU node's disks differ: an order of
+# magnitude, not a forecast.
+START_S, LOAD_S_PER_GB, WRITE_S_PER_GB = 14.0, 1.1, 5.9
+# The fast sampler the plan also prices: --threshold FAST_THRESHOLD, which on the CPU profile's
+# NL-RX-SYNTH model took FAST_FEWER times fewer forwards per answer than the exact sampler
+# (scripts/bench_sampler.py --fast, docs/evaluation.md); not measured on LLaDA or Dream.
+FAST_THRESHOLD, FAST_FEWER = 0.9, 2.09
+
+
+def checkpoint_bytes(profile: Profile, flags: list[str]) -> float:
+    """One fine-tune's writes: its last checkpoint (fp32 master weights and two AdamW moments,
+    plus a fp32 EMA target or anchor copy where the method has one) and the bf16 export."""
+    method = flags[flags.index("--method") + 1]
+    copies = (method == "dllm-jepa" and "online" not in flags) + (method == "l2-anchor")
+    return profile.params * (12 + 4 * copies + 2)
 
 
 def gpu_hours(profile: Profile, inputs: Inputs, tasks: list[str], rows: dict[str, list[str]],
-              seeds: list[int]) -> list[str]:
-    """An estimate of the GPU-hours of a GPU profile, from its FLOPs: training 2N FLOPs per
-    token per forward-equivalent (COST: 3 for diffusion, 4 for dllm-jepa, 6 for two-pass) on
-    full canvases; generation one forward over prompt + canvas per sampler step (prompt tokens
-    estimated as characters / 4, with the few-shot exemplars); MMLU and the probe likewise."""
+              seeds: list[int], plan: list[Job]) -> list[str]:
+    """An estimate of the GPU-hours of a GPU profile: training 2N FLOPs per token per
+    forward-equivalent (COST: 3 for diffusion, 4 for dllm-jepa, 6 for two-pass) on full
+    canvases; generation one forward over prompt + canvas per sampler step (prompt tokens
+    estimated as characters / 4, with the few-shot exemplars), with the exact sampler and with
+    --threshold FAST_THRESHOLD side by side; MMLU and the probe likewise; and what FLOPs leave
+    out: every job's process starts and model loads, every fine-tune's checkpoint writes, each
+    holding the job's GPUs (measured on CPU, scaled: START_S, LOAD_S_PER_GB, WRITE_S_PER_GB)."""
     forward = 2 * profile.params  # FLOPs per token of one forward
-    lines, total = [], 0.0
+    lines, total, generation = [], 0.0, 0.0
     chars = lambda item: sum(len(m["content"]) for m in item.prompt)
     for task in tasks:
         train, dev, test = inputs.splits[task]
@@ -530,17 +552,37 @@ def gpu_hours(profile: Profile, inputs: Inputs, tasks: list[str], rows: dict[str
         lines.append(f"  {task}: {len(train)} training rows, {steps} steps per fine-tune ({len(rows) * len(seeds)} "
                      f"runs): {training / 3600:.1f} GPU-h training; {scored} dev/test items x {profile.gen_steps or gen} "
                      f"sampler steps over ~{prompt + gen:.0f} tokens: {per_model / 3600:.1f} GPU-h per model, "
-                     f"{models * per_model / 3600:.1f} for {models} models")
-        total += training + models * per_model
+                     f"{models * per_model / 3600:.1f} for {models} models "
+                     f"({models * per_model / FAST_FEWER / 3600:.1f} with --threshold {FAST_THRESHOLD})")
+        total += training
+        generation += models * per_model
     models = len(tasks) * len(rows) * len(seeds) + 1
     mmlu = profile.mmlu_questions * 120 * (2 + profile.mmlu_shots) * forward  # ~120 tokens a question
     probe = profile.probe_windows * profile.probe_grid * profile.seq_len * 2 * forward  # drift scores the base too
     other = models * (mmlu + probe) / (PEAK_FLOPS * MFU_GENERATE)
     total += other
     lines.append(f"  MMLU and the probe: {other / 3600:.1f} GPU-h for {models} models")
-    lines.append(f"total: about {total / 3600:.0f} GPU-hours ({total / 3600 / max(profile.nproc, 1):.0f} hours on "
-                 f"{profile.nproc} GPUs), assuming {PEAK_FLOPS / 1e12:.0f} TFLOP/s per GPU (H100 bf16 dense) at "
-                 f"{MFU_TRAIN:.0%} MFU training and {MFU_GENERATE:.0%} generating; an estimate, not a measurement")
+    gb = profile.params * 2 / 1e9  # the bf16 weights every process loads
+    loads = sum(1 + ("--base" in job.argv) for job in plan)  # drift loads the base too
+    starting = profile.nproc * (len(plan) * START_S + loads * gb * LOAD_S_PER_GB)
+    writes = sum(checkpoint_bytes(profile, flags) for flags in rows.values()) * len(seeds) * len(tasks) / 1e9
+    writing = profile.nproc * writes * WRITE_S_PER_GB
+    total += starting + writing
+    lines.append(f"  process starts and model loads: {len(plan)} jobs x {profile.nproc} processes, each starting "
+                 f"({START_S:.0f} s) and loading the {gb:.0f} GB of weights ({loads} loads, {LOAD_S_PER_GB} s/GB), "
+                 f"holding the job's GPUs: {starting / 3600:.1f} GPU-h")
+    lines.append(f"  checkpoint writes: {writes:.0f} GB over {len(rows) * len(seeds) * len(tasks)} fine-tunes (fp32 "
+                 f"weights, 2 AdamW moments, an EMA or anchor copy where the method has one, a bf16 export) at "
+                 f"{WRITE_S_PER_GB} s/GB: {writing / 3600:.1f} GPU-h")
+    lines.append("  starts, loads and writes: measured on the 2-core CPU machine and scaled by bytes "
+                 "(docs/evaluation.md); a GPU node's disks are likely faster")
+    exact, fast = total + generation, total + generation / FAST_FEWER
+    lines.append(f"total: about {exact / 3600:.0f} GPU-hours ({exact / 3600 / max(profile.nproc, 1):.0f} hours "
+                 f"on {profile.nproc} GPUs) with the exact sampler, which the paper's numbers need; about "
+                 f"{fast / 3600:.0f} with --threshold {FAST_THRESHOLD} ({FAST_FEWER:.1f}x fewer forwards per answer, "
+                 f"as measured on the CPU profile's model, not on this one). Assuming {PEAK_FLOPS / 1e12:.0f} TFLOP/s "
+                 f"per GPU (H100 bf16 dense) at {MFU_TRAIN:.0%} MFU training and {MFU_GENERATE:.0%} generating: an "
+                 "estimate, not a measurement")
     return lines
 
 # -----------------------------------------------------------------------------
@@ -848,7 +890,7 @@ def run(args) -> Path | None:
             print(f"# {job.name}\nOMP_NUM_THREADS={job.threads or threads} "
                   + " ".join(launcher(profile) + program(job) + job.argv))
         if profile.model:
-            print("\n".join(gpu_hours(profile, inputs, tasks, rows, args.seeds)))
+            print("\n".join(gpu_hours(profile, inputs, tasks, rows, args.seeds, plan)))
         return None
     out.mkdir(parents=True, exist_ok=True)
     files.atomic_write_text(out / "profile.json", json.dumps(settings, indent=1))

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from dlm import data, sharding
-from dlm.sampler import SamplerConfig, canvas_args, check_room, generate_text, sampler_for, stop_ids, trained_seq_len
+from dlm.sampler import (SamplerConfig, add_fast_flags, canvas_args, check_room, generate_text, sampler_for, stop_ids,
+                         trained_seq_len)
 
 # -----------------------------------------------------------------------------
 # Watching the decoding (--show)
@@ -229,6 +230,7 @@ def parse_args(argv=None):
     g.add_argument("--remasking", default=default.remasking, choices=["low_confidence", "random"],
                    help="which predictions each step commits: the most confident, or random ones")
     g.add_argument("--suppress-eos", action="store_true", help="never place EOS in the canvas")
+    add_fast_flags(g)
     g.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0, random remasking)")
     g = p.add_argument_group("output")
@@ -251,7 +253,8 @@ def parse_args(argv=None):
         p.error("--device cuda: no CUDA device is visible")
     trained = trained_seq_len(args.model)
     sampler_args = canvas_args(args.gen_length, args.block_length, trained) | dict(
-        steps=args.steps, temperature=args.temperature, remasking=args.remasking, suppress_eos=args.suppress_eos)
+        steps=args.steps, temperature=args.temperature, remasking=args.remasking, suppress_eos=args.suppress_eos,
+        threshold=args.threshold, prefix_cache=args.prefix_cache)
     if sampler_args["gen_length"] is not None:  # checked now; a trained canvas once the prompts are known
         try:
             SamplerConfig(**sampler_args)

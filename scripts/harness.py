@@ -27,6 +27,8 @@ model_args (comma-separated key=value):
                   the LLaDA sampler of dlm/sampler.py, defaulted as evaluate.py defaults them:
                   for a train.py model the canvas it was trained on (its --seq-len minus the
                   longest prompt of the run, one block), else 128 masks in blocks of 32
+    threshold, prefix_cache
+                  the sampler's speed-ups (--threshold T, --prefix-cache), off by default
     mc_samples    Monte-Carlo samples per multi-token loglikelihood (default 128, LLaDA's)
 
 The three requests:
@@ -67,8 +69,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from dlm import sharding
-from dlm.sampler import (SamplerConfig, aligned_logits, canvas_args, check_room, conventions, generate, generate_text,
-                         left_pad, sampler_for, trained_seq_len)
+from dlm.sampler import (SamplerConfig, aligned_logits, canvas_args, check_prefix_cache, check_room, conventions,
+                         generate, generate_text, left_pad, sampler_for, trained_seq_len)
 from tasks.common import fit_prompt, max_positions
 
 MODEL_NAME = "dllm"
@@ -136,6 +138,14 @@ def exact_elbo(backbone, context: list[int], continuation: list[int], batch_size
     return total
 
 
+def number(value, name: str) -> float | None:
+    """A model_args value as a float (lm-eval hands numbers over parsed, or as text); None stays None."""
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"model_args: {name}={value!r}: give a number") from None
+
+
 def cut_at(text: str, until) -> str:
     """The text before the first occurrence of any stop string (lm-eval's `until`)."""
     for stop in [until] if isinstance(until, str) else (until or []):
@@ -154,12 +164,14 @@ class DiffusionLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, dtype: str = "float32", device: str | None = None,
                  batch_size: int | str = 8, gen_length: int | None = None, block_length: int | None = None,
                  steps: int | None = None, temperature: float = 0.0, remasking: str = "low_confidence",
-                 suppress_eos: bool = False, seed: int = 0, mc_samples: int = 128, backbone=None, **extra):
+                 suppress_eos: bool = False, threshold: float | None = None, prefix_cache: bool = False,
+                 seed: int = 0, mc_samples: int = 128, backbone=None, **extra):
         super().__init__()
         unknown = sorted(set(extra) - set(IGNORED_BY_LM_EVAL))
         if unknown:
             raise ValueError(f"model_args: unknown {', '.join(unknown)}; known: pretrained, dtype, device, batch_size, "
-                             "gen_length, block_length, steps, temperature, remasking, suppress_eos, seed, mc_samples")
+                             "gen_length, block_length, steps, temperature, remasking, suppress_eos, threshold, "
+                             "prefix_cache, seed, mc_samples")
         if (pretrained is None) == (backbone is None):
             raise ValueError("model_args: give pretrained=PATH_OR_HUB_ID (or, in Python, backbone=)")
         if dtype not in DTYPES:
@@ -175,7 +187,8 @@ class DiffusionLM(TemplateLM):
         # the sampler, defaulted as evaluate.py does: None = the trained canvas, once the prompts are known
         self.trained = trained_seq_len(pretrained) if pretrained is not None else None
         self.sampler_args = canvas_args(gen_length, block_length, self.trained) | dict(
-            steps=steps, temperature=float(temperature), remasking=remasking, suppress_eos=bool(suppress_eos))
+            steps=steps, temperature=float(temperature), remasking=remasking, suppress_eos=bool(suppress_eos),
+            threshold=number(threshold, "threshold"), prefix_cache=bool(prefix_cache))
         if self.sampler_args["gen_length"] is not None:
             SamplerConfig(**self.sampler_args)  # a bad flag fails before the weights load
         if backbone is None:
@@ -184,6 +197,8 @@ class DiffusionLM(TemplateLM):
             backbone = load_backbone(str(path) if path.exists() else pretrained, dtype=DTYPES[dtype])
             backbone.model.to(self.pick_device(device))
         self.backbone, self.tokenizer = backbone, backbone.tokenizer
+        if prefix_cache:
+            check_prefix_cache(backbone.model.config)
         self.backbone.model.eval()
         self._device = next(backbone.model.parameters()).device
         self.limit = max_positions(backbone.model)

@@ -94,6 +94,19 @@ def test_generation_two_processes_answer_and_score_as_one(files, tmp_path):
     assert two["tokens_per_s"] > 0 and two["tokens_per_s"] == pytest.approx(9 * 8 / two["generation_s"])
 
 
+def test_fast_sampler_two_processes_answer_as_one(files, tmp_path):
+    """--threshold and --prefix-cache under torchrun: each process runs as many steps as its own
+    batches need (no collective inside generation), and the answers and scores are one process's."""
+    flags = ["--model", str(files / "model"), "--task", "exact", "--data", str(files / "rows.jsonl"),
+             "--gen-length", "8", "--block-length", "4", "--batch-size", "2", "--threshold", "0.05",
+             "--prefix-cache"]
+    one, two, _ = one_and_two(files, tmp_path, flags)
+    assert two["sampler"]["threshold"] == 0.05 and two["sampler"]["prefix_cache"] is True
+    assert two["sampler"]["steps"] is None
+    assert [a["prediction"] for a in two["answers"]] == [a["prediction"] for a in one["answers"]]
+    same_scores(one, two)
+
+
 def test_mmlu_two_processes_score_as_one(files, tmp_path):
     flags = ["--model", str(files / "model"), "--task", "mmlu", "--data", str(files / "mmlu"), "--batch-size", "2"]
     one, two, _ = one_and_two(files, tmp_path, flags)

@@ -225,7 +225,16 @@ def test_gpu_profile_dry_run_prints_the_torchrun_plan_and_gpu_hours(data_dir, tm
         assert flag in first_train + " ", flag
     assert any("-m scripts.evaluate --model GSAI-ML/LLaDA-8B-Instruct" in c and "--shots 4" in c and "--gen-length 256" in c
                for c in commands)
-    assert re.search(r"total: about \d+ GPU-hours", text)
+    assert re.search(r"total: about \d+ GPU-hours \(\d+ hours on 8 GPUs\) with the exact sampler, which the "
+                     r"paper's numbers need; about \d+ with --threshold 0.9", text)
+    # 64 jobs of 8 processes, each loading the 16 GB bf16 weights, the 12 drift jobs the base too
+    starts = 8 * (64 * X.START_S + (64 + 12) * 16 * X.LOAD_S_PER_GB) / 3600
+    assert "64 jobs x 8 processes" in text and "(76 loads," in text
+    assert re.search(rf"holding the job's GPUs: {starts:.1f} GPU-h", text)
+    # per fine-tune 8e9 x (12 + 2) bytes, + 4 for the EMA target (dllm-jepa) and the anchor (l2-anchor): x 3 seeds
+    written = 3 * 8e9 * (14 + 18 + 14 + 18) / 1e9
+    assert f"checkpoint writes: {written:.0f} GB over 12 fine-tunes" in text
+    assert re.search(rf"at {X.WRITE_S_PER_GB} s/GB: {8 * written * X.WRITE_S_PER_GB / 3600:.1f} GPU-h", text)
     assert not out.exists()  # a dry run writes nothing
 
 

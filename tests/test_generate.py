@@ -223,6 +223,160 @@ def test_on_step_sees_every_committing_step(peaky, tokenizer):
     assert torch.equal(seen[-1], out)
 
 # -----------------------------------------------------------------------------
+# The exact default, parallel decoding (--threshold) and the prefix cache (--prefix-cache)
+
+# What the sampler answered before --threshold and --prefix-cache existed (the sampler as of the
+# commit that added them, run on `peaky`): the default must stay LLaDA's sampler token for token.
+RECORDED = {
+    ("greedy, 3 blocks", False): [[243, 108, 161, 206, 161, 243, 19, 108, 175, 206, 249, 12],
+                                  [246, 246, 246, 246, 246, 192, 192, 192, 192, 192, 192, 192],
+                                  [64, 64, 86, 86, 86, 64, 221, 64, 64, 221, 221, 221]],
+    ("greedy, 3 blocks", True): [[148, 24, 24, 161, 107, 221, 24, 24, 246, 215, 246, 67],
+                                 [155, 246, 246, 53, 192, 246, 64, 192, 34, 192, 192, 228],
+                                 [24, 127, 192, 86, 252, 221, 221, 221, 228, 147, 213, 213]],
+    ("temperature 1", False): [[107, 260, 161, 197, 161, 24, 24, 193], [221, 246, 200, 226, 86, 222, 192, 192],
+                               [213, 202, 90, 69, 77, 161, 221, 246]],
+    ("temperature 1", True): [[208, 58, 12, 161, 161, 206, 24, 24], [39, 246, 238, 246, 246, 221, 192, 192],
+                              [18, 92, 225, 86, 2, 24, 250, 215]],
+    ("random remasking", False): [[24, 224, 33, 12, 12, 12, 165, 165], [246, 246, 84, 246, 246, 192, 192, 192],
+                                  [79, 64, 86, 64, 86, 221, 221, 64]],
+    ("random remasking", True): [[24, 108, 33, 118, 19, 161, 12, 12], [155, 246, 53, 225, 191, 246, 64, 79],
+                                 [24, 246, 84, 112, 112, 88, 55, 64]],
+}
+RECORDED_CONFIGS = {"greedy, 3 blocks": dict(gen_length=12, block_length=4, steps=6),
+                    "temperature 1": dict(gen_length=8, block_length=8, steps=8, temperature=1.0),
+                    "random remasking": dict(gen_length=8, block_length=4, steps=8, remasking="random")}
+BATCH = ["hi", "a somewhat longer prompt", "mid"]
+
+
+@pytest.mark.parametrize("case,shift", list(RECORDED))
+def test_exact_default_is_unchanged_token_for_token(peaky, tokenizer, case, shift):
+    """A padded batch, several blocks, greedy, sampled and random remasking, shifted logits:
+    the defaults (no threshold, no cache) give exactly the recorded canvases."""
+    out = G.generate(peaky, prompts_of(tokenizer, BATCH), tokenizer.mask_token_id,
+                     G.SamplerConfig(**RECORDED_CONFIGS[case]), shift_logits=shift, pad_id=tokenizer.pad_token_id,
+                     generator=torch.Generator().manual_seed(0))
+    assert out.tolist() == RECORDED[case, shift]
+
+
+@pytest.mark.parametrize("block_length", [16, 8, 4])
+@pytest.mark.parametrize("shift", [False, True])
+def test_threshold_nothing_reaches_is_the_exact_sampler_one_token_a_step(peaky, tokenizer, block_length, shift):
+    """No confidence is above 1, so --threshold 1 commits one token a step, the most confident:
+    LLaDA's sampler with steps = gen_length, the same canvases and the same 16 forwards."""
+    prompts, model = prompts_of(tokenizer, BATCH), (ShiftedOutput(peaky) if shift else peaky)
+    run = lambda cfg, recorder: G.generate(recorder, prompts, tokenizer.mask_token_id, cfg, shift_logits=shift,
+                                           pad_id=tokenizer.pad_token_id)
+    exact, fast = Recorder(model), Recorder(model)
+    expected = run(G.SamplerConfig(gen_length=16, block_length=block_length, steps=16), exact)
+    assert torch.equal(run(G.SamplerConfig(gen_length=16, block_length=block_length, threshold=1.0), fast), expected)
+    assert len(fast.calls) == len(exact.calls) == 16
+
+
+def test_threshold_commits_every_confident_token_at_once(tokenizer):
+    """The model is 98% sure of one token everywhere: with --threshold 0.9 each block of 8 fills
+    in one forward (2 blocks: 2 forwards, against 16 for the exact sampler); with 0.99 nothing
+    passes and each step commits one."""
+    model = AlwaysToken(len(tokenizer), 7, 8)
+    for threshold, forwards in ((0.9, 2), (0.99, 16)):
+        recorder = Recorder(model)
+        out = G.generate(recorder, [[1, 2, 3]], tokenizer.mask_token_id,
+                         G.SamplerConfig(gen_length=16, block_length=8, threshold=threshold))
+        assert (out == 7).all() and len(recorder.calls) == forwards
+
+
+def test_threshold_batch_rows_finish_blocks_at_different_steps(peaky, tokenizer):
+    """Rows whose blocks need different numbers of steps: the batch runs until its slowest row is
+    done, a finished row's canvas no longer changes, and every row decodes exactly as alone."""
+    prompts = prompts_of(tokenizer, ["hi", "a somewhat longer prompt", "mid length", "x"])
+    cfg = G.SamplerConfig(gen_length=16, block_length=8, threshold=0.2)
+    frames = []
+    batched = G.generate(peaky, prompts, tokenizer.mask_token_id, cfg, pad_id=tokenizer.pad_token_id,
+                         on_step=lambda canvas: frames.append(canvas.clone()))
+    alone = torch.cat([G.generate(peaky, [p], tokenizer.mask_token_id, cfg) for p in prompts])
+    assert torch.equal(batched, alone)
+    assert not (batched == tokenizer.mask_token_id).any()
+    first_block = torch.stack([(f[:, :8] == tokenizer.mask_token_id).any(1) for f in frames])  # (steps, B)
+    done_at = (~first_block).float().argmax(0)  # the step after which each row's first block is full
+    assert len(set(done_at.tolist())) > 1, "the rows should finish the block at different steps"
+    for row, step in enumerate(done_at.tolist()):  # once full, a row's block stays as it is
+        assert all(torch.equal(f[row, :8], batched[row, :8]) for f in frames[step:])
+
+
+def test_threshold_with_shifted_logits(peaky, tokenizer):
+    prompts, recorder = prompts_of(tokenizer, BATCH), Recorder(peaky)
+    cfg = G.SamplerConfig(gen_length=16, block_length=8, threshold=0.1)
+    plain = G.generate(recorder, prompts, tokenizer.mask_token_id, cfg, pad_id=tokenizer.pad_token_id)
+    realigned = G.generate(ShiftedOutput(peaky), prompts, tokenizer.mask_token_id, cfg, shift_logits=True,
+                           pad_id=tokenizer.pad_token_id)
+    assert torch.equal(plain, realigned)
+    assert len(recorder.calls) < 16  # some steps committed several tokens
+
+
+class CachedShiftedOutput(ShiftedOutput):
+    """ShiftedOutput that passes the prefix cache through (its output is one column behind, so a
+    cached window starts one column earlier: the sampler's business, checked below)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.config = model.config
+
+    def forward(self, input_ids, **kwargs):
+        out = self.model(input_ids=input_ids, **kwargs)
+        logits = torch.cat([out.logits[:, 1:], torch.randn_like(out.logits[:, :1])], 1)
+        return SimpleNamespace(logits=logits, past_key_values=out.past_key_values)
+
+
+@pytest.mark.parametrize("cfg", [dict(gen_length=16, block_length=16, steps=16),
+                                 dict(gen_length=16, block_length=4, steps=8),
+                                 dict(gen_length=16, block_length=8, threshold=0.1)])
+@pytest.mark.parametrize("shift", [False, True])
+def test_prefix_cache_is_exact_for_a_one_layer_model(make_model, tokenizer, cfg, shift):
+    """With one layer the prefix's keys and values are functions of its tokens and positions
+    alone, which never change once committed: the cache loses nothing, so the answers are the
+    uncached ones token for token (a padded batch, one block or several, the exact schedule or a
+    threshold, shifted logits); the cached steps run only the block's columns and what follows."""
+    model = make_model(seed=1, num_hidden_layers=1, initializer_range=0.3).eval()
+    model = CachedShiftedOutput(model) if shift else model
+    prompts = prompts_of(tokenizer, BATCH)
+    run = lambda model, **extra: G.generate(model, prompts, tokenizer.mask_token_id,
+                                            G.SamplerConfig(**cfg, **extra), shift_logits=shift,
+                                            pad_id=tokenizer.pad_token_id)
+    recorder = Recorder(model)
+    recorder.config = model.config
+    assert torch.equal(run(recorder, prefix_cache=True), run(model))
+    P, widths = max(map(len, prompts)), [c.shape[1] for c in recorder.calls]  # (B, T): T per forward
+    block, T = cfg["block_length"], P + 16
+    starts = {P + b * block - shift for b in range(16 // block)}  # the columns a cached forward starts at
+    assert widths[0] == T and set(widths) <= {T} | {T - s for s in starts}
+    assert widths.count(T) == 16 // block  # one full forward per block, the rest cached
+    if "threshold" in cfg:
+        assert len(widths) < 16  # some steps committed several tokens
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(threshold=0.0), r"--threshold 0.0: must be a probability in \(0, 1\]"),
+    (dict(threshold=1.5), r"--threshold 1.5: must be a probability"),
+    (dict(threshold=float("nan")), r"--threshold nan: must be a probability"),
+    (dict(threshold=0.9, steps=8), "--steps 8 with --threshold 0.9: a threshold decides"),
+    (dict(threshold=0.9, remasking="random"), "--threshold 0.9 with --remasking random"),
+])
+def test_bad_threshold(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        G.SamplerConfig(gen_length=8, block_length=4, **kwargs)
+
+
+def test_prefix_cache_refused_where_the_model_takes_no_cache(peaky, tokenizer):
+    """LLaDA's and Dream's published forwards take or return no keys/values: one line, before
+    any forward."""
+    recorder = Recorder(peaky)
+    recorder.config = SimpleNamespace(model_type="llada")
+    with pytest.raises(ValueError, match=r"^--prefix-cache: a llada model cannot reuse keys/values .* drop "
+                                         r"--prefix-cache$"):
+        G.generate(recorder, [[1, 2]], tokenizer.mask_token_id, G.SamplerConfig(8, 4, prefix_cache=True))
+    assert recorder.calls == []
+
+# -----------------------------------------------------------------------------
 # The command line
 
 CLI_SAMPLER = ["--gen-length", "16", "--block-length", "8", "--steps", "16"]
@@ -310,6 +464,25 @@ def test_show_draws_each_committing_step(model_dir, loaded, capsys):
     assert out.splitlines()[:16] == [f"[1] step {n}: {f}" for n, f in enumerate(frames, 1)]
     assert frames[-1] == command.visible(answer)
     assert out.endswith(answer + "\n")
+
+
+def test_show_and_answers_with_threshold_and_prefix_cache(model_dir, loaded, capsys):
+    """--threshold and --prefix-cache on the command line: the answers are generate_text's with
+    both set, and --show draws one frame per step of the batch, fewer than the 16 masks (the
+    first prompt's canvas waits, unchanged, while another row still fills its block)."""
+    texts = ["sort dcba", "reverse abc", "hello there"]
+    argv = ["--model", model_dir, "--gen-length", "16", "--block-length", "8", "--threshold", "0.1",
+            "--prefix-cache", "--suppress-eos"] + [a for t in texts for a in ("--prompt", t)]
+    cfg = G.SamplerConfig(16, 8, threshold=0.1, prefix_cache=True, suppress_eos=True)
+    answers = expected_answers(loaded, [user(t) for t in texts], cfg)
+    code, out, err = cli(argv, capsys)
+    assert code == 0, err
+    assert out == "".join(a + "\n" for a in answers)
+    code, out, err = cli(argv + ["--show"], capsys)
+    masks = [f.count("░") for f in frames_of(out)]
+    assert code == 0 and masks[-1] == 0 and len(masks) < 16, err
+    assert all(a >= b for a, b in zip(masks, masks[1:])) and any(a - b > 1 for a, b in zip(masks, masks[1:]))
+    assert out.endswith("".join(a + "\n" for a in answers))
 
 
 def test_show_with_eos_and_a_batch(model_dir, loaded, capsys):

@@ -136,6 +136,10 @@ def test_generate_until_cuts_at_until_and_bad_model_args(lm, ckpt):
         harness.DiffusionLM(pretrained=str(ckpt), gen_len=3)
     with pytest.raises(ValueError, match="--gen-length 20 is not a multiple of --block-length 8"):
         harness.DiffusionLM(pretrained=str(ckpt), gen_length=20, block_length=8)
+    with pytest.raises(ValueError, match="threshold='high': give a number"):
+        harness.DiffusionLM(pretrained=str(ckpt), threshold="high")
+    with pytest.raises(ValueError, match=r"--threshold 2.0: must be a probability in \(0, 1\]"):
+        harness.DiffusionLM(pretrained=str(ckpt), threshold=2)
 
 def test_a_train_py_model_answers_on_its_trained_canvas(ckpt, tmp_path, monkeypatch):
     """No gen_length: the canvas train.py trained on (its --seq-len minus the run's longest prompt,
@@ -294,16 +298,18 @@ def test_gsm8k_style_generation_scores_as_evaluate_py(tok, task_dir):
     assert metrics["exact_match,none"] == ours["accuracy"] == 0.5
 
 
-def test_generation_from_a_saved_model_equals_evaluate_py(ckpt, task_dir):
+@pytest.mark.parametrize("sampler", [SAMPLER, dict(gen_length=24, block_length=8, threshold=0.1, prefix_cache=True)])
+def test_generation_from_a_saved_model_equals_evaluate_py(ckpt, task_dir, sampler):
     """The same one-shot chat prompts and sampler on a saved (random) tiny model loaded by
-    model_args: every answer, token for token, is evaluate.py's, so are the (zero) scores."""
-    args = f"pretrained={ckpt},batch_size=2," + ",".join(f"{k}={v}" for k, v in SAMPLER.items())
+    model_args: every answer, token for token, is evaluate.py's, so are the (zero) scores; the
+    exact sampler and the fast one (threshold, prefix_cache)."""
+    args = f"pretrained={ckpt},batch_size=2," + ",".join(f"{k}={v}" for k, v in sampler.items())
     metrics, samples = run("dllm", task_dir, "local_gsm8k", model_args=args, apply_chat_template=True,
                            num_fewshot=1)
     backbone = backbones.load_backbone(str(ckpt))
     items = with_shots(load_items("gsm8k", task_dir / "gsm8k_test.jsonl"),
                        load_items("gsm8k", task_dir / "gsm8k_train.jsonl"), 1)
-    ours = evaluate_generation(backbone, "gsm8k", items, SamplerConfig(**SAMPLER), batch_size=2)
+    ours = evaluate_generation(backbone, "gsm8k", items, SamplerConfig(**sampler), batch_size=2)
     answers = [harness.cut_at(a["prediction"], ["Question:"]) for a in ours["answers"]]
     assert [s["resps"][0][0] for s in samples] == answers and any(answers)
     assert metrics["exact_match,none"] == ours["accuracy"]

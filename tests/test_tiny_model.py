@@ -3,7 +3,8 @@
 Run: python -m pytest tests/test_tiny_model.py -q
 
 Checked: output shapes and hidden states (the seam dllm_jepa reads), full bidirectional
-attention, rotary positions, the attention mask, save/load through AutoModel, and the
+attention, rotary positions, the attention mask, past keys/values (dlm/sampler.py's prefix
+cache), save/load through AutoModel, and the
 tokenizer (exact round trip of any text, special tokens, chat template, save/load).
 """
 
@@ -122,10 +123,29 @@ def test_batch_rows_are_independent(make_model):
     assert torch.allclose(full[1:2], row, atol=1e-5)
 
 
+def test_past_key_values_continue_a_forward_exactly(make_model):
+    """dlm/sampler.py's prefix cache's seam: the keys/values of the first S columns of a forward,
+    handed to a forward of the remaining columns, give exactly the full forward's logits there
+    (several layers, left padding hidden)."""
+    model = make_model(num_hidden_layers=3).eval()
+    ids = random_ids(2, 20)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        past = tuple((k[:, :, :12], v[:, :, :12]) for k, v in full.past_key_values)
+        rest = model(input_ids=ids[:, 12:], attention_mask=mask, past_key_values=past)
+    assert len(full.past_key_values) == 3 and full.past_key_values[0][0].shape == (2, 2, 20, 16)
+    torch.testing.assert_close(rest.logits, full.logits[:, 12:], rtol=0, atol=1e-5)
+
+
 def test_too_long_sequence_raises(make_model):
     model = make_model(max_position_embeddings=16)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(input_ids=random_ids(1, 17))
+    past = model(input_ids=random_ids(1, 10), use_cache=True).past_key_values  # past keys count too
+    with pytest.raises(ValueError, match="sequence of 17 tokens"):
+        model(input_ids=random_ids(1, 7), past_key_values=past)
 
 
 def test_initialisation_is_normal_002_and_unit_norms(make_model):
