@@ -433,6 +433,21 @@ def tensor_bytes(state) -> int:
 # Folders other runs own
 
 
+def model_folder_problem(model: str, flag: str = "--model") -> str | None:
+    """One line if `model` names a local folder (it exists, starts with '.', '/' or '~', or has
+    more '/' than a hub id 'org/name') that is not a save_pretrained one; None for a good folder
+    or a hub id."""
+    path = Path(model).expanduser()
+    if not (path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1):
+        return None
+    if not path.is_dir():
+        return f"{flag} {model}: no such folder (nor a hub id 'org/name')"
+    if not (path / "config.json").is_file():
+        return (f"{flag} {model}: the folder has no config.json; give a save_pretrained folder (a run's final/) "
+                "or a hub id")
+    return None
+
+
 def is_model_folder(path: Path) -> bool:
     """A save_pretrained folder: config.json beside weight files."""
     return (path / "config.json").is_file() and any(

@@ -39,6 +39,17 @@ from dlm.backbones import new_tiny_backbone
 def check_start(parser, args):
     """Every refusal that needs no model: a bad flag exits 2 with argparse's usage line, bad
     files or a model that cannot fit exit 1 with 'error: ...'."""
+    check_settings(parser, args)
+    try:
+        check_paths(args)
+        check_fits(args)  # a model that cannot fit is refused before it is allocated
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def check_settings(parser, args):
+    """The flags alone, no file read (exit 2 with argparse's usage line): what a plan of many
+    train.py runs (scripts/experiments.py) checks for each run before the first one starts."""
     lora_only = [flag for flag, given in (("--lora-alpha", args.lora_alpha is not None),
                                           ("--lora-dropout", args.lora_dropout != 0.0),
                                           ("--lora-targets", args.lora_targets is not None),
@@ -53,11 +64,6 @@ def check_start(parser, args):
         flags.objective(vars(args))  # the objective's own checks
     except ValueError as e:  # name the flag, not the dataclass field
         parser.error(re.sub(r"(?<![\w-])([a-z]+(?:_[a-z]+)*)=", lambda m: f"--{m[1].replace('_', '-')}=", str(e)))
-    try:
-        check_paths(args)
-        check_fits(args)  # a model that cannot fit is refused before it is allocated
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def check_flags(args):
@@ -93,11 +99,8 @@ def check_flags(args):
 def check_paths(args):
     """Check the files and folders the flags name, before anything loads (ValueError)."""
     if args.model is not None:  # a local folder (not a hub id "org/name") must be a save_pretrained one
-        path = Path(args.model).expanduser()
-        if path.exists() or args.model.startswith((".", "/", "~")) or args.model.count("/") > 1:
-            check(path.is_dir(), f"--model {args.model}: no such folder (nor a hub id 'org/name')")
-            check((path / "config.json").is_file(), f"--model {args.model}: the folder has no config.json; "
-                  "give a save_pretrained folder (a run's final/) or a hub id")
+        problem = checkpoints.model_folder_problem(args.model)
+        check(problem is None, problem)
     for flag in ("data", "eval_data"):
         source = getattr(args, flag)
         if source not in (None, "builtin") and (Path(source).suffix in (".jsonl", ".json", ".txt")
