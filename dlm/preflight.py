@@ -114,6 +114,8 @@ def check_paths(args):
             checkpoints.check_checkpoint(Path(args.resume))
         except ValueError as e:
             raise ValueError(f"--resume {e}") from None
+    if args.resume == "auto":  # a damaged latest checkpoint is refused, not passed over
+        checkpoints.check_latest(Path(args.out) / "checkpoints")
     check_output(args)
     out = Path(args.out)
     check(not out.exists() or out.is_dir(), f"--out {out}: is a file, not a folder")
