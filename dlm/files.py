@@ -148,10 +148,7 @@ def check_writable(path, flag: str, folder: bool = True):
     it), a folder holding a link that leads out of it (writing through it would land on another
     run or an input), a file in the way of the folders to make, and a place that refuses a new
     file (a probe file is made in the nearest existing folder and removed)."""
-    if not str(path).strip():
-        raise ValueError(f"{flag} is empty: give a {'folder' if folder else 'file name'}")
-    path = Path(path).expanduser()
-    check_name_lengths(path, flag)
+    path = check_name(path, flag, folder)
     if os.path.lexists(path):
         if not path.exists():
             raise ValueError(f"{flag} {path}: is a link to nothing; remove it or give another {flag}")
@@ -179,10 +176,15 @@ def check_writable(path, flag: str, folder: bool = True):
         raise ValueError(f"{flag} {path}: cannot write in {existing} ({cause(e)}); give another {flag}") from None
 
 
-def check_name_lengths(path: Path, flag: str):
-    """ValueError naming the flag if a name in `path` is longer than the filesystem allows (else
-    the first write fails with a bare '[Errno 36] File name too long'), or the whole path leaves
-    no room for the names a command writes inside it (checkpoints/step_XXXXXXXX.deleting/...)."""
+def check_name(path, flag: str, folder: bool = True) -> Path:
+    """The output name as given, before any other check looks at the place (a too-long name makes
+    every stat fail) -> the path. ValueError naming the flag if it is empty (Path('') would be the
+    current folder), if a name in it is longer than the filesystem allows (else the first write
+    fails with a bare '[Errno 36] File name too long'), or if the whole path leaves no room for the
+    names a command writes inside it (checkpoints/step_XXXXXXXX.deleting/...)."""
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty: give a {'folder' if folder else 'file name'}")
+    path = Path(path).expanduser()
     existing = next((p for p in (path, *path.parents) if os.path.lexists(p)), Path("/"))
     limits = []
     for name, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
@@ -199,6 +201,7 @@ def check_name_lengths(path: Path, flag: str):
     if len(os.fsencode(str(real_path(path)))) > path_max - 128:
         raise ValueError(f"{flag} {shown}: the path is {len(os.fsencode(str(real_path(path))))} bytes, too long "
                          f"for the files written inside it (at most {path_max - 128}); give a shorter {flag}")
+    return path
 
 
 def kind_of(path: Path) -> str:

@@ -130,7 +130,7 @@ def check_output(args):
     and run (continuing that run in place, --out being the run, is fine), nor a model folder or
     another run's checkpoint; no file may stand where its folders go, and the nearest existing
     folder must accept a new file (a probe, removed). Nothing is created."""
-    files.check_writable(args.out, "--out")  # first, the flag as given: '' is refused, not read as '.'
+    files.check_name(args.out, "--out")  # first, the flag as given: '' is refused, not read as '.'
     out = Path(args.out)
     inputs = [("--model", args.model if args.model and Path(args.model).expanduser().exists() else None)]
     inputs += [(f"--{flag.replace('_', '-')}", getattr(args, flag)) for flag in ("data", "eval_data")
@@ -142,6 +142,7 @@ def check_output(args):
             inputs += [("--resume", resume)] + ([("the run of --resume", run)] if run is not None else [])
     problem = files.output_overlap(out, "--out", inputs) or checkpoints.inside_other_files(out, "--out")
     check(problem is None, problem)
+    files.check_writable(out, "--out")
     for name in ("checkpoints", "final"):  # folders the run makes in --out
         check(not (out / name).exists() or (out / name).is_dir(), f"--out {out}: {out / name} is a file, not a "
               "folder; move it aside or give another --out")

@@ -860,11 +860,12 @@ def check_output(args):
     """--out, before anything is read or trained (ValueError, one line naming the flags): never
     the --data-dir, inside it or around it (the stages write data/ and results there), nor inside a
     model folder or a run's checkpoint; no file in the way, and a place that accepts a new file."""
-    files.check_writable(args.out, "--out")
+    files.check_name(args.out, "--out")
     problem = (files.output_overlap(args.out, "--out", [("--data-dir", args.data_dir)])
                or checkpoints.inside_other_files(args.out, "--out"))
     if problem:
         raise ValueError(problem)
+    files.check_writable(args.out, "--out")
 
 
 def parse_args(argv=None):
