@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 import tiny_model
 from dllm_jepa import METHODS, check
-from dlm import checkpoints, data, files, flags, sharding
+from dlm import bounds, checkpoints, data, files, flags, sharding
 from dlm.backbones import new_tiny_backbone
 
 # -----------------------------------------------------------------------------
@@ -64,6 +64,7 @@ def check_settings(parser, args):
         flags.objective(vars(args))  # the objective's own checks
     except ValueError as e:  # name the flag, not the dataclass field
         parser.error(re.sub(r"(?<![\w-])([a-z]+(?:_[a-z]+)*)=", lambda m: f"--{m[1].replace('_', '-')}=", str(e)))
+    bounds.check(parser, args)  # overflows and typos: --lr 1e300, --tiny-layers 1000000000, ...
 
 
 def check_flags(args):
