@@ -27,7 +27,9 @@ What the paper does with LLaDA-8B / Dream-7B (PAPER.md), as stages:
    method minus diffusion with its standard error, results.json, a drift and a metric plot.
 
 Every stage is cached in --out (a finished run or measurement is not redone), so an
-interrupted run resumes; --dry-run prints the commands and, for a GPU profile, an estimate of
+interrupted run resumes, a fine-tune from its last checkpoint; a signal stops every process it
+started (each train.py saves first), and a SIGKILL of this one takes them down too. Every
+train.py command is checked by train.py's own flag checks before the first runs; --dry-run prints the commands and, for a GPU profile, an estimate of
 the GPU-hours. Data come from a local folder in the layout README.md describes (--data-dir,
 default data/; `python -m scripts.prepare --out data` writes it from the hub).
 """
