@@ -518,16 +518,16 @@ def start_child(argv: list[str], log, env: dict) -> subprocess.Popen:
     Elsewhere it stays in this process's group, where a group signal reaches it directly."""
     linux = sys.platform.startswith("linux")
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            process_group=0 if linux else None,
                             preexec_fn=die_with_parent(os.getpid()) if linux else None)
 
 
 def die_with_parent(parent: int):
-    """A preexec_fn: SIGTERM to the child when its parent ends (Linux prctl), and at once if the
-    parent ended before the call took effect."""
+    """A preexec_fn: a process group of the child's own, SIGTERM to it when its parent ends
+    (Linux prctl), and at once if the parent ended before the call took effect."""
     import ctypes
 
     def arm():
+        os.setpgid(0, 0)
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
         if os.getppid() != parent:
             os.kill(os.getpid(), signal.SIGTERM)
