@@ -19,7 +19,7 @@ BOUNDS = {
     "batch_size": (1, 2 ** 20, "rows per batch"),
     "grad_accum": (1, 2 ** 16, "micro-batches per step"),
     "seq_len": (2, 2 ** 20, "tokens per row"),
-    "tiny_width": (8, 2 ** 16, "the tiny model's width"),
+    "tiny_width": (8, 2 ** 20, "the tiny model's width"),
     "tiny_layers": (1, 1024, "the tiny model's blocks"),
     "builtin_size": (1, 10 ** 8, "examples"),
     "lr": (1e-12, 10.0, "a learning rate"),
