@@ -355,6 +355,10 @@ def export(run: Run) -> Path:
     """final/ (checkpoints.export_model: LoRA merged in, in the loaded checkpoint's dtype), the
     held-out questions answered, and the closing lines, which say how to load it -> final/."""
     settings, out, final = run.settings, run.out, run.out / "final"
+    if run.skipped >= settings.steps:  # not one step applied: the weights are the loaded ones
+        raise SystemExit(f"error: all {settings.steps} steps were non-finite and skipped: the model is not "
+                         "fine-tuned, so nothing is exported; lower --lr, --jepa-lambda or --anchor-mu, or check "
+                         "the data (log.jsonl holds each step's loss)")
     try:
         dtype, remote_code = checkpoints.export_model(run.model, run.backbone, final, settings, run.run_config, run.env)
     except ValueError as e:  # a full disk: every rank stops with the same line

@@ -469,7 +469,34 @@ def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32, weights
             raise ValueError(line) from None
     for record in reports:  # loaded: the report (missing or unexpected keys) is shown as usual
         logging.getLogger(record.name).handle(record)
+    if problem := stored_dtype_problem(Path(name_or_path).expanduser()) or weights_problem(backbone.model):
+        raise ValueError(f"{name_or_path}: {problem}")
     return backbone
+
+
+def stored_dtype_problem(folder: Path) -> str | None:
+    """One line if a local folder's safetensors file stores a tensor as integers (from_pretrained
+    would cast it to floats without a word, a model of whole numbers); None otherwise."""
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        with safe_open(file, "pt") as f:
+            stored = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+        name, dtype = next(((n, d) for n, d in sorted(stored.items()) if not d.startswith(("F", "BF"))), (None, None))
+        if name:
+            return f"{file.name}: {name} is stored as {dtype}, not floating point; export the model again"
+    return None
+
+
+def weights_problem(model) -> str | None:
+    """One line if a loaded parameter holds NaN or infinity (a diverged run's export, a damaged
+    file): training, evaluating or sampling with it would only give NaN losses or blank answers.
+    Meta tensors (no weights read) are skipped."""
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            continue
+        if not torch.isfinite(p).all():
+            return (f"{name} holds NaN or infinite weights: the model is damaged (a diverged run's export?); "
+                    "use an earlier checkpoint or export it again")
+    return None
 
 
 @contextlib.contextmanager

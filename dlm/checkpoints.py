@@ -67,6 +67,22 @@ def latest_checkpoint(root: Path) -> Path | None:
     return next((path for path in reversed(checkpoint_dirs(root)) if is_complete(path)), None)
 
 
+def check_latest(root: Path):
+    """--resume auto: raise ValueError (one line) if the newest step_XXXXXXXX folder under root is
+    not a complete, intact checkpoint. Saves are renamed into place only once whole, so such a
+    folder is damage (a bad copy, a deletion, bit rot), never a kill's leftover: continuing from an
+    older checkpoint, or from step 0 over the log, would pass over it without a word."""
+    found = checkpoint_dirs(root)
+    if not found:
+        return
+    try:
+        check_checkpoint(found[-1])
+    except ValueError as e:
+        before = next((str(p) for p in reversed(found[:-1]) if is_complete(p)), None)
+        raise ValueError(f"--resume auto: {e}" + (f"; or continue from the one before it: --resume {before}"
+                                                  if before else "; move it aside to start again")) from None
+
+
 def check_checkpoint(path: Path):
     """Raise ValueError (one line, with what to do) unless `path` is a complete checkpoint whose
     files have the names and sizes its manifest lists (cheap: no file is read; load_checkpoint
@@ -79,7 +95,7 @@ def check_checkpoint(path: Path):
         raise ValueError(f"{path}: an unfinished write (the run was killed while saving); give a "
                          "step_XXXXXXXX folder or --resume auto")
     if not path.is_dir():
-        raise ValueError(f"{path}: no such checkpoint folder")
+        raise ValueError(f"{path}: {'not a folder' if path.exists() else 'no such checkpoint folder'}")
     missing = [name for name in (".metadata", "extra_rank0.pt") if not (path / name).is_file()]
     if missing:
         raise ValueError(f"{path}: an incomplete checkpoint (no {', '.join(missing)}); give a "
@@ -444,6 +460,21 @@ def tensor_bytes(state) -> int:
 
 # -----------------------------------------------------------------------------
 # Folders other runs own
+
+
+def model_folder_problem(model: str, flag: str = "--model") -> str | None:
+    """One line if `model` names a local folder (it exists, starts with '.', '/' or '~', or has
+    more '/' than a hub id 'org/name') that is not a save_pretrained one; None for a good folder
+    or a hub id."""
+    path = Path(model).expanduser()
+    if not (path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1):
+        return None
+    if not path.is_dir():
+        return f"{flag} {model}: no such folder (nor a hub id 'org/name')"
+    if not (path / "config.json").is_file():
+        return (f"{flag} {model}: the folder has no config.json; give a save_pretrained folder (a run's final/) "
+                "or a hub id")
+    return None
 
 
 def is_model_folder(path: Path) -> bool:

@@ -5,7 +5,9 @@ written over an input, no refusal found late.
 - Writes: `atomic_write_text` (a sibling .tmp file, fsynced, renamed over the old), strict
   JSON (a non-finite float as the string "NaN", never a bare NaN that strict parsers refuse).
 - Output paths, checked before anything loads: an output never is, contains or lies inside
-  an input (`output_overlap`), and its place accepts a new file (`check_writable`).
+  an input (`output_overlap`), is a folder or a regular file (never a device or a pipe), holds
+  no link leading out of it, has names the filesystem accepts, and its place accepts a new file
+  (`check_writable`, which every command's output flags pass through).
 - Memory: what is free on a GPU or in host memory (a cgroup's limit included).
 - Signals: the first SIGTERM/SIGINT lets train.py finish its step and save (stop_requests); a
   second ends the process even while it is stuck inside a collective (stop_on_second_signal).
@@ -18,6 +20,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -138,18 +141,28 @@ def output_overlap(out, out_flag: str, inputs) -> str | None:
 
 def check_writable(path, flag: str, folder: bool = True):
     """Raise ValueError, one line naming the flag, unless `path` can be written: a folder
-    (folder=True) or a file. Nothing is created: the nearest existing folder at or above it must
-    be a folder (not a file in the way) that accepts a new file (a probe file is made there and
-    removed): a read-only place, a full permission denial or a file in the way is found before
-    anything loads, not when the first result is written."""
-    path = Path(path).expanduser()
+    (folder=True) or a file; every command's output flags pass through here before anything
+    loads. Nothing is created. Refused: an empty name (it would mean the current folder), a name
+    longer than the filesystem allows, a link to nothing, anything that is not a folder or a
+    regular file once links are resolved (a device, a named pipe: an atomic rename would replace
+    it), a folder holding a link that leads out of it (writing through it would land on another
+    run or an input), a file in the way of the folders to make, and a place that refuses a new
+    file (a probe file is made in the nearest existing folder and removed)."""
+    path = check_name(path, flag, folder)
     if os.path.lexists(path):
         if not path.exists():
             raise ValueError(f"{flag} {path}: is a link to nothing; remove it or give another {flag}")
-        if folder and not path.is_dir():
-            raise ValueError(f"{flag} {path}: is a file, not a folder")
-        if not folder and path.is_dir():
+        real = real_path(path)
+        if folder and not real.is_dir():
+            raise ValueError(f"{flag} {path}: is {kind_of(real)}, not a folder")
+        if not folder and real.is_dir():
             raise ValueError(f"{flag} {path}: is a folder; give a file name (e.g. {path / 'results.json'})")
+        if not folder and not real.is_file():
+            raise ValueError(f"{flag} {path}: is {kind_of(real)}, not a regular file: writing there would replace "
+                             f"it; give a file name")
+        if folder and (link := link_out_of(real)):
+            raise ValueError(f"{flag} {path}: {link[0]} is a link to {link[1]}, outside {flag}: what is written "
+                             f"there would land on it; remove the link or give another {flag}")
     start = path if folder else path.parent
     existing = next(p for p in (start, *start.parents) if os.path.lexists(p))
     if not existing.is_dir():
@@ -161,6 +174,54 @@ def check_writable(path, flag: str, folder: bool = True):
         os.unlink(probe)
     except OSError as e:
         raise ValueError(f"{flag} {path}: cannot write in {existing} ({cause(e)}); give another {flag}") from None
+
+
+def check_name(path, flag: str, folder: bool = True) -> Path:
+    """The output name as given, before any other check looks at the place (a too-long name makes
+    every stat fail) -> the path. ValueError naming the flag if it is empty (Path('') would be the
+    current folder), if a name in it is longer than the filesystem allows (else the first write
+    fails with a bare '[Errno 36] File name too long'), or if the whole path leaves no room for the
+    names a command writes inside it (checkpoints/step_XXXXXXXX.deleting/...)."""
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty: give a {'folder' if folder else 'file name'}")
+    path = Path(path).expanduser()
+    existing = next((p for p in (path, *path.parents) if os.path.lexists(p)), Path("/"))
+    limits = []
+    for name, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+        try:
+            limits.append(os.pathconf(existing, name))
+        except (OSError, ValueError):
+            limits.append(default)
+    name_max, path_max = limits
+    shown = str(path) if len(str(path)) <= 80 else str(path)[:77] + "..."
+    long = next((part for part in path.parts if len(os.fsencode(part)) > name_max), None)
+    if long is not None:
+        raise ValueError(f"{flag} {shown}: a name of {len(os.fsencode(long))} bytes ({long[:20]}...), longer than "
+                         f"the {name_max} the filesystem allows; give a shorter {flag}")
+    if len(os.fsencode(str(real_path(path)))) > path_max - 128:
+        raise ValueError(f"{flag} {shown}: the path is {len(os.fsencode(str(real_path(path))))} bytes, too long "
+                         f"for the files written inside it (at most {path_max - 128}); give a shorter {flag}")
+    return path
+
+
+def kind_of(path: Path) -> str:
+    """What a non-folder path is, for a refusal: 'a file', 'a device', 'a named pipe', ..."""
+    mode = path.stat().st_mode
+    return ("a file" if stat.S_ISREG(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+
+
+def link_out_of(folder: Path) -> tuple[Path, Path] | None:
+    """(link, where it leads) for the first symbolic link under `folder` (links are not followed)
+    that leads outside it, or None."""
+    for root, folders, names in os.walk(folder):
+        for name in sorted(folders + names):
+            link = Path(root) / name
+            if link.is_symlink():
+                target = real_path(link)
+                if target != folder and folder not in target.parents:
+                    return link, target
+    return None
 
 # -----------------------------------------------------------------------------
 # Memory and signals

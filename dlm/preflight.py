@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 import tiny_model
 from dllm_jepa import METHODS, check
-from dlm import checkpoints, data, files, flags, sharding
+from dlm import bounds, checkpoints, data, files, flags, sharding
 from dlm.backbones import new_tiny_backbone
 
 # -----------------------------------------------------------------------------
@@ -39,6 +39,17 @@ from dlm.backbones import new_tiny_backbone
 def check_start(parser, args):
     """Every refusal that needs no model: a bad flag exits 2 with argparse's usage line, bad
     files or a model that cannot fit exit 1 with 'error: ...'."""
+    check_settings(parser, args)
+    try:
+        check_paths(args)
+        check_fits(args)  # a model that cannot fit is refused before it is allocated
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def check_settings(parser, args):
+    """The flags alone, no file read (exit 2 with argparse's usage line): what a plan of many
+    train.py runs (scripts/experiments.py) checks for each run before the first one starts."""
     lora_only = [flag for flag, given in (("--lora-alpha", args.lora_alpha is not None),
                                           ("--lora-dropout", args.lora_dropout != 0.0),
                                           ("--lora-targets", args.lora_targets is not None),
@@ -53,11 +64,7 @@ def check_start(parser, args):
         flags.objective(vars(args))  # the objective's own checks
     except ValueError as e:  # name the flag, not the dataclass field
         parser.error(re.sub(r"(?<![\w-])([a-z]+(?:_[a-z]+)*)=", lambda m: f"--{m[1].replace('_', '-')}=", str(e)))
-    try:
-        check_paths(args)
-        check_fits(args)  # a model that cannot fit is refused before it is allocated
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    bounds.check(parser, args)  # overflows and typos: --lr 1e300, --tiny-layers 1000000000, ...
 
 
 def check_flags(args):
@@ -93,11 +100,8 @@ def check_flags(args):
 def check_paths(args):
     """Check the files and folders the flags name, before anything loads (ValueError)."""
     if args.model is not None:  # a local folder (not a hub id "org/name") must be a save_pretrained one
-        path = Path(args.model).expanduser()
-        if path.exists() or args.model.startswith((".", "/", "~")) or args.model.count("/") > 1:
-            check(path.is_dir(), f"--model {args.model}: no such folder (nor a hub id 'org/name')")
-            check((path / "config.json").is_file(), f"--model {args.model}: the folder has no config.json; "
-                  "give a save_pretrained folder (a run's final/) or a hub id")
+        problem = checkpoints.model_folder_problem(args.model)
+        check(problem is None, problem)
     for flag in ("data", "eval_data"):
         source = getattr(args, flag)
         if source not in (None, "builtin") and (Path(source).suffix in (".jsonl", ".json", ".txt")
@@ -112,6 +116,8 @@ def check_paths(args):
         except ValueError as e:
             raise ValueError(f"--resume {e}") from None
     check_output(args)
+    if args.resume == "auto":  # a damaged latest checkpoint is refused, not passed over
+        checkpoints.check_latest(Path(args.out) / "checkpoints")
     out = Path(args.out)
     check(not out.exists() or out.is_dir(), f"--out {out}: is a file, not a folder")
     done = checkpoints.checkpoint_dirs(out / "checkpoints")
@@ -125,6 +131,7 @@ def check_output(args):
     and run (continuing that run in place, --out being the run, is fine), nor a model folder or
     another run's checkpoint; no file may stand where its folders go, and the nearest existing
     folder must accept a new file (a probe, removed). Nothing is created."""
+    files.check_name(args.out, "--out")  # first, the flag as given: '' is refused, not read as '.'
     out = Path(args.out)
     inputs = [("--model", args.model if args.model and Path(args.model).expanduser().exists() else None)]
     inputs += [(f"--{flag.replace('_', '-')}", getattr(args, flag)) for flag in ("data", "eval_data")

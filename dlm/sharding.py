@@ -102,13 +102,27 @@ def exit_on_timeout(env: Env, minutes: float, then: str = ""):
     os._exit(1)
 
 
+def is_peer_lost(error: BaseException) -> bool:
+    """A collective whose peer's connection broke (gloo: "Connection closed by peer", "Connection
+    reset by peer", a read error or broken pipe): another rank died mid-collective."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        words in text for words in ("closed by peer", "reset by peer", "broken pipe", "read error"))
+
+
 @contextlib.contextmanager
 def timeout_in_one_line(env: Env, minutes: float, then: str = ""):
-    """A collective inside that gave up waiting for another rank (is_timeout) ends the process
-    with exit_on_timeout's one line; any other error passes through."""
+    """A collective inside that gave up waiting for another rank (is_timeout), or whose peer died
+    (is_peer_lost), ends the process with one line naming the rank, not gloo's traceback; any
+    other error passes through."""
     try:
         yield
     except RuntimeError as e:
+        if is_peer_lost(e):
+            print(f"error: rank {env.rank}: another process left in the middle of a collective (stopped or died: "
+                  f"see its output){then}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)  # the group is broken: tearing it down at exit aborts in gloo's threads
         if not is_timeout(e):
             raise
         exit_on_timeout(env, minutes, then)

@@ -42,7 +42,7 @@ from types import SimpleNamespace
 
 import torch
 
-from dlm import checkpoints, data, files, hub, sharding
+from dlm import bounds, checkpoints, data, files, hub, sharding
 from dlm.sampler import SamplerConfig, add_fast_flags, canvas_args, trained_seq_len
 from tasks import GENERATION_TASKS, TASKS, check_references, load_items
 from tasks.common import Shard, max_positions, with_shots
@@ -311,6 +311,7 @@ def main(argv=None) -> dict | None:
         parser.error(f"--collective-timeout {args.collective_timeout}: must be > 0 (minutes)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu")
+    bounds.check(parser, args)  # overflows and typos: a seed past 64 bits, --steps 1000000000, ...
     env = join(args)
     main_rank = env is None or env.rank == 0
     try:

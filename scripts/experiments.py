@@ -27,22 +27,28 @@ What the paper does with LLaDA-8B / Dream-7B (PAPER.md), as stages:
    method minus diffusion with its standard error, results.json, a drift and a metric plot.
 
 Every stage is cached in --out (a finished run or measurement is not redone), so an
-interrupted run resumes; --dry-run prints the commands and, for a GPU profile, an estimate of
+interrupted run resumes, a fine-tune from its last checkpoint; a signal stops every process it
+started (each train.py saves first), and a SIGKILL of this one takes them down too. Every
+train.py command is checked by train.py's own flag checks before the first runs; --dry-run prints the commands and, for a GPU profile, an estimate of
 the GPU-hours. Data come from a local folder in the layout README.md describes (--data-dir,
 default data/; `python -m scripts.prepare --out data` writes it from the hub).
 """
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import math
 import os
 import random
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -300,6 +306,8 @@ def new_base(path: Path, tokenizer, profile: Profile) -> Path:
     """A randomly initialised tiny model with the run's tokenizer, saved for train.py --model."""
     if not (path / "config.json").is_file():
         import torch
+        from transformers.utils import logging
+        logging.disable_progress_bar()  # the runner's output: a line per stage
         torch.manual_seed(0)
         model = tiny_model.make_tiny_model(tokenizer, **tiny_model.shape(profile.tiny_width, profile.tiny_layers,
                                                                           profile.seq_len))
@@ -470,10 +478,12 @@ def run_jobs(jobs: list[Job], profile: Profile, at_once: int, threads: int, t0: 
                 n = str(job.threads or threads)
                 path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # scripts.*
                 env = os.environ | {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "PYTHONPATH": path}  # from any folder
-                print(f"[{time.time() - t0:5.0f}s] {job.name}", flush=True)
-                with job.log.open("w") as log:
-                    proc = subprocess.Popen(launcher(profile) + program(job, ROOT) + job.argv,
-                                            stdout=log, stderr=subprocess.STDOUT, env=env)
+                resume = interrupted(job)
+                print(f"[{time.time() - t0:5.0f}s] {job.name}" + (" (continuing its last checkpoint)" if resume
+                                                                  else ""), flush=True)
+                with job.log.open("a" if resume else "w") as log:  # a continued run keeps its earlier output
+                    proc = start_child(launcher(profile) + program(job, ROOT) + job.argv
+                                       + (["--resume", "auto"] if resume else []), log, env)
                 running[job.name] = (job, proc, time.time())
             if not running:
                 raise RuntimeError(f"no job can start: {[job.name for job in pending]} wait for jobs not in the plan")
@@ -489,17 +499,79 @@ def run_jobs(jobs: list[Job], profile: Profile, at_once: int, threads: int, t0: 
                 elif failed is None:
                     failed = job, proc.returncode
     finally:
-        for job, proc, _ in running.values():
-            proc.terminate()
-        for job, proc, _ in running.values():
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_children([proc for _, proc, _ in running.values()])
     if failed:
         job, code = failed
         raise ValueError(f"{job.name} failed (exit {code}): {last_error(job.log)} (its output: {job.log}); "
                          "finished stages are kept: run the same command again to resume")
+
+
+def interrupted(job: Job) -> bool:
+    """A fine-tune that a kill or a signal stopped after a checkpoint: train.py continues it
+    (--resume auto) rather than refusing a folder that holds checkpoints."""
+    return job.script == "train.py" and bool(checkpoints.checkpoint_dirs(job.done.parent / "checkpoints"))
+
+
+def start_child(argv: list[str], log, env: dict) -> subprocess.Popen:
+    """A train.py / evaluate.py process that never outlives this one. On Linux it runs in a
+    process group of its own, so a Ctrl-C at the terminal reaches this process alone, which
+    stops each child with one SIGTERM (stop_children; train.py saves on it), and it gets
+    SIGTERM from the kernel when this process dies, even by SIGKILL (prctl PR_SET_PDEATHSIG).
+    Elsewhere it stays in this process's group, where a group signal reaches it directly."""
+    linux = sys.platform.startswith("linux")
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=die_with_parent(os.getpid()) if linux else None)
+
+
+def die_with_parent(parent: int):
+    """A preexec_fn: a process group of the child's own, SIGTERM to it when its parent ends
+    (Linux prctl), and at once if the parent ended before the call took effect."""
+    import ctypes
+
+    def arm():
+        os.setpgid(0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
+
+
+def stop_children(procs: list[subprocess.Popen], grace_s: float = 120):
+    """One SIGTERM to each running child (train.py finishes its step and saves a checkpoint),
+    then a wait of up to grace_s; past it, or on a second signal, SIGKILL."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    try:
+        deadline = time.time() + grace_s
+        for proc in procs:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+    except (subprocess.TimeoutExpired, Stopped):
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        raise
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT reached the runner: its children are stopped, the run ends in one line."""
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGTERM and SIGINT raise Stopped in the main thread (SIGTERM would otherwise end this
+    process with its children still running, SIGINT in a traceback); the old handlers come back."""
+    def on_signal(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield
+        return
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # Assumptions of the GPU-hours estimate: an H100 SXM's dense bf16 peak (NVIDIA's datasheet),
@@ -804,12 +876,37 @@ def check_profile(profile: Profile):
             raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(profile, name)}: must be >= 0")
     if profile.loss_weight not in ("inverse-t", "flat"):
         raise SystemExit(f"error: --loss-weight {profile.loss_weight}: 'inverse-t' or 'flat'")
+    for name in ("batch_size", "grad_accum"):  # the fine-tunes' step count divides by them
+        if getattr(profile, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(profile, name)}: must be >= 1")
+    if problem := profile.model and checkpoints.model_folder_problem(profile.model):
+        raise SystemExit(f"error: {problem}")
+
+
+def check_plan(plan: list["Job"], profile: Profile):
+    """Every train.py job's flags through train.py's own parser and checks (dlm/flags.py,
+    preflight.check_settings; no file is read), and a new tiny base's shape, so an override that
+    a fine-tune would refuse stops the run now in one line naming the job, not after the base's
+    pre-training or a fine-tune."""
+    from dlm import flags, preflight
+    shape = [] if profile.model else [("the new tiny base", ["--tiny-width", str(profile.tiny_width),
+                                                             "--tiny-layers", str(profile.tiny_layers)])]
+    for name, argv in shape + [(job.name, job.argv) for job in plan if job.script == "train.py"]:
+        refusal = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(refusal):
+                parser, args = flags.parse_args(argv)
+                preflight.check_settings(parser, args)
+        except SystemExit:
+            line = (refusal.getvalue().strip().splitlines() or ["its flags are refused"])[-1]
+            raise ValueError(f"{name}: train.py would refuse it: {line.split('error: ', 1)[-1]}") from None
 
 
 def check_output(args):
     """--out, before anything is read or trained (ValueError, one line naming the flags): never
     the --data-dir, inside it or around it (the stages write data/ and results there), nor inside a
     model folder or a run's checkpoint; no file in the way, and a place that accepts a new file."""
+    files.check_name(args.out, "--out")
     problem = (files.output_overlap(args.out, "--out", [("--data-dir", args.data_dir)])
                or checkpoints.inside_other_files(args.out, "--out"))
     if problem:
@@ -859,10 +956,15 @@ def parse_args(argv=None):
 def main(argv=None) -> Path | None:
     args = parse_args(argv)
     try:
-        check_output(args)
-        return run(args)
+        with stopped_by_signals():
+            check_output(args)
+            return run(args)
     except (ValueError, OSError) as e:  # bad data or flags: one line naming them, not a traceback
         raise SystemExit(f"error: {e}") from None
+    except Stopped as e:
+        print(f"stopped by {e}: finished stages are kept and an interrupted fine-tune continues from its last "
+              "checkpoint: run the same command again to resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.Signals[str(e)].value) from None
 
 
 def run(args) -> Path | None:
@@ -885,6 +987,7 @@ def run(args) -> Path | None:
         fetch_missing(data_dir, ["wikitext2", "mmlu", *tasks])
     inputs = read_inputs(data_dir, tasks, profile)       # 1. every input, checked
     plan = make_plan(profile, inputs, tasks, rows, args.seeds, out)
+    check_plan(plan, profile)
     if args.dry_run:
         for job in plan:
             print(f"# {job.name}\nOMP_NUM_THREADS={job.threads or threads} "

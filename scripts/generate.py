@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dlm import data, sharding
+from dlm import bounds, data, sharding
 from dlm.sampler import (SamplerConfig, add_fast_flags, canvas_args, check_room, generate_text, sampler_for, stop_ids,
                          trained_seq_len)
 
@@ -251,6 +251,7 @@ def parse_args(argv=None):
         p.error(f"--batch-size {args.batch_size}: must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
+    bounds.check(p, args)  # overflows and typos: a seed past 64 bits, --gen-length 0 (not the default), ...
     trained = trained_seq_len(args.model)
     sampler_args = canvas_args(args.gen_length, args.block_length, trained) | dict(
         steps=args.steps, temperature=args.temperature, remasking=args.remasking, suppress_eos=args.suppress_eos,

@@ -57,9 +57,11 @@ The three requests:
   (BOS, else EOS), in lm-eval's disjoint windows when it is longer than the model's positions.
 """
 
+import argparse
 import itertools
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -68,7 +70,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from dlm import sharding
+from dlm import checkpoints, files, sharding
 from dlm.sampler import (SamplerConfig, aligned_logits, canvas_args, check_prefix_cache, check_room, conventions,
                          generate, generate_text, left_pad, sampler_for, trained_seq_len)
 from tasks.common import fit_prompt, max_positions
@@ -174,6 +176,8 @@ class DiffusionLM(TemplateLM):
                              "prefix_cache, seed, mc_samples")
         if (pretrained is None) == (backbone is None):
             raise ValueError("model_args: give pretrained=PATH_OR_HUB_ID (or, in Python, backbone=)")
+        if pretrained is not None and (problem := checkpoints.model_folder_problem(pretrained, "pretrained")):
+            raise ValueError(f"model_args: {problem}")
         if dtype not in DTYPES:
             raise ValueError(f"model_args: dtype={dtype!r}; one of {', '.join(DTYPES)}")
         try:
@@ -324,8 +328,13 @@ class DiffusionLM(TemplateLM):
 # Command line: lm-eval's, with the model registered
 
 
+# What lm-eval raises for a bad argument, task name, file or an unreachable hub, from deep inside it
+HARNESS_ERRORS = (ValueError, TypeError, KeyError, AssertionError, OSError)
+
+
 def main(argv=None):
-    """`lm_eval run ARGS` with "dllm" registered; `--model dllm` when no --model is given."""
+    """`lm_eval run ARGS` with "dllm" registered; `--model dllm` when no --model is given. A bad
+    argument is one line (exit 1), not lm-eval's traceback."""
     from lm_eval.__main__ import cli_evaluate
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("run", "ls", "validate"):
@@ -333,7 +342,32 @@ def main(argv=None):
     if argv[0] == "run" and not any(a in ("--model", "-M") or a.startswith("--model=") for a in argv):
         argv[1:1] = ["--model", MODEL_NAME]
     sys.argv = ["lm-eval"] + argv
-    cli_evaluate()
+    try:
+        if argv[0] == "run":
+            check_arguments(argv[1:])
+        cli_evaluate()
+    except HARNESS_ERRORS as e:
+        raise SystemExit(f"error: {e if isinstance(e, ValueError) else files.cause(e)}") from None
+
+
+def check_arguments(argv: list[str]):
+    """lm-eval's flags that it would take and fail on only later (or never): --limit, and
+    --output_path, which must be a writable folder (or a .json file) before hours of evaluation,
+    and batch_size given in --model_args, which clashes with lm-eval's own --batch_size."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--output_path", "-o")
+    p.add_argument("--limit", "-L", type=float)
+    p.add_argument("--model_args", "-a", nargs="*", default=[])
+    try:
+        args, _ = p.parse_known_args(argv)
+    except SystemExit:
+        return  # lm-eval's parser names what is wrong with them
+    if args.limit is not None and not args.limit > 0:
+        raise ValueError(f"--limit {args.limit:g}: must be > 0 (a count, or a fraction below 1)")
+    if args.output_path is not None:
+        files.check_writable(args.output_path, "--output_path", folder=not args.output_path.endswith(".json"))
+    if any(re.match(r"batch_size=", pair) for arg in args.model_args for pair in re.split(r"[,\s]+", arg)):
+        raise ValueError("--model_args batch_size=...: give lm-eval's --batch_size N instead (it passes its own)")
 
 
 if __name__ == "__main__":

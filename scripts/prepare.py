@@ -30,7 +30,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from dlm import data, hub
+from dlm import data, files, hub
 
 GSM8K_DEV_ROWS = 300  # test_dev.jsonl: the first 300 test rows (the dev slice experiments.py scores)
 
@@ -179,8 +179,10 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 1
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        print(f"error: --out {out}: is a file; give a folder", file=sys.stderr)
+    try:
+        files.check_writable(args.out, "--out")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     busy = [n for n in names if (out / n).exists() and (not (out / n).is_dir() or any((out / n).iterdir()))]
     if busy and not args.force:

@@ -67,10 +67,13 @@ def score_answers(task: str, items: list[Item], answers: list[str], spider_db: P
 
 
 def check_references(task: str, items: list[Item], source: Path, spider_db: Path | None = None):
-    """Refuse, before any generation, references the metric cannot score: a GSM8K answer
-    with no final number, a Spider gold query that fails on its database (or has none)."""
+    """Refuse, before any generation, references the metric cannot score: a blank one (empty or
+    whitespace only: train.py refuses such rows too), a GSM8K answer with no final number, a
+    Spider gold query that fails on its database (or has none)."""
     for i, item in enumerate(items):
         try:
+            if not item.reference.strip():
+                raise ValueError("blank reference answer: no answer can be scored against it; fix or drop the row")
             if task == "gsm8k":
                 gsm8k_gold(item.reference)
             elif task == "spider" and spider_db is not None:

@@ -1,9 +1,19 @@
 """The experiment runner: its table format, and the whole pipeline on a tiny made-up corpus."""
 
 import json
+import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import tiny_model
 from dlm.backbones import load_backbone
@@ -255,3 +265,112 @@ def test_gpu_profile_runs_end_to_end_on_cpu_under_torchrun(data_dir, tiny_hub_mo
     assert task["processes"] == 2 and task["n"] == 2
     config = json.loads((out / "nl-rx-synth" / "dllm-jepa" / "seed0" / "config.json").read_text())
     assert config["world_size"] == 2 and config["args"]["activation_checkpointing"]
+
+
+SMALL = ["--smoke", "--n-train", "16", "--n-dev", "2", "--probe-windows", "2", "--mmlu-questions", "2", "--seq-len", "64"]
+
+
+@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(override=st.one_of(
+    st.tuples(st.sampled_from(["--steps", "--base-steps", "--base-batch", "--tiny-layers"]),
+              st.integers(-10 ** 30, 0).map(str)),
+    st.tuples(st.sampled_from(["--lr", "--base-lr"]),
+              st.one_of(st.floats(max_value=0.0), st.sampled_from([math.nan, math.inf])).map(str)),
+    st.tuples(st.just("--tiny-width"), st.integers(1, 10 ** 6).filter(lambda w: w % 8).map(str)),
+    st.tuples(st.just("--seeds"), st.one_of(st.integers(max_value=-1), st.integers(min_value=2 ** 27)).map(str))))
+def test_an_override_a_job_would_refuse_stops_the_dry_run_in_one_line(data_dir, tmp_path, override):
+    """The plan's every train.py command goes through train.py's own checks before anything runs:
+    a dry run that passes is a run whose jobs accept their flags."""
+    flag, value = override
+    with pytest.raises(SystemExit) as e:
+        X.main(SMALL + ["--dry-run", "--data-dir", str(data_dir), "--out", str(tmp_path / "out"), f"{flag}={value}"])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert "train.py would refuse it" in message or flag in message, message
+    assert {"--seeds": "--seed", "--base-lr": "--lr", "--base-steps": "--steps",
+            "--base-batch": "--batch-size"}.get(flag, flag) in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_model_folder_is_one_line(data_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --model \S+/missing: no such folder"):
+        X.main(SMALL + ["--dry-run", "--data-dir", str(data_dir), "--out", str(tmp_path / "out"),
+                        "--model", str(tmp_path / "missing")])
+
+
+def start_runner(argv: list[str]) -> subprocess.Popen:
+    """`python -m scripts.experiments ARGV` from the repository root, stderr captured."""
+    return subprocess.Popen([sys.executable, "-m", "scripts.experiments", *argv], cwd=X.ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def training_child(runner: subprocess.Popen, log: Path, timeout: float = 300) -> psutil.Process:
+    """The runner's train.py process, once it has logged a step (its signal handler is set)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert runner.poll() is None, runner.stderr.read()
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:
+            return next(p for p in psutil.Process(runner.pid).children(recursive=True)
+                        if "train.py" in " ".join(p.cmdline()))
+        time.sleep(0.05)
+    raise AssertionError("train.py logged no step in time")
+
+
+def gone(process: psutil.Process, timeout: float = 60) -> bool:
+    """Whether the process has ended (a zombie no parent reaps counts) within timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not process.is_running() or process.status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# long enough to be interrupted; one fine-tune
+INTERRUPTED = SMALL + ["--base-steps", "200", "--steps", "2", "--methods", "diffusion", "--seeds", "0",
+                       "--threads", "1", "--jobs", "1"]
+
+
+def test_ctrl_c_stops_the_children_in_one_line_and_the_rerun_continues_the_checkpoint(data_dir, tmp_path,
+                                                                                     monkeypatch):
+    """SIGINT: one line, no traceback; train.py gets one SIGTERM, saves and stops (the folder then
+    holds a checkpoint and no finished run); the same command again continues that checkpoint
+    (train.py --resume auto) where it used to refuse the folder (the rerun is cut after that job)."""
+    out = tmp_path / "out"
+    argv = INTERRUPTED + ["--data-dir", str(data_dir), "--out", str(out)]
+    runner = start_runner(argv)
+    child = training_child(runner, out / "base" / "log.jsonl")
+    runner.send_signal(signal.SIGINT)
+    assert runner.wait(timeout=120) == 128 + signal.SIGINT
+    stderr = runner.stderr.read()
+    assert "Traceback" not in stderr and stderr.strip().splitlines() == [stderr.strip()], stderr
+    assert stderr.startswith("stopped by SIGINT: ") and "run the same command again" in stderr, stderr
+    assert gone(child)
+    assert "stopped by signal 15 after step" in (out / "base" / "train.log").read_text()
+    assert list((out / "base" / "checkpoints").glob("step_*")) and not (out / "base" / "seconds.txt").exists()
+    run_jobs = X.run_jobs
+
+    def the_interrupted_job_only(jobs, *args):
+        run_jobs(jobs[:1], *args)
+        raise KeyError("cut")
+    monkeypatch.setattr(X, "run_jobs", the_interrupted_job_only)
+    with pytest.raises(KeyError, match="cut"):
+        X.main(argv)
+    assert (out / "base" / "seconds.txt").is_file() and (out / "base" / "final" / "config.json").is_file()
+    train_log = (out / "base" / "train.log").read_text()
+    assert "stopped by signal 15" in train_log and "resuming from" in train_log  # the first output kept
+    rows = [json.loads(line) for line in (out / "base" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, 201))  # each step once, as uninterrupted
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_sigkilled_runner_takes_its_children_down(data_dir, tmp_path):
+    """SIGKILL of experiments.py alone runs no handler: the kernel sends its train.py SIGTERM
+    (PR_SET_PDEATHSIG), which saves a checkpoint and stops: nothing is left running."""
+    out = tmp_path / "out"
+    runner = start_runner(INTERRUPTED + ["--data-dir", str(data_dir), "--out", str(out)])
+    child = training_child(runner, out / "base" / "log.jsonl")
+    runner.kill()
+    runner.wait()
+    assert gone(child), "train.py outlived the runner"
+    assert list((out / "base" / "checkpoints").glob("step_*"))

@@ -619,3 +619,92 @@ def test_rows_with_nothing_to_mask_give_finite_zero_not_nan(make_model, method):
         out.loss.backward()
         assert all(torch.isfinite(v) for v in (out.loss, out.diffusion, out.jepa)), out
         assert all(torch.isfinite(p.grad).all() for p in model.trainable_parameters() if p.grad is not None)
+
+# -----------------------------------------------------------------------------
+# Damaged state is refused, never passed over
+
+
+DAMAGES = {  # a newest checkpoint damaged as copies, deletions and bit rot leave it
+    "no .metadata": lambda step: (step / ".metadata").unlink(),
+    "no rank state": lambda step: (step / "extra_rank0.pt").unlink(),
+    "a shard cut": lambda step: next(step.glob("*.distcp")).write_bytes(b"\0" * 10),
+    "an empty folder": lambda step: (shutil.rmtree(step), step.mkdir()),
+    "a file in its place": lambda step: (shutil.rmtree(step), step.write_text("x")),
+}
+
+
+@settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damage=st.sampled_from(sorted(DAMAGES)), copies=st.integers(1, 3))
+def test_resume_auto_refuses_a_damaged_latest_checkpoint_as_an_explicit_resume_does(small_run, tmp_path, capsys,
+                                                                                     damage, copies):
+    """--resume auto used to pass over a damaged newest checkpoint: start from an older one or
+    from step 0, rewriting log.jsonl. It is refused in one line naming it (and the one before)."""
+    out = tmp_path / f"run-{damage}-{copies}".replace(" ", "_")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(small_run, out)
+    for step in sorted((out / "checkpoints").iterdir())[:3 - copies]:  # keep the newest `copies`
+        shutil.rmtree(step)
+    latest = out / "checkpoints" / "step_00000003"
+    DAMAGES[damage](latest)
+    log = (out / "log.jsonl").read_text()
+    code, line = refusal(capsys, "--out", str(out), "--steps", "3", "--resume", "auto")
+    assert code == 1 and line.startswith(f"error: --resume auto: {latest}: "), line
+    assert (f"--resume {out / 'checkpoints' / 'step_00000002'}" in line) == (copies > 1), line
+    assert (out / "log.jsonl").read_text() == log
+
+
+def test_a_run_whose_every_step_was_skipped_exports_nothing(tmp_path, monkeypatch):
+    """--jepa-lambda 1e300 and the like: every step non-finite, fewer than --max-bad-steps: the
+    untouched model must not be exported as fine-tuned with exit 0."""
+    poison(monkeypatch, nan_loss={1, 2})
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "run", "--steps", "2", "--final-eval", "0")
+    assert str(e.value.code).startswith("error: all 2 steps were non-finite and skipped: the model is not "
+                                        "fine-tuned, so nothing is exported")
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.fixture(scope="module")
+def damaged_models(tmp_path_factory):
+    """A tiny model saved whole, with one NaN weight, and with a tensor stored as integers."""
+    root = tmp_path_factory.mktemp("damaged")
+    from safetensors.torch import save_file
+    for kind in ("nan", "int"):
+        torch.manual_seed(0)
+        path = root / kind
+        tiny_model.make_tiny_model(TOKENIZER, hidden_size=32, num_hidden_layers=2,
+                                   intermediate_size=64).save_pretrained(path)
+        TOKENIZER.save_pretrained(path)
+        state = load_file(path / "model.safetensors")
+        name = sorted(state)[0]
+        state[name] = state[name].to(torch.int32) if kind == "int" else state[name].index_fill(0, torch.tensor([0]), math.nan)
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return root
+
+
+@pytest.mark.parametrize("kind, message", [("nan", "holds NaN or infinite weights"),
+                                           ("int", "is stored as I32, not floating point")])
+@pytest.mark.parametrize("command", ["evaluate", "generate"])
+def test_nan_or_integer_weights_are_one_line_in_evaluate_and_generate(damaged_models, tmp_path, command, kind,
+                                                                      message, capsys):
+    import importlib
+    main = importlib.import_module(f"scripts.{command}").main
+    text = tmp_path / "probe.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    argv = (["--task", "probe", "--data", str(text), "--probe-seq-len", "16", "--probe-windows", "2"]
+            if command == "evaluate" else ["--prompt", "hello", "--gen-length", "4", "--block-length", "4"])
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(damaged_models / kind), *argv])
+    line = str(e.value.code)
+    assert line.startswith(f"error: {damaged_models / kind}: ") and message in line and "\n" not in line, line
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_evaluate_refuses_blank_reference_answers(tmp_path, small_run):
+    from scripts import evaluate
+    rows = tmp_path / "dev.jsonl"
+    rows.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2", "answer": " "}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", str(small_run / "final"), "--task", "exact", "--data", str(rows)])
+    assert str(e.value.code) == (f"error: {rows} item 1: blank reference answer: no answer can be scored against it; "
+                                 "fix or drop the row")

@@ -7,6 +7,7 @@ lm_eval.simple_evaluate, whose scores must equal evaluate.py's (tasks/) on the s
 """
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -336,3 +337,28 @@ def test_mmlu_style_accuracy_equals_evaluate_py(lm, tok, ckpt, task_dir):
     per_question = [mmlu_accuracy(backbone, [q])["accuracy"] for q in questions]
     assert [s["acc"] for s in samples] == per_question == [1.0, 0.0] * 3
     assert metrics["acc,none"] == mmlu_accuracy(backbone, questions, batch_size=4)["accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "No tasks specified"),
+    (["--model_args", "pretrained=MISSING", "--tasks", "arc_easy"], "model_args: pretrained MISSING: no such folder"),
+    (["--model_args", "pretrained=MODEL,dtype=int8", "--tasks", "arc_easy"], "model_args: dtype='int8'"),
+    (["--model_args", "pretrained=MODEL,batch_size=auto", "--tasks", "arc_easy"], "give lm-eval's --batch_size N"),
+    (["--model_args", "pretrained=MODEL", "--tasks", "no_such_task"], "Tasks not found: no_such_task"),
+    (["--model_args", "pretrained=MODEL", "--tasks", "arc_easy", "--limit", "-1"], "--limit -1: must be > 0"),
+    (["--model_args", "pretrained=MODEL", "--tasks", "arc_easy", "--output_path", "AFILE/results"],
+     "AFILE is a file, so no folder can be made there"),
+], ids=["no-tasks", "missing-model", "dtype", "batch-in-model-args", "unknown-task", "limit",
+        "output-under-a-file"])
+def test_bad_arguments_are_one_line(ckpt, tmp_path, monkeypatch, args, message):
+    """lm-eval's command line with our model: each bad argument one line (exit 1), no traceback."""
+    monkeypatch.setattr("sys.argv", ["harness"])  # main sets it for lm-eval's parser
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    fill = {"MODEL": str(ckpt), "MISSING": str(tmp_path / "missing"), "AFILE": str(afile)}
+    *args, message = [re.sub("|".join(fill), lambda m: fill[m[0]], a) for a in args + [message]]
+    with pytest.raises(SystemExit) as e:
+        harness.main(args)
+    line = str(e.value.code)
+    assert line.startswith("error: ") and "\n" not in line and message in line, line

@@ -313,3 +313,20 @@ def test_two_pass_gradients_under_fsdp2_equal_an_unwrapped_dream_like_model(tmp_
     assert len(out["diff"]) == 15 + 12  # every tensor of the backbone (15) and the predictor (12) has a gradient
     for name, diff in out["diff"].items():
         assert diff < 1e-6, (name, diff)
+
+
+@pytest.mark.parametrize("message", [
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:40123",
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Read error [127.0.0.1]:5678: Connection reset by peer",
+])
+def test_a_peer_lost_mid_collective_is_one_line_naming_the_rank(message):
+    """The survivor of a killed rank: one line, exit 1, not gloo's traceback (subprocess: it ends
+    with os._exit, the group being broken)."""
+    code = ("from dlm import sharding\n"
+            "env = sharding.Env(rank=1, world_size=2, device=None, start_up=None)\n"
+            "with sharding.timeout_in_one_line(env, 30, '; resume'):\n"
+            f"    raise RuntimeError({message!r})\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("error: rank 1: another process left in the middle of a collective (stopped or "
+                                   "died: see its output); resume"), done.stderr
