@@ -190,14 +190,14 @@ def test_messy_file_trains_and_reports_what_it_skipped_and_cut(tmp_path, capsys)
                          r"use --seq-len \d+"),
     (["--data", "{latin1_txt}"], r"error: .*latin1.txt: not UTF-8 text at line 2"),
     (["--data", "{tiny_txt}", "--seq-len", "64"], r"error: .*tiny.txt: 5 tokens, fewer than one row"),
-    (["--data", "{csv}"], r"error: --data .*table.csv: unsupported file type; use .jsonl, .json or .txt"),
+    (["--data", "{xlsx}"], r"error: --data .*table.xlsx: unsupported file type; use .jsonl, .json, .csv, .parquet, .txt"),
     (["--data", "{folder}"], r"error: --data .*: not a file"),
     (["--data", "{missing}"], r"error: --data .*missing.jsonl: no such file"),
 ])
 def test_bad_data_stops_train_with_one_line(tmp_path, capsys, flags, message):
     files = {"all_blank": write(tmp_path, "all_blank.jsonl", '{"prompt": "q", "answer": ""}\n' * 2),
              "latin1_txt": write(tmp_path, "latin1.txt", b"hello\ncaf\xe9\n"),
-             "tiny_txt": write(tmp_path, "tiny.txt", "hello"), "csv": write(tmp_path, "table.csv", "a,b\n"),
+             "tiny_txt": write(tmp_path, "tiny.txt", "hello"), "xlsx": write(tmp_path, "table.xlsx", "a,b\n"),
              "folder": tmp_path, "missing": tmp_path / "missing.jsonl"}
     code, line = refusal(capsys, "--out", str(tmp_path / "out"), *[f.format(**files) for f in flags])
     assert code != 0
