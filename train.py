@@ -3,16 +3,18 @@ Fine-tune a masked-diffusion LM with DLLM-JEPA (or a baseline) from the command 
 
     python train.py                                   # tiny model, built-in task, CPU, ~3 min
     python train.py --method diffusion                # the baseline, same everything else
+    python train.py --data my.csv --epochs 3          # your own rows (README.md: Bring your own data)
     torchrun --nproc_per_node 8 train.py --model GSAI-ML/LLaDA-8B-Instruct \
-        --data train.jsonl --dtype bfloat16 --activation-checkpointing --seq-len 1024
+        --data train.jsonl --epochs 2 --dtype bfloat16 --activation-checkpointing
     python train.py --model GSAI-ML/LLaDA-8B-Instruct --lora-rank 32 --data train.jsonl \
-        --dtype bfloat16 --activation-checkpointing --seq-len 1024   # LoRA, one GPU (dlm/lora.py)
+        --epochs 2 --dtype bfloat16 --activation-checkpointing   # LoRA, one GPU (dlm/lora.py)
 
 One code path: the model is always sharded by FSDP2 (a one-process group when not under
 torchrun), so the run that teaches on a laptop is the run that shards LLaDA-8B. main() reads
 top to bottom, as I-JEPA's and torchtitan's trainers do:
-  flags     parsed once; the defaults that depend on the model settled once (settle)
-  load      the backbone (a new tiny model or --model; weights on rank 0 only), LoRA, the rows
+  flags     parsed and checked before torch loads; the defaults that depend on the model and
+            the data (--seq-len, the steps of --epochs) settled once (settle)
+  load      --model (weights on rank 0 only), the data, a new tiny model sized to it, LoRA, the rows
   build     DLLMJEPA around it, sharded, rank 0's weights sent to every rank, AdamW
   open_run  a checkpoint continued (--resume) or a fresh start; --out laid out, config.json
   train     the steps (below), held-out evaluations, checkpoints; a signal saves and stops
