@@ -38,7 +38,7 @@ LLM_JEPA = "https://raw.githubusercontent.com/galilai-group/llm-jepa/6d7d0d1f296
 SPIDER_TABLES = ("https://raw.githubusercontent.com/taoyds/spider/b7b5b8c890cd30e35427348bb9eb8c6d1350ca7c/"
                  "evaluation_examples/examples/tables.json")
 OFFLINE = ("run `python -m scripts.prepare --out data --datasets {name}` on a machine that has it and copy data/ here, "
-           "then give its files (README.md: the data layout)")
+           "then give its files (docs/datasets.md: The local folder)")
 CHANGED = "the source's rows are not in the shape hub.py expects: check the source, or write the files by hand"
 
 # -----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from types import SimpleNamespace
 import torch
 
 from dlm import checkpoints, data, files, hub, sharding
+from dlm.flags import HelpFormatter  # defaults shown once: not after help that states its own
 from dlm.sampler import SamplerConfig, canvas_args, trained_seq_len
 from tasks import GENERATION_TASKS, TASKS, check_references, load_items
 from tasks.common import Shard, max_positions, with_shots
@@ -67,7 +68,7 @@ PARSE_ERROR_GRACE_S = 5.0
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="a save_pretrained folder (train.py's final/) or a hub id "
                    "(GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B, ...), or a peft adapter folder "

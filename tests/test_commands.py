@@ -5,7 +5,9 @@ names the flags choose from are the method's and the library's.
     python -m pytest tests/test_commands.py -q
 """
 
+import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +58,38 @@ def test_flag_choices_are_the_methods_and_the_librarys():
         assert tuple(by_flag[name].choices) == tuple(choices), name
     assert tuple(by_flag["canvas"].choices) == data.CANVASES
     assert flags.FILE_TYPES == ", ".join(data.BUILDERS)
+
+# -----------------------------------------------------------------------------
+# Pointers: "FILE.md: Section" (a capital: a section title) in messages, help and docs names a heading
+
+POINTER = re.compile(r"\b((?:docs/)?[\w-]+\.md): ([A-Z][\w' -]*\w)")
+
+
+def pointers():
+    """(file that points, file pointed at, section) for every pointer in the code and docs."""
+    files = [*ROOT.glob("*.py"), *ROOT.glob("*.md"), *ROOT.glob("*.txt"), *ROOT.glob("*.toml"),
+             *ROOT.glob("dlm/*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("tasks/*.py"), *ROOT.glob("docs/*.md")]
+    return [(path.relative_to(ROOT), *m.groups()) for path in files for m in POINTER.finditer(path.read_text())]
+
+
+def test_every_pointer_names_a_section_that_exists():
+    found = pointers()
+    assert ("dlm/flags.py", "README.md", "Bring your own data") in [(str(p), f, s) for p, f, s in found]
+    for path, target, section in found:
+        headings = re.findall(r"^#+ (.*)$", (ROOT / target).read_text(), re.M)
+        assert any(h.startswith(section) for h in headings), f"{path}: {target}: {section} is no heading"
+    old_style = [str(p) for p in ROOT.glob("*.md") if re.search(r'README,? "', p.read_text())]
+    assert not old_style  # README "Section": written as README.md: Section, which the check above reads
+
+# -----------------------------------------------------------------------------
+# Help: each default said once
+
+
+@pytest.mark.parametrize("module", ["dlm.flags", "scripts.evaluate", "scripts.generate", "scripts.experiments"])
+def test_help_states_each_default_once(module, capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    repeated = [flag for flag in re.split(r" (?=--[a-z])", text) if flag.count("default") > 1]
+    assert not repeated
