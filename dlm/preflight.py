@@ -39,9 +39,21 @@ from dlm.backbones import new_tiny_backbone
 
 
 def check_start(parser, args):
-    """Every refusal that needs no model (flags.parse_args has checked each value): the objective
-    and the device (a bad flag exits 2 with argparse's usage line); bad files, a missing
-    --report-to package or a model that cannot fit exit 1 with 'error: ...'."""
+    """Every refusal that needs no model (flags.parse_args has checked each value): a bad flag
+    exits 2 with argparse's usage line; bad files, a missing --report-to package or a model that
+    cannot fit exit 1 with 'error: ...'."""
+    check_settings(parser, args)
+    try:
+        tracking.check_installed(args.report_to)
+        check_paths(args)
+        check_fits(args)  # a model that cannot fit is refused before it is allocated
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def check_settings(parser, args):
+    """What the flags' values alone cannot say (exit 2 with argparse's usage line): the device
+    and the objective's own checks."""
     try:
         cuda = sharding.pick_device(args.device) == "cuda"
         check(args.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is visible; "
@@ -52,12 +64,6 @@ def check_start(parser, args):
         flags.objective(vars(args))  # the objective's own checks
     except ValueError as e:  # name the flag, not the dataclass field
         parser.error(re.sub(r"(?<![\w-])([a-z]+(?:_[a-z]+)*)=", lambda m: f"--{m[1].replace('_', '-')}=", str(e)))
-    try:
-        tracking.check_installed(args.report_to)
-        check_paths(args)
-        check_fits(args)  # a model that cannot fit is refused before it is allocated
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def check_paths(args):
