@@ -40,17 +40,11 @@ from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
-from dlm import checkpoints, data, files, hub, sharding
 from dlm.flags import HelpFormatter  # defaults shown once: not after help that states its own
-from dlm.sampler import SamplerConfig, canvas_args, trained_seq_len
-from tasks import GENERATION_TASKS, TASKS, check_references, load_items
-from tasks.common import Shard, max_positions, with_shots
-from tasks.drift import drift_report, plot_drift
-from tasks.generation import canvas_for, evaluate_generation
-from tasks.mmlu import load_mmlu, mmlu_accuracy
-from tasks.probe import ProbeConfig, diffusion_probe, read_text_file
+
+# --task's names: tasks.TASKS, written out so that --help needs no torch (tests/test_commands.py
+# checks they agree)
+TASKS = ("exact", "gsm8k", "nl-rx-synth", "nl-rx-turk", "spider", "django", "probe", "mmlu", "drift")
 
 
 class Parser(argparse.ArgumentParser):
@@ -126,6 +120,21 @@ def parse_args(argv=None):
                    help="under torchrun: how long a process waits for the others in a collective before it stops "
                         "with an error (another process stopped or hung)")
     return p, p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads (seconds)
+    parse_args()
+
+import torch
+
+from dlm import checkpoints, data, files, hub, sharding
+from dlm.sampler import SamplerConfig, canvas_args, trained_seq_len
+from tasks import GENERATION_TASKS, check_references, load_items
+from tasks.common import Shard, max_positions, with_shots
+from tasks.drift import drift_report, plot_drift
+from tasks.generation import canvas_for, evaluate_generation
+from tasks.mmlu import load_mmlu, mmlu_accuracy
+from tasks.probe import ProbeConfig, diffusion_probe, read_text_file
 
 
 def load(name: str, args, device=None):

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 import dllm_jepa
+import tasks
 from dlm import data, flags
+from scripts import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +52,12 @@ def test_train_answers_help_and_bad_flags_before_torch_loads(argv, code, said):
     assert said in err
 
 
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--task", "nope"], 2), (["--no-such-flag"], 2)])
+def test_evaluate_answers_help_and_bad_flags_before_torch_loads(argv, code):
+    result, err = probe("scripts.evaluate", *argv)
+    assert result == {"code": code, "loaded": []}, err
+
+
 def test_flag_choices_are_the_methods_and_the_librarys():
     """flags.py writes the names out (it imports no torch); they must stay the ones the code reads."""
     parser, _ = flags.parse_args([])
@@ -58,6 +66,7 @@ def test_flag_choices_are_the_methods_and_the_librarys():
         assert tuple(by_flag[name].choices) == tuple(choices), name
     assert tuple(by_flag["canvas"].choices) == data.CANVASES
     assert flags.FILE_TYPES == ", ".join(data.BUILDERS)
+    assert evaluate.TASKS == tasks.TASKS
 
 # -----------------------------------------------------------------------------
 # Pointers: "FILE.md: Section" (a capital: a section title) in messages, help and docs names a heading
