@@ -207,3 +207,20 @@ def test_a_missing_tracker_package_is_refused_in_one_line_before_anything_loads(
     with pytest.raises(SystemExit, match=r"^error: --report-to wandb: the wandb package is not installed; "
                                          r"`pip install wandb`"):
         train.main(SMALL + ["--report-to", "wandb", "--out", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("name, flags", [("qa.csv", []), ("chat.json", []), ("pc.parquet", []),
+                                         ("named.parquet", ["--prompt-field", "src", "--answer-field", "tgt"])])
+def test_each_format_trains_with_no_seq_len_and_no_row_cut(tmp_path, capsys, name, flags):
+    words = ["".join("abcdefgh"[int(d)] for d in oct(64 + i * 37)[2:]) for i in range(24)]
+    rows = {"qa.csv": [{"question": f"reverse {w}", "answer": w[::-1]} for w in words],
+            "chat.json": [{"messages": [{"role": "user", "content": f"reverse {w}"},
+                                        {"role": "assistant", "content": w[::-1]}]} for w in words],
+            "pc.parquet": [{"prompt": f"reverse {w}", "completion": w[::-1]} for w in words],
+            "named.parquet": [{"src": f"reverse {w}", "tgt": w[::-1]} for w in words]}[name]
+    out = tmp_path / "run"
+    train.main(SMALL + ["--data", str(write_rows(tmp_path / name, rows)), "--out", str(out), "--final-eval", "0",
+                        *flags])
+    printed = capsys.readouterr().out
+    assert "the longest row (prompt, answer, EOS) of the data, so no row is cut" in printed and "were cut" not in printed
+    assert json.loads((out / "config.json").read_text())["args"]["steps"] == math.ceil(23 / 8)  # 1 held out
