@@ -23,6 +23,10 @@ comes from the official repository at a pinned commit. Every failure is one line
 naming the dataset, its source and split (and the row), and what to do. The one call to the
 network is `load_dataset` (and `download` for tables.json): the tests replace them with local
 files in each source's row shape.
+
+read_corpus is what train.py's --data and --eval-data read (built-in task, a local file, a name
+here or any hub id), tokenised at full length into a Corpus; train.settle chooses --seq-len
+and the steps of --epochs from it, and Corpus.rows cuts the rows at that length.
 """
 
 import json
