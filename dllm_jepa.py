@@ -216,8 +216,9 @@ def masked_logits(logits, masked, shift=False):
 
 @torch.no_grad()
 def answer_metrics(logits, input_ids, masked, p, answer, shift=False):
-    """What the diffusion loss hides when EOS padding is scored: the same loss on the real
-    answer tokens only (padding excluded; LLaDA's per-row normalisation by answer length),
+    """What the diffusion loss hides when EOS padding is scored: the same loss in the same
+    weighting (p: the row's mask probability, or 1 for loss_weight flat) on the real answer
+    tokens only (padding excluded; LLaDA's per-row normalisation by answer length),
     and the share of masked answer tokens whose argmax is right (teacher-forced accuracy:
     every other token is given). Both 0-d tensors (0 when no answer token is masked)."""
     hidden = masked & answer
@@ -506,8 +507,8 @@ class DLLMJEPA(nn.Module):
         if spec["anchor"]:
             anchor = cfg.anchor_mu * (self.anchor_fn(self.backbone) if self.anchor_fn
                                       else l2_distance(self.backbone, self.anchor))
-        answer_loss, answer_accuracy = answer_metrics(logits, input_ids, context.masked, context.p, answer,
-                                                      self.shift_logits)
+        answer_loss, answer_accuracy = answer_metrics(logits, input_ids, context.masked, weight_p, answer,
+                                                      self.shift_logits)  # in the diffusion loss's weighting
         pooled = z_context if cfg.pooling != "token" else embed(hidden, answer, "answer")
         return JEPAOutput(cfg.total(diffusion, jepa, anchor), diffusion, jepa, anchor,
                           answer_loss, answer_accuracy, pooled.detach())

@@ -3,16 +3,18 @@ Fine-tune a masked-diffusion LM with DLLM-JEPA (or a baseline) from the command 
 
     python train.py                                   # tiny model, built-in task, CPU, ~3 min
     python train.py --method diffusion                # the baseline, same everything else
+    python train.py --data my.csv --epochs 3          # your own rows (README.md: Bring your own data)
     torchrun --nproc_per_node 8 train.py --model GSAI-ML/LLaDA-8B-Instruct \
-        --data train.jsonl --dtype bfloat16 --activation-checkpointing --seq-len 1024
+        --data train.jsonl --epochs 2 --dtype bfloat16 --activation-checkpointing
     python train.py --model GSAI-ML/LLaDA-8B-Instruct --lora-rank 32 --data train.jsonl \
-        --dtype bfloat16 --activation-checkpointing --seq-len 1024   # LoRA, one GPU (dlm/lora.py)
+        --epochs 2 --dtype bfloat16 --activation-checkpointing   # LoRA, one GPU (dlm/lora.py)
 
 One code path: the model is always sharded by FSDP2 (a one-process group when not under
 torchrun), so the run that teaches on a laptop is the run that shards LLaDA-8B. main() reads
 top to bottom, as I-JEPA's and torchtitan's trainers do:
-  flags     parsed once; the defaults that depend on the model settled once (settle)
-  load      the backbone (a new tiny model or --model; weights on rank 0 only), LoRA, the rows
+  flags     parsed and checked before torch loads; the defaults that depend on the model and
+            the data (--seq-len, the steps of --epochs) settled once (settle)
+  load      --model (weights on rank 0 only), the data, a new tiny model sized to it, LoRA, the rows
   build     DLLMJEPA around it, sharded, rank 0's weights sent to every rank, AdamW
   open_run  a checkpoint continued (--resume) or a fresh start; --out laid out, config.json
   train     the steps (below), held-out evaluations, checkpoints; a signal saves and stops
@@ -26,7 +28,6 @@ AdamW; 4. EMA update of the target encoder. Every guard is one call into dlm/pre
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -36,69 +37,106 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from dlm import flags
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch and transformers load (seconds)
+    flags.parse_args()
+
 import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 import tiny_model
 from dllm_jepa import DLLMJEPA, JEPAConfig, effective_rank
-from dlm import checkpoints, data, diagnostics, files, flags, lora, preflight, sharding
-from dlm.backbones import Backbone, load_backbone, new_tiny_backbone
-from dlm.hub import training_rows
+from dlm import checkpoints, data, diagnostics, files, lora, preflight, sharding, tracking
+from dlm.backbones import FAMILIES, Backbone, load_backbone, new_tiny_backbone
+from dlm.hub import Corpus, read_corpus
+from tasks.common import max_positions
 from tasks.generation import held_out_answers
 
 # -----------------------------------------------------------------------------
 # Flags (dlm/flags.py: parse_args), settled once
 
 
-def settle(args: argparse.Namespace, family: str) -> argparse.Namespace:
-    """The flags with every default that depends on others or on the model settled: what
-    config.json records and everything after reads; `args` stays as parsed. family: the loaded
-    model's (backbones.Family.name), whose layers LoRA adapts by default."""
+def settle(args: argparse.Namespace, family: str, corpus: Corpus, positions: int | None = None,
+           world_size: int = 1) -> argparse.Namespace:
+    """The flags with every default that depends on others, on the model or on the data settled:
+    what config.json records and everything after reads; `args` stays as parsed. family: the
+    model's (backbones.Family.name), whose layers LoRA adapts by default; corpus: the data read
+    (hub.Corpus), whose longest row sets --seq-len (at most the model's `positions`; None: a new
+    tiny model, sized to it) and whose training rows set the steps of --epochs."""
     lora_settings = {}
     if args.lora_rank:  # alpha: the scale alpha / R = 2 whatever R; targets: as named, or the family's
         names = args.lora_targets.split(",") if args.lora_targets is not None else lora.DEFAULT_TARGETS.get(family, ())
         lora_settings = dict(lora_alpha=args.lora_alpha or 2.0 * args.lora_rank,
                              lora_targets=",".join(dict.fromkeys(name.strip() for name in names if name.strip())))
+    user_rows = corpus.kind == "examples"  # the user's prompt/answer rows (not the built-in task, not plain text)
+    seq_len = args.seq_len or (min(corpus.longest, positions or corpus.longest) if user_rows else 32)
+    steps = args.steps
+    if steps is None and (args.epochs is not None or user_rows):  # one epoch unless told
+        global_batch = args.batch_size * args.grad_accum * world_size
+        steps = math.ceil((args.epochs or 1) * corpus.train_size(seq_len, args.eval_fraction, args.seed) / global_batch)
+    steps = steps or 2000
     return argparse.Namespace(**vars(args) | dict(
+        seq_len=seq_len, steps=steps, epochs=args.epochs or (1 if user_rows and args.steps is None else None),
         loss_weight=args.loss_weight or ("flat" if args.model is None else "inverse-t"),
         lr=args.lr or (1e-3 if args.model is None else 1e-4 if args.lora_rank else 1e-5),
-        warmup_steps=min(30, args.steps // 10) if args.warmup_steps is None else args.warmup_steps,
-        final_eval=(200 if args.data == "builtin" else 0) if args.final_eval is None else args.final_eval,
+        warmup_steps=min(30, steps // 10) if args.warmup_steps is None else args.warmup_steps,
+        final_eval=dict(builtin=200, examples=50, text=0)[corpus.kind] if args.final_eval is None else args.final_eval,
     ) | lora_settings)
 
 # -----------------------------------------------------------------------------
 # load, build, open_run
 
 
-def load(args, env):
-    """-> (settings, the backbone with LoRA's adapters when asked, its parameters before them,
-    (training rows, held-out rows, held-out examples)). Every rank waits for rank 0's loading, so
-    a bad file, name or row stops all with its one line; then they check they hold the same run."""
-    error = settings = None
+@dataclasses.dataclass
+class Loaded:
+    """What load() returns: the settled flags, the model and the rows."""
+    settings: argparse.Namespace
+    backbone: Backbone
+    base_parameters: int  # the backbone's parameters before LoRA's adapters
+    rows: tuple           # (training rows, held-out rows, held-out examples: None for plain text)
+    notes: list[str]      # what was skipped, cut, chosen: printed after the config
+    cut: int              # rows cut to --seq-len, repeated in the closing lines
+
+
+def load(args, env) -> Loaded:
+    """--model (weights on rank 0 only), the data read at full length, the flags settled, a new
+    tiny model sized to --seq-len, LoRA's adapters when asked, the rows cut at --seq-len. Every
+    rank waits for rank 0's loading, so a bad file, name or row stops all with its one line;
+    then they check they hold the same run."""
+    error = loaded = None
     try:  # bad files, names or rows: one line that says what and where, no traceback
-        backbone = load_model(args, env)
-        settings = settle(args, backbone.family.name)
+        backbone = load_model(args, env) if args.model is not None else None  # a new one once its length is known
+        corpus = read_corpus(args, backbone.tokenizer if backbone else tiny_model.make_tokenizer())
+        family = backbone.family.name if backbone else FAMILIES[tiny_model.TinyDLMConfig.model_type].name
+        positions = max_positions(backbone.model) if backbone else None
+        settings = settle(args, family, corpus, positions, env.world_size)
+        backbone = backbone or load_model(settings, env)
         base_parameters = sum(p.numel() for p in backbone.model.parameters())
         if settings.lora_rank:  # the base frozen, the adapters trained
             with sharding.on_meta(env):
                 lora.apply_lora(backbone.model, backbone.family.name, settings.lora_rank, settings.lora_alpha,
                                 settings.lora_dropout, settings.lora_targets)
-        *rows, notes = training_rows(settings, backbone.tokenizer)
-        for note in notes if env.is_main else []:
-            print(note)
+        flag = "--seq-len" if args.seq_len else f"the model's {positions} positions"
+        *rows, warnings, cut = corpus.rows(settings.seq_len, settings.eval_fraction, settings.seed, flag)
+        loaded = Loaded(settings, backbone, base_parameters, rows, corpus.notes + warnings, cut)
+        if args.seq_len is None and corpus.kind == "examples" and not cut:
+            loaded.notes.append(f"--seq-len {settings.seq_len}: the longest row (prompt, answer, EOS) of the data, "
+                                "so no row is cut; give --seq-len to choose another")
     except (ValueError, OSError, ImportError) as e:
         error = f"error: {e}"
     if error := sharding.agreed_error(error, env):  # the other ranks wait here for rank 0's loading
         raise SystemExit(error)
-    preflight.check_loaded(settings, backbone.model, *rows[:2], env)
-    return settings, backbone, base_parameters, rows
+    preflight.check_loaded(loaded.settings, loaded.backbone.model, *loaded.rows[:2], env)
+    return loaded
 
 
 def load_model(args, env) -> Backbone:
-    """A new tiny backbone or --model's, weights on rank 0 only. Full fine-tuning keeps fp32
-    master weights (FSDP casts to --dtype for compute); a LoRA base is frozen, so it is stored in
-    --dtype itself (bf16: 2 bytes a weight) and only adapters, predictor and EMA adapter keep fp32."""
+    """A new tiny backbone (sized for --seq-len) or --model's, weights on rank 0 only. Full
+    fine-tuning keeps fp32 master weights (FSDP casts to --dtype for compute); a LoRA base is
+    frozen, so it is stored in --dtype itself (bf16: 2 bytes a weight) and only adapters,
+    predictor and EMA adapter keep fp32."""
     base_dtype = getattr(torch, args.dtype) if args.lora_rank else torch.float32
     with sharding.on_meta(env):
         backbone = (new_tiny_backbone(**tiny_model.shape(args.tiny_width, args.tiny_layers, args.seq_len))
@@ -150,6 +188,8 @@ class Run:
     eval_rows: data.Tokenized
     eval_examples: list[data.Example] | None  # prompt and answer text; None for plain text
     run_config: dict  # config.json; every checkpoint holds it too
+    cut: int = 0  # rows cut to --seq-len, for the closing lines
+    log: tracking.Log | None = None  # log.jsonl (and --report-to), open while the run trains and exports
     start_step: int = 0
     skipped: int = 0  # non-finite steps skipped in all, the resumed checkpoint's included
     started: float = 0.0  # time.time() at the first step here, for the closing line
@@ -159,13 +199,15 @@ class Run:
         return Path(self.settings.out)
 
 
-def open_run(settings, backbone, rows, model, optimizer, env) -> Run:
+def open_run(loaded: Loaded, model, optimizer, env) -> Run:
     """The run: its config, the checkpoint it continues (--resume; none on a fresh start), --out
-    laid out by rank 0 (config.json, held_out.jsonl), the opening lines."""
+    laid out by rank 0 (config.json, held_out.jsonl), the opening lines: the config, then what
+    the data gave (rows skipped or cut, --seq-len and the steps chosen), where they stay in view."""
+    settings, backbone = loaded.settings, loaded.backbone
     run_config = {"args": vars(settings), "objective": dataclasses.asdict(model.config), "world_size": env.world_size,
                   "model_family": backbone.family.name, "compatibility_fixes": backbone.fixes,
                   "model_parameters": sum(p.numel() for p in backbone.model.parameters())}
-    run = Run(settings, env, backbone, model, optimizer, *rows, run_config)
+    run = Run(settings, env, backbone, model, optimizer, *loaded.rows, run_config, loaded.cut)
     checkpoint = (checkpoints.latest_checkpoint(run.out / "checkpoints") if settings.resume == "auto"
                   else Path(settings.resume) if settings.resume else None)
     changed = []
@@ -175,12 +217,16 @@ def open_run(settings, backbone, rows, model, optimizer, env) -> Run:
     preflight.prepare_output(run.out, checkpoint, run.start_step, run_config, run.eval_examples, env)
     if env.is_main:
         print(json.dumps(run_config, indent=2, default=str))
+        for note in loaded.notes + preflight.held_out_warnings(run.eval_rows, settings):
+            print(note)
         if settings.resume == "auto" and checkpoint is None:
             print(f"note: --resume auto: no checkpoint in {run.out / 'checkpoints'}; starting fresh")
         if changed:
             print(f"warning: resuming with changed settings ({'; '.join(changed)}): the run will not "
                   "reproduce an uninterrupted one")
-        print(f"{len(run.train_rows.input_ids)} training rows, {len(run.eval_rows.input_ids)} held-out rows; "
+        global_batch = settings.batch_size * settings.grad_accum * env.world_size
+        epochs = f"--epochs {settings.epochs:g}: {settings.steps} steps of {global_batch} rows; " if settings.epochs else ""
+        print(f"{len(run.train_rows.input_ids)} training rows, {len(run.eval_rows.input_ids)} held-out rows; {epochs}"
               f"{'resuming from ' + str(checkpoint) if checkpoint else 'starting'} at step {run.start_step}")
     sharding.barrier()
     return run
@@ -244,11 +290,10 @@ def train(run: Run):
     bar = tqdm(range(run.start_step, settings.steps), initial=run.start_step, total=settings.steps,
                disable=not env.is_main or settings.no_progress, dynamic_ncols=True)
     bad_in_a_row, run.started = 0, time.time()
-    with (files.stop_requests() as stop_signal, bar,  # line-buffered log: a kill loses no row
-          (open(run.out / "log.jsonl", "a", buffering=1) if env.is_main else contextlib.nullcontext()) as log):
+    with files.stop_requests() as stop_signal, bar:
         start = run.start_step  # a resumed run logs what the uninterrupted one logged at this step, no more
         if start == 0 or start % settings.eval_every == 0 or start == settings.steps:
-            log_eval(run, log, start)
+            log_eval(run, start)
         for step in bar:
             model.train()
             batch = data.batch_rows(step, len(rows.input_ids), global_batch, settings.seed)
@@ -273,15 +318,13 @@ def train(run: Run):
             optimizer.zero_grad(set_to_none=True)
             bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "diffusion", "jepa", "answer_loss")}
                             | {"lr": f"{lr:.1e}"})
-            if env.is_main:
-                log.write(files.strict_json({"step": done, **parts, "lr": lr, "grad_norm": grad_norm.item(),
-                                             "skipped": bad_in_a_row > 0}) + "\n")
+            run.log.write({"step": done, **parts, "lr": lr, "grad_norm": grad_norm.item(), "skipped": bad_in_a_row > 0})
             if bad_in_a_row >= settings.max_bad_steps:
                 raise SystemExit(f"error: {bad_in_a_row} non-finite steps in a row (steps {done - bad_in_a_row + 1}"
                                  f"-{done}), each skipped: stopping. Lower --lr or --grad-clip, check the data, "
                                  f"or raise --max-bad-steps; the checkpoints hold the weights from before")
             if done % settings.eval_every == 0 or done == settings.steps:
-                log_eval(run, log, done)
+                log_eval(run, done)
             stop = sharding.agreed_signal(stop_signal[0] if stop_signal else 0, env.device)  # all ranks together
             if done % settings.save_every == 0 or done == settings.steps or stop:
                 path = save(run, done)
@@ -303,7 +346,9 @@ def held_out_batch(eval_rows, chunk, settings, device):
 @torch.no_grad()
 def held_out_eval(model, eval_rows, settings, env):
     """Held-out loss parts, answer-token loss and accuracy, and the effective rank of the
-    pooled embeddings (the paper's collapse check), on fixed masks and canvases (held_out_batch)."""
+    pooled embeddings (the paper's collapse check), on fixed masks and canvases (held_out_batch).
+    The rank reads each held-out row once: the copies that fill the last batch of a small held-out
+    set would count one example many times."""
     n_chunks = min(settings.eval_batches, len(eval_rows.input_ids) // settings.batch_size)
     n_chunks = max(n_chunks - n_chunks % env.world_size, env.world_size)  # every rank runs every forward
     totals = torch.zeros(len(PARTS), device=env.device)
@@ -316,10 +361,11 @@ def held_out_eval(model, eval_rows, settings, env):
             embeddings = out.embedding.new_zeros((n_chunks, *out.embedding.shape), dtype=torch.float32)
         embeddings[chunk] = out.embedding.float()
     held_out = reduce_parts(totals * env.world_size / n_chunks, model.config, env.world_size)
-    return held_out | {"embedding_rank": effective_rank(sharding.all_reduce_sum(embeddings).flatten(0, 1))}
+    distinct = min(len(eval_rows.input_ids), n_chunks * settings.batch_size)  # rows past it repeat the first
+    return held_out | {"embedding_rank": effective_rank(sharding.all_reduce_sum(embeddings).flatten(0, 1)[:distinct])}
 
 
-def log_eval(run: Run, log, step: int):
+def log_eval(run: Run, step: int):
     """The held-out evaluation at `step`: a log.jsonl row and a line under the progress bar (rank 0).
     --grad-cosine N adds diagnostics.gradient_cosines over N held-out batches (rounded up to a
     multiple of the processes, each rank its share)."""
@@ -332,8 +378,8 @@ def log_eval(run: Run, log, step: int):
         batches = lambda: (held_out_batch(run.eval_rows, c, settings, env.device) for c in chunks)
         groups = diagnostics.block_groups(model.backbone, run.backbone.family.blocks(model.backbone))
         held_out |= diagnostics.gradient_cosines(model, batches, groups, sharding.all_reduce_sum)
+    run.log.write({"step": step, "held_out": held_out})
     if env.is_main:
-        log.write(files.strict_json({"step": step, "held_out": held_out}) + "\n")
         tqdm.write(f"step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
 
 
@@ -367,6 +413,9 @@ def export(run: Run) -> Path:
     if run.env.is_main:
         print(f"done: step {settings.steps} ({settings.steps - run.start_step} steps in "
               f"{time.time() - run.started:.0f}s here; {run.skipped} skipped as non-finite in all){summary}")
+        if run.cut:  # said at the start too, where the config dump scrolls it away
+            print(f"warning: {run.cut} rows were longer than --seq-len {settings.seq_len} and were cut (the opening "
+                  "lines say which data and the length that keeps them whole)")
         how = ("`import tiny_model; AutoModel.from_pretrained(path)`" if run.backbone.family.name == "tiny-dlm" else
                "`AutoModel.from_pretrained(path, trust_remote_code=True)`" if remote_code else
                "`backbones.load_backbone(path).model`")  # remote code this repo's fixes do not cover
@@ -395,8 +444,7 @@ def final_answers(run: Run, final: Path, export_dtype: torch.dtype) -> str:
     if not env.is_main:
         return ""
     samples = generated.pop("samples", [])
-    with open(out / "log.jsonl", "a") as log:
-        log.write(files.strict_json({"step": settings.steps, "final_eval": generated}) + "\n")
+    run.log.write({"step": settings.steps, "final_eval": generated})
     if "exact_match" not in generated:
         print(f"warning: no final generation: {generated['skipped']}")
         return ""
@@ -424,11 +472,12 @@ def main(argv=None) -> Path:
         torch.manual_seed(args.seed)
         with sharding.timeout_in_one_line(env, args.collective_timeout,
                                           "; the last complete checkpoint is where --resume auto continues"):
-            settings, backbone, base_parameters, rows = load(args, env)
-            model, optimizer = build(settings, backbone, base_parameters, env)
-            run = open_run(settings, backbone, rows, model, optimizer, env)
-            train(run)
-            final = export(run)
+            loaded = load(args, env)
+            model, optimizer = build(loaded.settings, loaded.backbone, loaded.base_parameters, env)
+            run = open_run(loaded, model, optimizer, env)
+            with tracking.Log(run.out, run.settings.report_to, run.run_config, env.is_main) as run.log:
+                train(run)
+                final = export(run)
     sharding.leave(env)  # under torchrun: the group taken down in order, no 'terminate called' at exit
     return final
 

@@ -23,6 +23,10 @@ comes from the official repository at a pinned commit. Every failure is one line
 naming the dataset, its source and split (and the row), and what to do. The one call to the
 network is `load_dataset` (and `download` for tables.json): the tests replace them with local
 files in each source's row shape.
+
+read_corpus is what train.py's --data and --eval-data read (built-in task, a local file, a name
+here or any hub id), tokenised at full length into a Corpus; train.settle chooses --seq-len
+and the steps of --epochs from it, and Corpus.rows cuts the rows at that length.
 """
 
 import json
@@ -30,13 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from dlm import data
 
 LLM_JEPA = "https://raw.githubusercontent.com/galilai-group/llm-jepa/6d7d0d1f296441beff39a95c801db7f683e3b353/datasets/"
 SPIDER_TABLES = ("https://raw.githubusercontent.com/taoyds/spider/b7b5b8c890cd30e35427348bb9eb8c6d1350ca7c/"
                  "evaluation_examples/examples/tables.json")
 OFFLINE = ("run `python -m scripts.prepare --out data --datasets {name}` on a machine that has it and copy data/ here, "
-           "then give its files (README.md: the data layout)")
+           "then give its files (docs/datasets.md: The local folder)")
 CHANGED = "the source's rows are not in the shape hub.py expects: check the source, or write the files by hand"
 
 # -----------------------------------------------------------------------------
@@ -271,58 +277,116 @@ def training_examples(name: str, split: str = "train") -> list[data.Example]:
     return [data.example_from_row(row, w) for row, w in zip(rows, where)]
 
 
-def load_examples(name: str, split: str) -> list[data.Example]:
+def load_examples(name: str, split: str, fields: tuple[str, str] | None = None) -> list[data.Example]:
     """train.py --data NAME: a dataset of the paper by its name here (NAME:split picks a split),
     through its adapter; or any Hugging Face dataset, e.g. "openai/gsm8k:main" (id[:config]),
-    whose rows have one of data.SHAPES. Needs network; a failure is one line."""
+    whose rows have one of data.SHAPES (or the `fields` named). Needs network; a failure is one line."""
     if registered(name):
         return training_examples(name, split)
     dataset_name, _, config = name.partition(":")
     rows = load_split(dataset_name, config or None, split, f"{name} (split {split})",
                       "check the name, config and split, and network access to the Hugging Face hub; "
-                      "or give a local .jsonl, .json or .txt file")
-    return [data.example_from_row(dict(row), f"{name}[{split}] row {i}") for i, row in enumerate(rows)]
+                      f"or give a local {', '.join(data.FILE_TYPES)} file")
+    return [data.example_from_row(dict(row), f"{name}[{split}] row {i}", fields) for i, row in enumerate(rows)]
 
 
-def training_rows(flags, tokenizer) -> tuple[data.Tokenized, data.Tokenized, list[data.Example] | None, list[str]]:
-    """train.py's --data and --eval-data, each 'builtin', a .jsonl/.json/.txt file or a dataset by
-    name, tokenised (flags: data, eval_data, split, eval_fraction, seq_len, builtin_size, seed) ->
-    (training rows, held-out rows, held-out examples: prompt and answer text for the final
-    generation, None for plain text; notes on what was skipped or cut). Without --eval-data the
-    held-out rows are --eval-fraction of --data's. A malformed row stops with file:line."""
-    notes = []
+@dataclass
+class Source:
+    """One of --data and --eval-data, read and tokenised but not yet cut to a length."""
+    name: str                                   # as given, for messages
+    encoded: list | None = None                 # (prompt ids, answer ids then EOS) per example
+    examples: list[data.Example] | None = None  # their text: the held-out questions answered at the end
+    ids: list[int] | None = None                # or a .txt file's tokens: rows of seq_len consecutive ones
 
-    def read(source):
+    def size(self, seq_len: int) -> int:
+        return len(self.encoded) if self.ids is None else len(self.ids) // seq_len
+
+    @property
+    def longest(self) -> int:
+        return max(len(prompt) + len(answer) for prompt, answer in self.encoded)
+
+
+@dataclass
+class Corpus:
+    """train.py's data: --data and --eval-data read and tokenised, not yet cut to a length (what
+    train.settle reads to choose --seq-len and the steps of --epochs), then cut there by rows()."""
+    train: Source
+    eval: Source | None  # None: --eval-fraction of --data's rows is held out
+    kind: str            # "builtin", "text" (.txt: pre-training) or "examples" (the user's prompt/answer rows)
+    eos: int
+    notes: list[str]     # rows skipped as blank or duplicate
+
+    @property
+    def longest(self) -> int | None:
+        """Tokens the longest example needs whole (prompt, answer, EOS); None for plain text."""
+        return None if self.kind == "text" else max(s.longest for s in (self.train, self.eval) if s is not None)
+
+    def split(self, seq_len: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Training and held-out row indices of --data's rows at seq_len; None with --eval-data."""
+        if self.eval is not None:
+            return None
+        if self.train.size(seq_len) < 2:
+            raise ValueError(f"--data {self.train.name}: one example cannot be split; add --eval-data")
+        return data.split_indices(self.train.size(seq_len), fraction, seed)
+
+    def train_size(self, seq_len: int, fraction: float, seed: int) -> int:
+        split = self.split(seq_len, fraction, seed)
+        return self.train.size(seq_len) if split is None else len(split[0])
+
+    def rows(self, seq_len: int, fraction: float, seed: int, flag: str = "--seq-len"):
+        """(training rows, held-out rows, held-out examples: prompt and answer text, None for plain
+        text; warnings on what was cut, cut rows) at seq_len. `flag` names what set the length."""
+        cut, warnings = 0, []
+
+        def tokenized(source):
+            nonlocal cut
+            if source.ids is not None:
+                return data.text_tokenized(data.chunk(source.ids, seq_len, source.name, flag))
+            rows = data.pack(source.encoded, self.eos, seq_len)
+            if rows.prompts_cut == len(source.encoded):
+                raise ValueError(f"{flag} {seq_len}: no prompt of {source.name} fits (rows need up to "
+                                 f"{rows.longest} tokens); use --seq-len {rows.longest}")
+            if rows.truncated:
+                cut += rows.truncated
+                warnings.append(f"warning: {source.name}: {rows.truncated} of {len(source.encoded)} examples were "
+                                f"longer than {flag} {seq_len} and were cut ({rows.prompts_cut} at the prompt's start; "
+                                f"answers kept at least in part); --seq-len {rows.longest} keeps all whole")
+            return rows
+
+        train_rows, eval_examples = tokenized(self.train), self.eval and self.eval.examples
+        if self.eval is not None:
+            eval_rows = tokenized(self.eval)
+        else:
+            train_idx, eval_idx = self.split(seq_len, fraction, seed)
+            train_rows, eval_rows = data.select(train_rows, train_idx), data.select(train_rows, eval_idx)
+            eval_examples = self.train.examples and [self.train.examples[i] for i in eval_idx.tolist()]
+        return train_rows, eval_rows, eval_examples, warnings, cut
+
+
+def read_corpus(flags, tokenizer) -> Corpus:
+    """train.py's --data and --eval-data, each 'builtin', a file (data.FILE_TYPES; .txt: plain
+    text) or a dataset by name, read and tokenised at full length (flags: data, eval_data, split,
+    builtin_size, seed, prompt_field, answer_field). Blank and duplicate rows are skipped and
+    noted; a malformed row stops with its file and row."""
+    notes, fields = [], (flags.prompt_field, flags.answer_field) if flags.prompt_field else None
+
+    def read(source: str) -> Source:
         path = Path(source)
         if path.suffix == ".txt":
-            return data.tokenize_text(path, tokenizer, flags.seq_len), None
+            return Source(source, ids=tokenizer(data.read_text(path), add_special_tokens=False)["input_ids"])
         if source == "builtin":
             examples = data.builtin_task(flags.builtin_size, flags.seed)
         else:
-            examples = (data.read_examples(path) if path.suffix in (".jsonl", ".json")
-                        else load_examples(source, flags.split))
+            examples = (data.read_examples(path, fields) if path.suffix in data.BUILDERS
+                        else load_examples(source, flags.split, fields))
             examples, skipped = data.clean_examples(examples, source)
             notes.append(skipped and f"note: {skipped}")
-        rows = data.tokenize_examples(examples, tokenizer, flags.seq_len)
-        if rows.prompts_cut == len(examples):
-            raise ValueError(f"--seq-len {flags.seq_len}: no prompt of {source} fits (rows need up to "
-                             f"{rows.longest} tokens); use --seq-len {rows.longest}")
-        if rows.truncated:
-            notes.append(f"warning: {source}: {rows.truncated} of {len(examples)} examples were longer than "
-                         f"--seq-len {flags.seq_len} and were cut ({rows.prompts_cut} at the prompt's start; "
-                         f"answers kept at least in part); --seq-len {rows.longest} keeps all whole")
-        return rows, examples
+        return Source(source, data.encode_examples(examples, tokenizer), examples)
 
-    train_rows, train_examples = read(flags.data)
-    if flags.eval_data:
-        eval_rows, eval_examples = read(flags.eval_data)
-    else:
-        if len(train_rows.input_ids) < 2:
-            raise ValueError(f"--data {flags.data}: one example cannot be split; add --eval-data")
-        train_idx, eval_idx = data.split_indices(len(train_rows.input_ids), flags.eval_fraction, flags.seed)
-        train_rows, eval_rows = data.select(train_rows, train_idx), data.select(train_rows, eval_idx)
-        eval_examples = train_examples and [train_examples[i] for i in eval_idx.tolist()]
-    return train_rows, eval_rows, eval_examples, list(filter(None, notes))
+    train = read(flags.data)
+    kind = "text" if train.ids is not None else "builtin" if flags.data == "builtin" else "examples"
+    return Corpus(train, flags.eval_data and read(flags.eval_data), kind, tokenizer.eos_token_id,
+                  list(filter(None, notes)))
 
 
 # -----------------------------------------------------------------------------

@@ -3,9 +3,11 @@ train.py's guards, each one call from the trainer: every refusal in one line nam
 file or rank and what to do, made as early as it can be; never a traceback from deep inside a
 library, never lost work.
 
-- `check_start`: before anything loads, the flags (exit 2), the files and folders they name,
-  --out (never over an input, writable) and whether the model can fit in the memory that is
-  free; `check_embed_layer` once the model's blocks are known.
+- `check_start`: before anything loads (flags.parse_args has checked each flag's value), the
+  objective and the device (exit 2), the --report-to package, the files and folders the flags
+  name, --out (never over an input, writable) and whether the model can fit in the memory that
+  is free; `check_embed_layer` once the model's blocks are known.
+- `held_out_warnings`: a held-out set of few distinct rows, said before training starts.
 - `check_loaded`: once the model and data are loaded, every rank holds the same run (a
   fingerprint of flags, rows and tensors), a micro-batch fits, every rank gets held-out rows.
 - `out_of_memory_in_one_line`: an out-of-memory error as one line naming the flag to lower.
@@ -29,7 +31,7 @@ import torch.distributed as dist
 
 import tiny_model
 from dllm_jepa import METHODS, check
-from dlm import bounds, checkpoints, data, files, flags, sharding
+from dlm import bounds, checkpoints, data, files, flags, sharding, tracking
 from dlm.backbones import new_tiny_backbone
 
 # -----------------------------------------------------------------------------
@@ -37,10 +39,12 @@ from dlm.backbones import new_tiny_backbone
 
 
 def check_start(parser, args):
-    """Every refusal that needs no model: a bad flag exits 2 with argparse's usage line, bad
-    files or a model that cannot fit exit 1 with 'error: ...'."""
+    """Every refusal that needs no model (flags.parse_args has checked each value): a bad flag
+    exits 2 with argparse's usage line; bad files, a missing --report-to package or a model that
+    cannot fit exit 1 with 'error: ...'."""
     check_settings(parser, args)
     try:
+        tracking.check_installed(args.report_to)
         check_paths(args)
         check_fits(args)  # a model that cannot fit is refused before it is allocated
     except ValueError as e:
@@ -48,53 +52,19 @@ def check_start(parser, args):
 
 
 def check_settings(parser, args):
-    """The flags alone, no file read (exit 2 with argparse's usage line): what a plan of many
-    train.py runs (scripts/experiments.py) checks for each run before the first one starts."""
-    lora_only = [flag for flag, given in (("--lora-alpha", args.lora_alpha is not None),
-                                          ("--lora-dropout", args.lora_dropout != 0.0),
-                                          ("--lora-targets", args.lora_targets is not None),
-                                          ("--export-adapter", args.export_adapter)) if given]
-    if lora_only and not args.lora_rank:
-        parser.error(f"{', '.join(lora_only)}: only with LoRA; give --lora-rank R (R >= 1)")
-    if args.export_adapter and args.model is None:
-        parser.error("--export-adapter: an adapter needs a base model saved elsewhere; give --model (a new "
-                     "tiny model's base exists only in this run: final/ holds it merged)")
+    """What the flags' values alone cannot say (exit 2 with argparse's usage line): the device
+    and the objective's own checks."""
     try:
-        check_flags(args)
+        cuda = sharding.pick_device(args.device) == "cuda"
+        check(args.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is visible; "
+              "use --device cpu")
+        check(cuda or not args.cpu_offload, "--cpu-offload: needs a CUDA device (it offloads GPU parameters to CPU)")
+        check(not args.grad_cosine or METHODS[args.method]["target_pass"],
+              f"--grad-cosine: --method {args.method} has no JEPA term to compare; use dllm-jepa or two-pass")
         flags.objective(vars(args))  # the objective's own checks
     except ValueError as e:  # name the flag, not the dataclass field
         parser.error(re.sub(r"(?<![\w-])([a-z]+(?:_[a-z]+)*)=", lambda m: f"--{m[1].replace('_', '-')}=", str(e)))
     bounds.check(parser, args)  # overflows and typos: --lr 1e300, --tiny-layers 1000000000, ...
-
-
-def check_flags(args):
-    """Check every flag that can be checked before anything loads; ValueError names the flag."""
-    for flag in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep",
-                 "eval_batches", "max_bad_steps", "tiny_layers", "builtin_size"):
-        check(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
-    for flag, value in vars(args).items():  # argparse's float() takes "nan" and "inf"
-        bad = [v for v in (value if isinstance(value, (list, tuple)) else [value])
-               if isinstance(v, float) and not math.isfinite(v) and (flag, v) != ("grad_clip", math.inf)]
-        check(not bad, f"--{flag.replace('_', '-')} {bad[0] if bad else ''}: must be a finite number")
-    check(args.final_eval is None or args.final_eval >= 0, f"--final-eval {args.final_eval}: must be >= 0")
-    check(args.grad_cosine >= 0, f"--grad-cosine {args.grad_cosine}: must be >= 0")
-    check(not args.grad_cosine or METHODS[args.method]["target_pass"],
-          f"--grad-cosine: --method {args.method} has no JEPA term to compare; use dllm-jepa or two-pass")
-    check(args.collective_timeout > 0, f"--collective-timeout {args.collective_timeout}: must be > 0 (minutes)")
-    check(args.seq_len >= 2, f"--seq-len {args.seq_len}: must be >= 2 (a prompt token and an answer token)")
-    check(0 <= args.seed < 2 ** 27, f"--seed {args.seed}: must lie in [0, 2**27) (masks are seeded from it)")
-    check(0 < args.eval_fraction < 1, f"--eval-fraction {args.eval_fraction}: must lie in (0, 1)")
-    check(args.lr is None or args.lr > 0, f"--lr {args.lr}: must be > 0")
-    check(args.grad_clip > 0, f"--grad-clip {args.grad_clip}: must be > 0 (inf turns clipping off)")
-    check(args.warmup_steps is None or 0 <= args.warmup_steps <= args.steps,
-          f"--warmup-steps {args.warmup_steps}: must lie in [0, --steps {args.steps}]")
-    check(0 <= args.min_lr_ratio <= 1, f"--min-lr-ratio {args.min_lr_ratio}: must lie in [0, 1]")
-    check(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must be >= 0")
-    check(args.model is not None or (args.tiny_width >= 8 and args.tiny_width % 8 == 0),
-          f"--tiny-width {args.tiny_width}: must be a positive multiple of 8 (4 heads of an even size)")
-    cuda = sharding.pick_device(args.device) == "cuda"
-    check(args.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is visible; use --device cpu")
-    check(cuda or not args.cpu_offload, "--cpu-offload: needs a CUDA device (it offloads GPU parameters to CPU)")
 
 
 def check_paths(args):
@@ -104,12 +74,11 @@ def check_paths(args):
         check(problem is None, problem)
     for flag in ("data", "eval_data"):
         source = getattr(args, flag)
-        if source not in (None, "builtin") and (Path(source).suffix in (".jsonl", ".json", ".txt")
-                                                or Path(source).exists()):
+        if source not in (None, "builtin") and (Path(source).suffix in data.FILE_TYPES or Path(source).exists()):
             check(Path(source).is_file(), f"--{flag.replace('_', '-')} {source}: "
                   + ("not a file" if Path(source).exists() else "no such file"))
-            check(Path(source).suffix in (".jsonl", ".json", ".txt"),
-                  f"--{flag.replace('_', '-')} {source}: unsupported file type; use .jsonl, .json or .txt")
+            check(Path(source).suffix in data.FILE_TYPES, f"--{flag.replace('_', '-')} {source}: unsupported file "
+                  f"type; use {', '.join(data.FILE_TYPES)}")
     if args.resume not in (None, "auto"):
         try:
             checkpoints.check_checkpoint(Path(args.resume))
@@ -172,7 +141,7 @@ def model_shape(args) -> tuple[int, int, int, int] | None:
     None when unknown (a hub id: its out-of-memory error is caught instead)."""
     if args.model is None:
         with torch.device("meta"):
-            model = new_tiny_backbone(**tiny_model.shape(args.tiny_width, args.tiny_layers, args.seq_len)).model
+            model = new_tiny_backbone(**tiny_model.shape(args.tiny_width, args.tiny_layers, args.seq_len or 0)).model
         return sum(p.numel() for p in model.parameters()), args.tiny_width, args.tiny_layers, model.config.vocab_size
     folder = Path(args.model).expanduser()
     try:
@@ -335,6 +304,21 @@ def check_loaded(settings, model, train_rows, eval_rows, env):
         raise SystemExit(f"error: {len(eval_rows.input_ids)} held-out rows for {env.world_size} processes; "
                          "give more data or a larger --eval-fraction")
 
+
+FEW_HELD_OUT = 32  # distinct held-out rows below which the held-out figures describe a handful of examples
+
+
+def held_out_warnings(eval_rows, settings) -> list[str]:
+    """A warning when the held-out set has fewer than FEW_HELD_OUT distinct rows: its loss and
+    embedding_rank (at most the number of rows) then say little about the model."""
+    distinct = len(torch.unique(eval_rows.input_ids, dim=0))
+    if distinct >= FEW_HELD_OUT:
+        return []
+    fix = ("give a larger --eval-fraction or more data" if settings.eval_data is None
+           else f"give more rows in --eval-data {settings.eval_data}")
+    return [f"warning: the held-out set has {distinct} distinct rows (fewer than {FEW_HELD_OUT}): its loss is noisy "
+            f"and its embedding_rank cannot exceed {distinct}, whatever the model learns; {fix}"]
+
 # -----------------------------------------------------------------------------
 # Out of memory, in one line
 
@@ -360,8 +344,9 @@ def out_of_memory_in_one_line(args):
         size = tried and (files.human(int(tried[1])) if tried[2] == "bytes" else f"{tried[1]} {tried[2]}")
         detail = (what[0] if what else type(e).__name__) + (f", tried to allocate {size}" if size else "")
         if frames & {"forward", "backward", "_engine_run_backward", "held_out_eval", "held_out_answers"}:
-            fix = (f"lower --batch-size {args.batch_size} (--grad-accum keeps the global batch), or --seq-len "
-                   f"{args.seq_len}" + ("" if args.activation_checkpointing else ", or add --activation-checkpointing"))
+            fix = (f"lower --batch-size {args.batch_size} (--grad-accum keeps the global batch), or --seq-len"
+                   + (f" {args.seq_len}" if args.seq_len else "")
+                   + ("" if args.activation_checkpointing else ", or add --activation-checkpointing"))
         else:
             fix = (f"lower --tiny-width {args.tiny_width} (or --tiny-layers)" if args.model is None else
                    f"--model {args.model} does not fit: use more processes, --cpu-offload, LoRA or a smaller model")

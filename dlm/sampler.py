@@ -402,14 +402,3 @@ def generate_text(backbone, prompts, config: SamplerConfig | None = None, batch_
                             on_step=None if on_step is None else functools.partial(on_step, i))
         answers += [decode_answer(tokenizer, c.tolist(), stops) for c in canvases]
     return answers
-
-
-def add_fast_flags(group):
-    """--threshold and --prefix-cache, the sampler's speed-ups (scripts/generate.py and scripts/evaluate.py)."""
-    group.add_argument("--threshold", type=float, default=None, metavar="T",
-                       help="parallel decoding (Fast-dLLM): each step commits every masked token of the block "
-                            "whose confidence is above T (0 < T <= 1), at least one; replaces --steps. Default: "
-                            "the exact LLaDA sampler")
-    group.add_argument("--prefix-cache", action="store_true",
-                       help="reuse the prompt's and finished blocks' keys/values within a block (Fast-dLLM's "
-                            "approximate cache; tiny model only)")

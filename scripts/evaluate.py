@@ -40,16 +40,11 @@ from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
+from dlm.flags import HelpFormatter, add_fast_flags  # defaults shown once: not after help that states its own
 
-from dlm import bounds, checkpoints, data, files, hub, sharding
-from dlm.sampler import SamplerConfig, add_fast_flags, canvas_args, trained_seq_len
-from tasks import GENERATION_TASKS, TASKS, check_references, load_items
-from tasks.common import Shard, max_positions, with_shots
-from tasks.drift import drift_report, plot_drift
-from tasks.generation import canvas_for, evaluate_generation
-from tasks.mmlu import load_mmlu, mmlu_accuracy
-from tasks.probe import ProbeConfig, diffusion_probe, read_text_file
+# --task's names: tasks.TASKS, written out so that --help needs no torch (tests/test_commands.py
+# checks they agree)
+TASKS = ("exact", "gsm8k", "nl-rx-synth", "nl-rx-turk", "spider", "django", "probe", "mmlu", "drift")
 
 
 class Parser(argparse.ArgumentParser):
@@ -67,7 +62,7 @@ PARSE_ERROR_GRACE_S = 5.0
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="a save_pretrained folder (train.py's final/) or a hub id "
                    "(GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B, ...), or a peft adapter folder "
@@ -126,6 +121,21 @@ def parse_args(argv=None):
                    help="under torchrun: how long a process waits for the others in a collective before it stops "
                         "with an error (another process stopped or hung)")
     return p, p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads (seconds)
+    parse_args()
+
+import torch
+
+from dlm import bounds, checkpoints, data, files, hub, sharding
+from dlm.sampler import SamplerConfig, canvas_args, trained_seq_len
+from tasks import GENERATION_TASKS, check_references, load_items
+from tasks.common import Shard, max_positions, with_shots
+from tasks.drift import drift_report, plot_drift
+from tasks.generation import canvas_for, evaluate_generation
+from tasks.mmlu import load_mmlu, mmlu_accuracy
+from tasks.probe import ProbeConfig, diffusion_probe, read_text_file
 
 
 def load(name: str, args, device=None):

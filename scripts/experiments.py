@@ -29,8 +29,9 @@ What the paper does with LLaDA-8B / Dream-7B (PAPER.md), as stages:
 Every stage is cached in --out (a finished run or measurement is not redone), so an
 interrupted run resumes, a fine-tune from its last checkpoint; a signal stops every process it
 started (each train.py saves first), and a SIGKILL of this one takes them down too. Every
-train.py command is checked by train.py's own flag checks before the first runs; --dry-run prints the commands and, for a GPU profile, an estimate of
-the GPU-hours. Data come from a local folder in the layout README.md describes (--data-dir,
+train.py command is checked by train.py's own flag checks before the first runs; --dry-run
+prints the commands and, for a GPU profile, an estimate of the GPU-hours. Data come from a
+local folder in the layout of docs/datasets.md: The local folder (--data-dir,
 default data/; `python -m scripts.prepare --out data` writes it from the hub).
 """
 
@@ -55,6 +56,7 @@ from pathlib import Path
 
 import tiny_model
 from dlm import checkpoints, data, files
+from dlm.flags import HelpFormatter  # defaults shown once: not after help that states its own
 from tasks import check_references, load_items
 from tasks.common import Item
 from tasks.drift import plot_drift
@@ -178,8 +180,9 @@ def shuffled(rows: list, seed: int = 0) -> list:
 
 def require(path: Path) -> Path:
     if not path.exists():
-        raise ValueError(f"{path} is missing: point --data-dir at a folder in the layout README.md "
-                         "describes (wikitext2/, mmlu/, and one folder per task: nl-rx-synth/, gsm8k/, ...)")
+        raise ValueError(f"{path} is missing: point --data-dir at a folder in the layout of "
+                         "docs/datasets.md: The local folder (wikitext2/, mmlu/, and one folder per task: "
+                         "nl-rx-synth/, gsm8k/, ...)")
     return path
 
 
@@ -916,7 +919,7 @@ def check_output(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("what to run")
     g.add_argument("--profile", default="cpu", choices=list(PROFILES),
                    help="cpu: tiny model, 2-core CPU; llada-8b / dream-7b: the paper's protocol on GPUs")
@@ -932,8 +935,9 @@ def parse_args(argv=None):
     g.add_argument("--dry-run", action="store_true", help="read and check the data, print every command (and "
                    "for a GPU profile the GPU-hours estimate), run nothing")
     g = p.add_argument_group("data, output and processes")
-    g.add_argument("--data-dir", default="data", help="folder in the layout README.md describes (wikitext2/, "
-                   "mmlu/, nl-rx-synth/, gsm8k/, ...); `python -m scripts.prepare --out data` writes it from the hub")
+    g.add_argument("--data-dir", default="data", help="folder in the layout of docs/datasets.md: The local folder "
+                   "(wikitext2/, mmlu/, nl-rx-synth/, gsm8k/, ...); `python -m scripts.prepare --out data` writes it "
+                   "from the hub")
     g.add_argument("--prepare", action="store_true", help="first download into --data-dir each dataset the run "
                    "needs that it lacks (prepare.py, from the hub: needs network)")
     g.add_argument("--out", default="runs/experiments", help="output folder (cached stages are reused)")

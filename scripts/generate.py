@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from dlm import bounds, data, sharding
-from dlm.sampler import (SamplerConfig, add_fast_flags, canvas_args, check_room, generate_text, sampler_for, stop_ids,
-                         trained_seq_len)
+from dlm.flags import HelpFormatter, add_fast_flags  # defaults shown once: not after help that states its own
+from dlm.sampler import SamplerConfig, canvas_args, check_room, generate_text, sampler_for, stop_ids, trained_seq_len
 
 # -----------------------------------------------------------------------------
 # Watching the decoding (--show)
@@ -41,19 +41,20 @@ def visible(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def render_canvas(tokenizer, canvas, mask_token_id: int, stops, placeholder: str) -> str:
-    """A canvas as text: one placeholder per masked position, committed tokens decoded, cut at
-    the first committed stop token as decode_answer cuts; a canvas without masks renders as
-    visible(decode_answer(...)), so the last frame shows the answer."""
-    pieces, run = [], []
+def render_canvas(tokenizer, canvas, mask_token_id: int, stops, placeholder: str, stop_mark: str = "$") -> str:
+    """A canvas as text: one placeholder per masked position, committed tokens decoded, each
+    committed stop token (EOS) drawn as stop_mark while masks remain (the tutorial's $: masks
+    that become EOS padding are seen to, not vanish); a canvas without masks is cut at its first
+    stop token and renders as visible(decode_answer(...)), so the last frame shows the answer."""
+    pieces, run, unfinished = [], [], mask_token_id in canvas
     for token in list(canvas) + [None]:  # None: the end, flushes the last run
         if token is None or token == mask_token_id or token in stops:
             if run:
                 pieces.append(tokenizer.decode(run, skip_special_tokens=True))
             run = []
-            if token != mask_token_id:
+            if token is None or not (unfinished or token == mask_token_id):
                 break
-            pieces.append(placeholder)
+            pieces.append(placeholder if token == mask_token_id else stop_mark)
         else:
             run.append(token)
     return visible("".join(pieces).strip())
@@ -205,7 +206,7 @@ def prompt_tokens(tokenizer, prompt: Prompt, gen_length: int, limit: int | None)
 def parse_args(argv=None):
     default = SamplerConfig()
     p = Parser(description="Answer prompts with a masked-diffusion LM (the LLaDA sampler).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="a save_pretrained folder (train.py's final/) or a hub "
                    "id (GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B, ...)")
@@ -268,6 +269,7 @@ def run(args, sampler_args: dict, trained: int | None, stdout) -> list[str]:
     """Prompts and the model's size are checked before the weights load (the canvas of a
     train.py model, which depends on the prompts' tokens, once its tokenizer has)."""
     from dlm.backbones import load_backbone
+    from transformers.utils import logging as hf_logging
     prompts = [Prompt([{"role": "user", "content": text}], f"--prompt {i}")
                for i, text in enumerate(args.prompt, start=1)]
     if args.prompts_file:
@@ -279,6 +281,8 @@ def run(args, sampler_args: dict, trained: int | None, stdout) -> list[str]:
     limit = model_positions(args.model)
     check_room(sampler_args["gen_length"], limit, error=BadFlag)
     path = Path(args.model).expanduser()
+    if args.show:  # transformers' loading bar would come before the frames
+        hf_logging.disable_progress_bar()
     backbone = load_backbone(str(path) if path.exists() else args.model, dtype=getattr(torch, args.dtype))
     backbone.model.to(sharding.pick_device(args.device)).eval()
     longest = max(len(data.prompt_ids(backbone.tokenizer, p.messages)) for p in prompts)

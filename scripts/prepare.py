@@ -6,7 +6,7 @@ experiments.py (--data-dir), evaluate.py and train.py read offline.
     python -m scripts.prepare --out data --datasets gsm8k spider  # some of them
     python -m scripts.prepare --list                              # where each comes from (hub.py)
 
-What it writes under --out (the layout README.md describes):
+What it writes under --out (docs/datasets.md: The local folder):
 
     gsm8k/train.jsonl, gsm8k/test_dev.jsonl     {"question", "answer"}; test_dev: the first 300 test rows
     nl-rx-synth/synth_train.jsonl               {"messages": [system, user, assistant]}

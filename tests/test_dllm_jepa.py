@@ -269,6 +269,15 @@ def jepa_by_hand(h_context, h_target, answer, token_weights, predictor, pooling,
                    for c, t in pairs) / len(pairs)
 
 
+@pytest.mark.parametrize("loss_weight", ["flat", "inverse-t"])
+def test_answer_loss_is_in_the_diffusion_losss_weighting(make_model, loss_weight):
+    """With no padding every scored token is an answer token, so the logged answer_loss is the
+    diffusion loss itself, whichever the weighting (they sit side by side in the progress line)."""
+    ids, prompt, answer = make_batch(4, 12, 3, 9)  # 3 + 9 = 12: no EOS padding
+    out = build(make_model, loss_weight=loss_weight)(ids, prompt, answer, generator=gen(3))
+    assert out.answer_loss.item() == pytest.approx(out.diffusion.item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("field,value", [
     ("pad_is_answer", True), ("pad_is_answer", False), ("nested", True), ("nested", False),
     ("loss_norm", "answer"), ("loss_norm", "token"), ("distance", "cosine"), ("distance", "smooth_l1"),

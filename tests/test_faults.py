@@ -121,7 +121,7 @@ OK = '{"prompt": "q", "answer": "a"}\n'
     ("bad.jsonl", OK + '{"prompt": "q", "answer": \n', r"bad.jsonl:2: invalid JSON .*each line must be one"),
     ("bad.jsonl", OK.encode() * 2 + b'{"prompt": "caf\xe9", "answer": "a"}\n',  # Latin-1 on line 3
      r"bad.jsonl: not UTF-8 text at line 3 \(byte 0xe9.*re-save the file as UTF-8"),
-    ("bad.jsonl", OK + '{"prompt": "q", "answer": null}\n', r"bad.jsonl:2: .* got str and NoneType; quote"),
+    ("bad.jsonl", OK + '{"prompt": "q", "answer": null}\n', r"bad.jsonl:2: no usable fields \(found \['prompt'\]; null: \['answer'\]\); give"),
     ("bad.jsonl", '{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}\n',
      r"bad.jsonl:1: 'messages' must be a list .*e.g."),
     ("bad.jsonl", '{"messages": [{"role": "assistant", "content": "a"}]}\n', r"bad.jsonl:1: 'messages' must"),
@@ -130,9 +130,9 @@ OK = '{"prompt": "q", "answer": "a"}\n'
     ("bad.jsonl", '{"prompt": "\\ud800", "answer": "a"}\n', r"bad.jsonl:1: .*unpaired surrogate"),
     ("bad.jsonl", "[" * 100_000 + "\n", r"bad.jsonl:1: JSON nested too deeply"),
     ("bad.jsonl", '"just a string"\n', r"bad.jsonl:1: expected a JSON object, got str; give"),
-    ("bad.jsonl", "", r"bad.jsonl: holds no examples .*give one JSON object per line"),
+    ("bad.jsonl", "", r"bad.jsonl: holds no examples .*give one row per example"),
     ("bad.jsonl", " \n\t\n\n", r"bad.jsonl: holds no examples"),
-    ("bad.json", '{"prompt": "q", "answer": "a"}', r"bad.json: a .json file must hold a list"),
+    ("bad.json", '{"data": [{"prompt": "q", "answer": "a"}]}', r"bad.json: a .json file must hold a list"),
     ("bad.json", '[\n{"prompt": "q", "answer": "a"},\n{"prompt": "q" "answer": "a"}\n]',
      r"bad.json:3: invalid JSON"),
     ("bad.json", '[{"prompt": "q", "answer": "a"}, {"prompt": "q"}]', r"bad.json item 1: no usable fields"),
@@ -190,14 +190,14 @@ def test_messy_file_trains_and_reports_what_it_skipped_and_cut(tmp_path, capsys)
                          r"use --seq-len \d+"),
     (["--data", "{latin1_txt}"], r"error: .*latin1.txt: not UTF-8 text at line 2"),
     (["--data", "{tiny_txt}", "--seq-len", "64"], r"error: .*tiny.txt: 5 tokens, fewer than one row"),
-    (["--data", "{csv}"], r"error: --data .*table.csv: unsupported file type; use .jsonl, .json or .txt"),
+    (["--data", "{xlsx}"], r"error: --data .*table.xlsx: unsupported file type; use .jsonl, .json, .csv, .parquet, .txt"),
     (["--data", "{folder}"], r"error: --data .*: not a file"),
     (["--data", "{missing}"], r"error: --data .*missing.jsonl: no such file"),
 ])
 def test_bad_data_stops_train_with_one_line(tmp_path, capsys, flags, message):
     files = {"all_blank": write(tmp_path, "all_blank.jsonl", '{"prompt": "q", "answer": ""}\n' * 2),
              "latin1_txt": write(tmp_path, "latin1.txt", b"hello\ncaf\xe9\n"),
-             "tiny_txt": write(tmp_path, "tiny.txt", "hello"), "csv": write(tmp_path, "table.csv", "a,b\n"),
+             "tiny_txt": write(tmp_path, "tiny.txt", "hello"), "xlsx": write(tmp_path, "table.xlsx", "a,b\n"),
              "folder": tmp_path, "missing": tmp_path / "missing.jsonl"}
     code, line = refusal(capsys, "--out", str(tmp_path / "out"), *[f.format(**files) for f in flags])
     assert code != 0

@@ -486,8 +486,9 @@ def test_show_and_answers_with_threshold_and_prefix_cache(model_dir, loaded, cap
 
 
 def test_show_with_eos_and_a_batch(model_dir, loaded, capsys):
-    """EOS allowed: a committed EOS ends the text, so the masks shown never increase; every
-    prompt of the batch has a line per step, and its last frame is its answer."""
+    """EOS allowed: a committed EOS is drawn as $ until the last frame, so every mask left is
+    shown (16 steps commit one of the 16 each); every prompt of the batch has a line per step,
+    and its last frame is its answer."""
     texts = ["reverse abc", "hello there"]
     code, out, err = cli(["--model", model_dir, *CLI_SAMPLER, "--show", "--prompt", texts[0],
                           "--prompt", texts[1]], capsys)
@@ -497,7 +498,7 @@ def test_show_with_eos_and_a_batch(model_dir, loaded, capsys):
         frames = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith(f"[{i}] step ")]
         assert len(frames) == 16
         masks = [f.count("░") for f in frames]
-        assert masks == sorted(masks, reverse=True) and masks[-1] == 0
+        assert masks == list(range(15, -1, -1))  # one token a step: no mask vanishes behind an EOS
         assert frames[-1] == command.visible(answer)
 
 
@@ -539,11 +540,13 @@ def test_show_redraws_in_place_on_a_terminal(loaded, monkeypatch):
     assert last.startswith("[3] step 8: ") and "░" not in last
 
 
-def test_render_canvas_cuts_at_the_first_stop(tokenizer):
+def test_render_canvas_draws_eos_until_the_last_frame_which_cuts_at_the_first_stop(tokenizer):
     ids = tokenizer("ab")["input_ids"]
     mask, eos = tokenizer.mask_token_id, tokenizer.eos_token_id
-    canvas = ids + [mask, mask] + tokenizer("\nc")["input_ids"] + [eos, mask]
-    assert command.render_canvas(tokenizer, canvas, mask, {eos}, "_") == "ab__\\nc"  # one line
+    canvas = ids + [mask, mask] + tokenizer("\nc")["input_ids"] + [eos, mask, eos]
+    assert command.render_canvas(tokenizer, canvas, mask, {eos}, "_") == "ab__\\nc$_$"  # one line, EOS as $
+    done = ids + tokenizer("\nc")["input_ids"] + [eos, eos] + ids
+    assert command.render_canvas(tokenizer, done, mask, {eos}, "_") == "ab\\nc"  # the answer
 
 
 def test_prompt_file_formats(tmp_path):

@@ -358,7 +358,7 @@ def test_failures_are_one_line(fake_hub, monkeypatch):
         "gsm8k (openai/gsm8k config main, split train): could not load it (ConnectionError: Couldn't reach "
         "'openai/gsm8k' on the Hub (LocalEntryNotFoundError)); it needs network access to the Hugging Face hub; run "
         "`python -m scripts.prepare --out data --datasets gsm8k` on a machine that has it and copy data/ here, then give its "
-        "files (README.md: the data layout)")
+        "files (docs/datasets.md: The local folder)")
     with pytest.raises(ValueError, match=r"^someone/thing:cfg \(split train\): could not load it \(ConnectionError: "
                                          r".*\); check the name, config and split"):
         hub.load_examples("someone/thing:cfg", "train")

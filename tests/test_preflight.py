@@ -73,7 +73,7 @@ def nothing_loads(monkeypatch):
     """Make any model or data loading fail loudly: a refusal must come before it."""
     def loaded(*args, **kwargs):
         raise AssertionError("the model or the data were loaded before the refusal")
-    for name in ("load_backbone", "training_rows"):
+    for name in ("load_backbone", "read_corpus"):
         monkeypatch.setattr(train, name, loaded)
     monkeypatch.setattr(E, "run", loaded)
 

@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoTokenizer
 
 import tiny_model
 import train
-from dlm import data, preflight
+from dlm import data, hub, preflight
 from dlm.flags import parse_args
 
 SMALL = ["--tiny-width", "32", "--tiny-layers", "2", "--batch-size", "8", "--seq-len", "32",
@@ -165,17 +165,35 @@ def test_plain_text_rows(tmp_path):
 def test_settle_fills_the_defaults_and_leaves_the_flags_as_parsed():
     """The defaults that depend on the model are settled once, into a new namespace: the parsed
     flags stay as given (None where unset), and an explicit flag always wins."""
+    builtin, examples = corpus("builtin"), corpus("examples")
     _, args = parse_args(["--steps", "50", "--lora-rank", "4", "--lora-targets", " down, qkv,down "])
     parsed = dict(vars(args))
-    settings = train.settle(args, "tiny-dlm")
+    settings = train.settle(args, "tiny-dlm", builtin)
     assert vars(args) == parsed and args.lr is None and args.lora_alpha is None
     assert (settings.loss_weight, settings.lr, settings.warmup_steps, settings.final_eval) == ("flat", 1e-3, 5, 200)
     assert (settings.lora_alpha, settings.lora_targets) == (8.0, "down,qkv")
-    loaded = train.settle(parse_args(["--model", "m", "--data", "d.jsonl", "--lr", "3e-4"])[1], "llada")
-    assert (loaded.loss_weight, loaded.lr, loaded.warmup_steps, loaded.final_eval) == ("inverse-t", 3e-4, 30, 0)
+    loaded = train.settle(parse_args(["--model", "m", "--data", "d.jsonl", "--lr", "3e-4", "--steps", "2000"])[1],
+                          "llada", examples)
+    assert (loaded.loss_weight, loaded.lr, loaded.warmup_steps, loaded.final_eval) == ("inverse-t", 3e-4, 30, 50)
     assert loaded.lora_alpha is None and loaded.lora_targets is None  # no LoRA: nothing to settle
-    targets = train.settle(parse_args(["--lora-rank", "2"])[1], "llada").lora_targets
+    targets = train.settle(parse_args(["--lora-rank", "2"])[1], "llada", builtin).lora_targets
     assert targets == "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out"  # the family's own
+
+
+def test_the_default_run_is_the_built_in_task_at_2000_steps_of_32_tokens():
+    """`python train.py` with no flags: what the README's first command shows."""
+    settings = train.settle(parse_args([])[1], "tiny-dlm", corpus("builtin"))
+    assert (settings.steps, settings.seq_len, settings.warmup_steps, settings.final_eval, settings.epochs) == (
+        2000, 32, 30, 200, None)
+
+
+def corpus(kind, longest=40, rows=100):
+    """A hub.Corpus as read_corpus returns it, of `rows` examples the longest of which needs
+    `longest` tokens (kind: builtin, examples or text)."""
+    if kind == "text":
+        return hub.Corpus(hub.Source("t.txt", ids=list(range(rows * 32))), None, kind, 0, [])
+    encoded = [([1] * 10, [2] * (longest - 10 if i == 0 else 5)) for i in range(rows)]
+    return hub.Corpus(hub.Source("d", encoded, [None] * rows), None, kind, 0, [])
 
 
 def test_learning_rate_schedule_by_hand(tmp_path):
