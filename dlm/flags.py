@@ -189,8 +189,9 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
 def first_problem(args) -> str | None:
     """The first flag whose value is out of range, as 'the flag and value: why' (None if none):
     everything that can be checked before anything loads but the objective's own checks."""
-    positive = ("batch_size", "grad_accum", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps",
-                "tiny_layers", "builtin_size") + tuple(f for f in ("steps", "seq_len") if getattr(args, f) is not None)
+    positive = tuple(f for f in ("steps", "seq_len") if getattr(args, f) is not None) + (  # --steps first: the
+        "batch_size", "grad_accum", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps",  # others'
+        "tiny_layers", "builtin_size")  # defaults can follow from it (experiments.py: --eval-every = --steps)
     lora_only = [flag for flag, given in (("--lora-alpha", args.lora_alpha is not None),
                                           ("--lora-dropout", args.lora_dropout != 0.0),
                                           ("--lora-targets", args.lora_targets is not None),

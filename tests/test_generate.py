@@ -451,14 +451,14 @@ def frames_of(out):
 
 
 def test_show_draws_each_committing_step(model_dir, loaded, capsys):
-    """16 masks, 2 blocks, 32 steps: 16 steps commit one token each (the other 16 have none
-    left and are skipped). With EOS suppressed every mask is visible: 15, 14, ..., 0."""
+    """16 masks, 2 blocks, 16 steps: each step commits one token (more steps than masks are
+    refused: they would commit nothing). With EOS suppressed every mask is visible: 15, ..., 0."""
     argv = ["--model", model_dir, "--prompt", "sort dcba", "--gen-length", "16", "--block-length", "8",
-            "--steps", "32", "--suppress-eos", "--show"]
+            "--steps", "16", "--suppress-eos", "--show"]
     code, out, err = cli(argv, capsys)
     assert code == 0, err
     frames = frames_of(out)
-    [answer] = expected_answers(loaded, [user("sort dcba")], G.SamplerConfig(16, 8, 32, suppress_eos=True))
+    [answer] = expected_answers(loaded, [user("sort dcba")], G.SamplerConfig(16, 8, 16, suppress_eos=True))
     assert len(frames) == 16
     assert [f.count("░") for f in frames] == list(range(15, -1, -1))
     assert out.splitlines()[:16] == [f"[1] step {n}: {f}" for n, f in enumerate(frames, 1)]
@@ -605,7 +605,7 @@ BAD_FILES = {
     (["--prompt", "ok", "--prompt", " "], 2, "--prompt 2 is blank"),
     (["--prompt", "ok", "--system", ""], 2, "--system is blank"),
     (["--prompt", "ok", "--batch-size", "0"], 2, "--batch-size 0: must be >= 1"),
-    (["--prompt", "ok", "--steps", "0"], 2, "--steps 0: must be >= 1"),
+    (["--prompt", "ok", "--steps", "0"], 2, "--steps 0: must lie in [1, "),
     (["--prompt", "ok", "--gen-length", "12", "--block-length", "8"], 2,
      "--gen-length 12 is not a multiple of --block-length 8"),
     (["--prompt", "ok", "--remasking", "best"], 2, "argument --remasking: invalid choice"),
