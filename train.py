@@ -400,11 +400,8 @@ def save(run: Run, step: int) -> Path:
 def export(run: Run) -> Path:
     """final/ (checkpoints.export_model: LoRA merged in, in the loaded checkpoint's dtype), the
     held-out questions answered, and the closing lines, which say how to load it -> final/."""
-    settings, out, final = run.settings, run.out, run.out / "final"
-    if run.skipped >= settings.steps:  # not one step applied: the weights are the loaded ones
-        raise SystemExit(f"error: all {settings.steps} steps were non-finite and skipped: the model is not "
-                         "fine-tuned, so nothing is exported; lower --lr, --jepa-lambda or --anchor-mu, or check "
-                         "the data (log.jsonl holds each step's loss)")
+    settings, final = run.settings, run.out / "final"
+    preflight.check_some_step_applied(run.skipped, settings.steps)  # else the weights are the loaded ones
     try:
         dtype, remote_code = checkpoints.export_model(run.model, run.backbone, final, settings, run.run_config, run.env)
     except ValueError as e:  # a full disk: every rank stops with the same line
@@ -416,16 +413,7 @@ def export(run: Run) -> Path:
         if run.cut:  # said at the start too, where the config dump scrolls it away
             print(f"warning: {run.cut} rows were longer than --seq-len {settings.seq_len} and were cut (the opening "
                   "lines say which data and the length that keeps them whole)")
-        how = ("`import tiny_model; AutoModel.from_pretrained(path)`" if run.backbone.family.name == "tiny-dlm" else
-               "`AutoModel.from_pretrained(path, trust_remote_code=True)`" if remote_code else
-               "`backbones.load_backbone(path).model`")  # remote code this repo's fixes do not cover
-        print(f"fine-tuned model: {final} ({str(dtype).removeprefix('torch.')}"
-              f"{', LoRA adapter merged in' if settings.lora_rank else ''}; load with {how}, or "
-              f"`backbones.load_backbone(path)` for the model and its tokenizer); resumable checkpoints: "
-              f"{out / 'checkpoints'}")
-        if settings.export_adapter:
-            print(f"adapter alone: {final / 'adapter'} (peft: PeftModel.from_pretrained(base, path); "
-                  f"evaluate.py --model {final / 'adapter'}, or --model BASE --adapter {final / 'adapter'})")
+        print(checkpoints.how_to_load(final, dtype, remote_code, run.backbone.family.name, settings))
     return final
 
 

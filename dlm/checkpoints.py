@@ -365,6 +365,22 @@ def export_model(model, backbone, final: Path, flags, run_config: dict,
     return export_dtype, load_code[0] if load_code else None
 
 
+def how_to_load(final: Path, dtype: torch.dtype, remote_code: str | None, family: str, flags) -> str:
+    """train.py's closing lines on final/: its dtype, how to load it, where the checkpoints and
+    the adapter (--export-adapter) are. flags: lora_rank, export_adapter."""
+    how = ("`import tiny_model; AutoModel.from_pretrained(path)`" if family == "tiny-dlm" else
+           "`AutoModel.from_pretrained(path, trust_remote_code=True)`" if remote_code else
+           "`backbones.load_backbone(path).model`")  # remote code this repo's fixes do not cover
+    lines = [f"fine-tuned model: {final} ({str(dtype).removeprefix('torch.')}"
+             f"{', LoRA adapter merged in' if flags.lora_rank else ''}; load with {how}, or "
+             f"`backbones.load_backbone(path)` for the model and its tokenizer); resumable checkpoints: "
+             f"{final.parent / 'checkpoints'}"]
+    if flags.export_adapter:
+        lines.append(f"adapter alone: {final / 'adapter'} (peft: PeftModel.from_pretrained(base, path); "
+                     f"evaluate.py --model {final / 'adapter'}, or --model BASE --adapter {final / 'adapter'})")
+    return "\n".join(lines)
+
+
 def as_shipped(backbone, final: Path, export_dtype: torch.dtype, lora_rank: int, dtype: str,
                device: torch.device):
     """The model whose held-out answers train.py reports: the one in memory when final/ holds its

@@ -440,3 +440,11 @@ def prepare_output(out: Path, resume: Path | None, step: int, run_config: dict, 
             error = f"error: {e}"
     if error := sharding.agreed_error(error, env):
         raise SystemExit(error)
+
+
+def check_some_step_applied(skipped: int, steps: int):
+    """Refuse to export a model no step has changed: every step non-finite and skipped."""
+    if skipped >= steps:
+        raise SystemExit(f"error: all {steps} steps were non-finite and skipped: the model is not "
+                         "fine-tuned, so nothing is exported; lower --lr, --jepa-lambda or --anchor-mu, or check "
+                         "the data (log.jsonl holds each step's loss)")
