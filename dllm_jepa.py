@@ -216,10 +216,9 @@ def masked_logits(logits, masked, shift=False):
 
 @torch.no_grad()
 def answer_metrics(logits, input_ids, masked, p, answer, shift=False):
-    """What the diffusion loss hides when EOS padding is scored: the same loss in the same
-    weighting (p: the row's mask probability, or 1 for loss_weight flat) on the real answer
-    tokens only (padding excluded; LLaDA's per-row normalisation by answer length),
-    and the share of masked answer tokens whose argmax is right (teacher-forced accuracy:
+    """What the diffusion loss hides when EOS padding is scored: the same loss in its weighting
+    (p: the row's mask probability, or 1 for loss_weight flat) on the real answer tokens only
+    (padding excluded; LLaDA's per-row normalisation by answer length), and the share of masked answer tokens whose argmax is right (teacher-forced accuracy:
     every other token is given). Both 0-d tensors (0 when no answer token is masked)."""
     hidden = masked & answer
     loss = diffusion_loss(logits, input_ids, hidden, p, answer, "answer", shift)
