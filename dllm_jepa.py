@@ -218,8 +218,8 @@ def masked_logits(logits, masked, shift=False):
 def answer_metrics(logits, input_ids, masked, p, answer, shift=False):
     """What the diffusion loss hides when EOS padding is scored: the same loss in its weighting
     (p: the row's mask probability, or 1 for loss_weight flat) on the real answer tokens only
-    (padding excluded; LLaDA's per-row normalisation by answer length), and the share of masked answer tokens whose argmax is right (teacher-forced accuracy:
-    every other token is given). Both 0-d tensors (0 when no answer token is masked)."""
+    (padding excluded; LLaDA's per-row normalisation by answer length), and the share of masked
+    answer tokens whose argmax is right (teacher-forced). Both 0-d, 0 with no masked answer."""
     hidden = masked & answer
     loss = diffusion_loss(logits, input_ids, hidden, p, answer, "answer", shift)
     right = masked_logits(logits, hidden, shift).argmax(-1) == input_ids[hidden]
