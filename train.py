@@ -65,17 +65,12 @@ def settle(args: argparse.Namespace, family: str, corpus: Corpus, positions: int
     model's (backbones.Family.name), whose layers LoRA adapts by default; corpus: the data read
     (hub.Corpus), whose longest row sets --seq-len (at most the model's `positions`; None: a new
     tiny model, sized to it) and whose training rows set the steps of --epochs."""
-    lora_settings = {}
-    if args.lora_rank:  # alpha: the scale alpha / R = 2 whatever R; targets: as named, or the family's
-        names = args.lora_targets.split(",") if args.lora_targets is not None else lora.DEFAULT_TARGETS.get(family, ())
-        lora_settings = dict(lora_alpha=args.lora_alpha or 2.0 * args.lora_rank,
-                             lora_targets=",".join(dict.fromkeys(name.strip() for name in names if name.strip())))
     user_rows = corpus.kind == "examples"  # the user's prompt/answer rows (not the built-in task, not plain text)
     seq_len = args.seq_len or (min(corpus.longest, positions or corpus.longest) if user_rows else 32)
     steps = args.steps
     if steps is None and (args.epochs is not None or user_rows):  # one epoch unless told
-        global_batch = args.batch_size * args.grad_accum * world_size
-        steps = math.ceil((args.epochs or 1) * corpus.train_size(seq_len, args.eval_fraction, args.seed) / global_batch)
+        steps = corpus.epoch_steps(args.epochs or 1, args.batch_size * args.grad_accum * world_size, seq_len,
+                                   args.eval_fraction, args.seed)
     steps = steps or 2000
     return argparse.Namespace(**vars(args) | dict(
         seq_len=seq_len, steps=steps, epochs=args.epochs or (1 if user_rows and args.steps is None else None),
@@ -83,7 +78,7 @@ def settle(args: argparse.Namespace, family: str, corpus: Corpus, positions: int
         lr=args.lr or (1e-3 if args.model is None else 1e-4 if args.lora_rank else 1e-5),
         warmup_steps=min(30, steps // 10) if args.warmup_steps is None else args.warmup_steps,
         final_eval=dict(builtin=200, examples=50, text=0)[corpus.kind] if args.final_eval is None else args.final_eval,
-    ) | lora_settings)
+    ) | lora.settled(args.lora_rank, args.lora_alpha, args.lora_targets, family))  # alpha, targets
 
 # -----------------------------------------------------------------------------
 # load, build, open_run
@@ -94,7 +89,6 @@ class Loaded:
     """What load() returns: the settled flags, the model and the rows."""
     settings: argparse.Namespace
     backbone: Backbone
-    base_parameters: int  # the backbone's parameters before LoRA's adapters
     rows: tuple           # (training rows, held-out rows, held-out examples: None for plain text)
     notes: list[str]      # what was skipped, cut, chosen: printed after the config
     cut: int              # rows cut to --seq-len, repeated in the closing lines
@@ -113,17 +107,13 @@ def load(args, env) -> Loaded:
         positions = max_positions(backbone.model) if backbone else None
         settings = settle(args, family, corpus, positions, env.world_size)
         backbone = backbone or load_model(settings, env)
-        base_parameters = sum(p.numel() for p in backbone.model.parameters())
         if settings.lora_rank:  # the base frozen, the adapters trained
             with sharding.on_meta(env):
                 lora.apply_lora(backbone.model, backbone.family.name, settings.lora_rank, settings.lora_alpha,
                                 settings.lora_dropout, settings.lora_targets)
-        flag = "--seq-len" if args.seq_len else f"the model's {positions} positions"
-        *rows, warnings, cut = corpus.rows(settings.seq_len, settings.eval_fraction, settings.seed, flag)
-        loaded = Loaded(settings, backbone, base_parameters, rows, corpus.notes + warnings, cut)
-        if args.seq_len is None and corpus.kind == "examples" and not cut:
-            loaded.notes.append(f"--seq-len {settings.seq_len}: the longest row (prompt, answer, EOS) of the data, "
-                                "so no row is cut; give --seq-len to choose another")
+        *rows, notes, cut = corpus.rows(settings.seq_len, settings.eval_fraction, settings.seed,
+                                        given=args.seq_len is not None, positions=positions)
+        loaded = Loaded(settings, backbone, rows, corpus.notes + notes, cut)
     except (ValueError, OSError, ImportError) as e:
         error = f"error: {e}"
     if error := sharding.agreed_error(error, env):  # the other ranks wait here for rank 0's loading
@@ -147,7 +137,7 @@ def load_model(args, env) -> Backbone:
     return backbone
 
 
-def build(settings, backbone, base_parameters, env) -> tuple[DLLMJEPA, torch.optim.AdamW]:
+def build(settings, backbone, env) -> tuple[DLLMJEPA, torch.optim.AdamW]:
     """DLLMJEPA (predictor, EMA target or anchor copy; under LoRA an EMA adapter), sharded by
     FSDP2, every rank's shards filled from rank 0's weights, and AdamW over what trains."""
     objective = flags.objective(vars(settings))
@@ -158,7 +148,7 @@ def build(settings, backbone, base_parameters, env) -> tuple[DLLMJEPA, torch.opt
         if model.predictor is not None:
             model.predictor.float()  # fp32 masters (built in the backbone's dtype: a LoRA base may be bf16)
     if env.is_main and settings.lora_rank:
-        print(lora.summary(model, settings.lora_rank, settings.lora_alpha, settings.lora_targets, base_parameters))
+        print(lora.summary(model, settings.lora_rank, settings.lora_alpha, settings.lora_targets))
     full_state = sharding.weights_to_send(model) if env.is_main and env.world_size > 1 else None
     dtype = getattr(torch, settings.dtype)
     sharding.shard_model(model, backbone.family.blocks, param_dtype=dtype if dtype != torch.float32 else None,
@@ -217,13 +207,8 @@ def open_run(loaded: Loaded, model, optimizer, env) -> Run:
     preflight.prepare_output(run.out, checkpoint, run.start_step, run_config, run.eval_examples, env)
     if env.is_main:
         print(json.dumps(run_config, indent=2, default=str))
-        for note in loaded.notes + preflight.held_out_warnings(run.eval_rows, settings):
-            print(note)
-        if settings.resume == "auto" and checkpoint is None:
-            print(f"note: --resume auto: no checkpoint in {run.out / 'checkpoints'}; starting fresh")
-        if changed:
-            print(f"warning: resuming with changed settings ({'; '.join(changed)}): the run will not "
-                  "reproduce an uninterrupted one")
+        for line in loaded.notes + preflight.opening_warnings(settings, run.eval_rows, checkpoint, changed):
+            print(line)
         global_batch = settings.batch_size * settings.grad_accum * env.world_size
         epochs = f"--epochs {settings.epochs:g}: {settings.steps} steps of {global_batch} rows; " if settings.epochs else ""
         print(f"{len(run.train_rows.input_ids)} training rows, {len(run.eval_rows.input_ids)} held-out rows; {epochs}"
@@ -319,10 +304,7 @@ def train(run: Run):
             bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "diffusion", "jepa", "answer_loss")}
                             | {"lr": f"{lr:.1e}"})
             run.log.write({"step": done, **parts, "lr": lr, "grad_norm": grad_norm.item(), "skipped": bad_in_a_row > 0})
-            if bad_in_a_row >= settings.max_bad_steps:
-                raise SystemExit(f"error: {bad_in_a_row} non-finite steps in a row (steps {done - bad_in_a_row + 1}"
-                                 f"-{done}), each skipped: stopping. Lower --lr or --grad-clip, check the data, "
-                                 f"or raise --max-bad-steps; the checkpoints hold the weights from before")
+            preflight.check_bad_steps(bad_in_a_row, done, settings.max_bad_steps)  # too many in a row: stop
             if done % settings.eval_every == 0 or done == settings.steps:
                 log_eval(run, done)
             stop = sharding.agreed_signal(stop_signal[0] if stop_signal else 0, env.device)  # all ranks together
@@ -367,17 +349,14 @@ def held_out_eval(model, eval_rows, settings, env):
 
 def log_eval(run: Run, step: int):
     """The held-out evaluation at `step`: a log.jsonl row and a line under the progress bar (rank 0).
-    --grad-cosine N adds diagnostics.gradient_cosines over N held-out batches (rounded up to a
-    multiple of the processes, each rank its share)."""
+    --grad-cosine N adds the cosine of the diffusion and JEPA gradients (diagnostics.py)."""
     settings, env, model = run.settings, run.env, run.model
     model.eval()  # dropout off (LLaDA, Dream and the tiny model have none; others may)
     held_out = held_out_eval(model, run.eval_rows, settings, env)
     if settings.grad_cosine:
-        n = math.ceil(settings.grad_cosine / env.world_size) * env.world_size
-        chunks = range(env.rank, n, env.world_size)
-        batches = lambda: (held_out_batch(run.eval_rows, c, settings, env.device) for c in chunks)
-        groups = diagnostics.block_groups(model.backbone, run.backbone.family.blocks(model.backbone))
-        held_out |= diagnostics.gradient_cosines(model, batches, groups, sharding.all_reduce_sum)
+        held_out |= diagnostics.held_out_cosines(model, run.backbone.family.blocks(model.backbone),
+                                                 lambda c: held_out_batch(run.eval_rows, c, settings, env.device),
+                                                 settings.grad_cosine, env.rank, env.world_size, sharding.all_reduce_sum)
     run.log.write({"step": step, "held_out": held_out})
     if env.is_main:
         tqdm.write(f"step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
@@ -386,12 +365,10 @@ def log_eval(run: Run, step: int):
 def save(run: Run, step: int) -> Path:
     """A resumable checkpoint of `step` -> its folder. Disk full, no permission: every rank stops
     with the same line."""
-    try:
+    with files.in_one_line():
         return checkpoints.save_checkpoint(run.out / "checkpoints", step, run.model, run.optimizer,
                                            {"step": step, "skipped": run.skipped, "config": run.run_config},
                                            run.settings.keep, run.env)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
 # -----------------------------------------------------------------------------
 # export: final/, the held-out questions answered, the closing lines
@@ -402,10 +379,8 @@ def export(run: Run) -> Path:
     held-out questions answered, and the closing lines, which say how to load it -> final/."""
     settings, final = run.settings, run.out / "final"
     preflight.check_some_step_applied(run.skipped, settings.steps)  # else the weights are the loaded ones
-    try:
+    with files.in_one_line():  # a full disk: every rank stops with the same line
         dtype, remote_code = checkpoints.export_model(run.model, run.backbone, final, settings, run.run_config, run.env)
-    except ValueError as e:  # a full disk: every rank stops with the same line
-        raise SystemExit(f"error: {e}") from None
     summary = final_answers(run, final, dtype)
     if run.env.is_main:
         print(f"done: step {settings.steps} ({settings.steps - run.start_step} steps in "
@@ -439,8 +414,8 @@ def final_answers(run: Run, final: Path, export_dtype: torch.dtype) -> str:
     (out / "final_eval.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     print(f"held-out answers, generated ({generated['gen_length']} masks after each prompt):")
     for sample in samples[:6]:
-        print(f"  {'right' if sample['right'] else 'WRONG'}  {sample['prompt']!r} -> {sample['answer']!r}"
-              f" (reference {sample['reference']!r})")
+        print(f"  {'right' if sample['right'] else 'WRONG'}  {sample['prompt']!r} -> {sample['answer']!r} "
+              f"(reference {sample['reference']!r})")
     return (f"; held-out exact match {generated['exact_match']:.1%} of {generated['n']} "
             f"(all answers: {out / 'final_eval.jsonl'}){source}")
 
@@ -461,7 +436,7 @@ def main(argv=None) -> Path:
         with sharding.timeout_in_one_line(env, args.collective_timeout,
                                           "; the last complete checkpoint is where --resume auto continues"):
             loaded = load(args, env)
-            model, optimizer = build(loaded.settings, loaded.backbone, loaded.base_parameters, env)
+            model, optimizer = build(loaded.settings, loaded.backbone, env)
             run = open_run(loaded, model, optimizer, env)
             with tracking.Log(run.out, run.settings.report_to, run.run_config, env.is_main) as run.log:
                 train(run)

@@ -7,11 +7,14 @@ returns their cosine, overall and per block, and the ratio of their norms. A neg
 means the JEPA term pulls the weights against what the task asks; a large norm ratio means it
 dominates the update (and the shared gradient clip). One batch is too noisy to read: the
 cosine of single-batch gradients swings in sign from batch to batch, so the gradients are
-summed over `batches` first (train.py --grad-cosine N, at every held-out evaluation).
+summed over `batches` first (train.py --grad-cosine N, at every held-out evaluation:
+`held_out_cosines`).
 
 This is the multi-task "gradient conflict" measure (Yu et al., 2020, "Gradient Surgery for
 Multi-Task Learning"), applied to the two terms of one objective.
 """
+
+import math
 
 import torch
 
@@ -61,3 +64,11 @@ def gradient_cosines(model, batches, groups: dict[str, list[torch.nn.Parameter]]
                                for p in params] for name, params in groups.items()}
     model.zero_grad(set_to_none=True)
     return cosines(summed["diffusion"], summed["jepa"], all_reduce)
+
+
+def held_out_cosines(model, blocks, batch_of, n: int, rank: int, world_size: int, all_reduce) -> dict[str, float]:
+    """gradient_cosines over held-out batches batch_of(0..n-1), n rounded up to a multiple of the
+    processes, each rank its share. blocks: the backbone's blocks (Family.blocks)."""
+    chunks = range(rank, math.ceil(n / world_size) * world_size, world_size)
+    return gradient_cosines(model, lambda: (batch_of(c) for c in chunks), block_groups(model.backbone, blocks),
+                            all_reduce)

@@ -11,7 +11,8 @@ written over an input, no refusal found late.
 - Memory: what is free on a GPU or in host memory (a cgroup's limit included).
 - Signals: the first SIGTERM/SIGINT lets train.py finish its step and save (stop_requests); a
   second ends the process even while it is stuck inside a collective (stop_on_second_signal).
-- One line for an error from deep inside a library (`cause`), sizes in bytes for people (`human`).
+- One line for an error from deep inside a library (`cause`), our own refusals as one line and
+  exit 1 (`in_one_line`), sizes in bytes for people (`human`).
 """
 
 import contextlib
@@ -39,6 +40,16 @@ def cause(error: BaseException) -> str:
         error = failure[0] if isinstance(failure, tuple) else failure
     detail = (str(error).splitlines() or [""])[0]
     return f"{type(error).__name__}{': ' + detail if detail else ''}"
+
+
+@contextlib.contextmanager
+def in_one_line(*kinds: type[Exception]):
+    """A refusal raised inside (ValueError unless `kinds` says: our checks' messages, which name
+    the flag or file) ends the command as that one line, 'error: ...' and exit 1, no traceback."""
+    try:
+        yield
+    except kinds or ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def human(n: float) -> str:

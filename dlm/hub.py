@@ -30,6 +30,7 @@ and the steps of --epochs from it, and Corpus.rows cuts the rows at that length.
 """
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -333,10 +334,12 @@ class Corpus:
         split = self.split(seq_len, fraction, seed)
         return self.train.size(seq_len) if split is None else len(split[0])
 
-    def rows(self, seq_len: int, fraction: float, seed: int, flag: str = "--seq-len"):
+    def rows(self, seq_len: int, fraction: float, seed: int, given: bool = True, positions: int | None = None):
         """(training rows, held-out rows, held-out examples: prompt and answer text, None for plain
-        text; warnings on what was cut, cut rows) at seq_len. `flag` names what set the length."""
+        text; notes on what was cut or chosen, cut rows) at seq_len. given: --seq-len was; if not,
+        the length was chosen from the data, capped at the model's `positions`."""
         cut, warnings = 0, []
+        flag = "--seq-len" if given else f"the model's {positions} positions"
 
         def tokenized(source):
             nonlocal cut
@@ -360,7 +363,14 @@ class Corpus:
             train_idx, eval_idx = self.split(seq_len, fraction, seed)
             train_rows, eval_rows = data.select(train_rows, train_idx), data.select(train_rows, eval_idx)
             eval_examples = self.train.examples and [self.train.examples[i] for i in eval_idx.tolist()]
+        if not given and self.kind == "examples" and not cut:
+            warnings.append(f"--seq-len {seq_len}: the longest row (prompt, answer, EOS) of the data, so no row is "
+                            "cut; give --seq-len to choose another")
         return train_rows, eval_rows, eval_examples, warnings, cut
+
+    def epoch_steps(self, epochs: float, global_batch: int, seq_len: int, fraction: float, seed: int) -> int:
+        """Optimizer steps for `epochs` passes over the training rows, global_batch rows a step."""
+        return math.ceil(epochs * self.train_size(seq_len, fraction, seed) / global_batch)
 
 
 def read_corpus(flags, tokenizer) -> Corpus:

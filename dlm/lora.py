@@ -54,6 +54,17 @@ DEFAULT_TARGETS = {
     "dream": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 
+
+
+def settled(rank: int, alpha: float | None, targets: str | None, family_name: str) -> dict:
+    """train.py's LoRA flags with their defaults settled (none without --lora-rank): alpha such
+    that the scale alpha / rank is 2 whatever the rank; targets as named, or the family's."""
+    if not rank:
+        return {}
+    names = targets.split(",") if targets is not None else DEFAULT_TARGETS.get(family_name, ())
+    return dict(lora_alpha=alpha or 2.0 * rank,
+                lora_targets=",".join(dict.fromkeys(name.strip() for name in names if name.strip())))
+
 # -----------------------------------------------------------------------------
 # Injecting adapters
 
@@ -340,12 +351,13 @@ def save_adapter(model: nn.Module, out_dir, adapter: str = TRAINED, is_main: boo
                   out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     return out_dir
 
-def summary(model: nn.Module, rank: int, alpha: float, targets: str, base_parameters: int) -> str:
+def summary(model: nn.Module, rank: int, alpha: float, targets: str) -> str:
     """One line on what LoRA trains in a DLLMJEPA `model`: the adapters' size against the base's
-    (base_parameters: counted before LoRA), the predictor's, and the EMA adapter's memory (the
+    (every parameter that is no adapter's), the predictor's, and the EMA adapter's memory (the
     target encoder it replaces would be a full copy)."""
     base = model.backbone
     adapter = sum(p.numel() for p in adapter_parameters(base))
+    base_parameters = sum(p.numel() for name, p in base.named_parameters() if "lora_" not in name)
     ema = (sum(p.numel() * p.element_size() for p in adapter_parameters(base, EMA))
            if isinstance(model.target_encoder, EMAAdapterTarget) else 0)
     predictor = sum(p.numel() for p in model.predictor.parameters()) if model.predictor is not None else 0

@@ -7,10 +7,13 @@ library, never lost work.
   objective and the device (exit 2), the --report-to package, the files and folders the flags
   name, --out (never over an input, writable) and whether the model can fit in the memory that
   is free; `check_embed_layer` once the model's blocks are known.
-- `held_out_warnings`: a held-out set of few distinct rows, said before training starts.
+- `opening_warnings`: what is said before training starts: a held-out set of few distinct
+  rows, --resume auto finding nothing, a resume with changed settings.
 - `check_loaded`: once the model and data are loaded, every rank holds the same run (a
   fingerprint of flags, rows and tensors), a micro-batch fits, every rank gets held-out rows.
 - `out_of_memory_in_one_line`: an out-of-memory error as one line naming the flag to lower.
+- `check_bad_steps`, `check_some_step_applied`: too many non-finite steps in a row stop the
+  run; a run whose every step was skipped exports nothing.
 - `load_resumable`: a checkpoint loaded only if this run can continue it (check_resume: the
   same objective, model and number of processes; other changes only warn).
 - `prepare_output`: what a kill left in --out cleared and the log cut to the resumed step, so
@@ -43,12 +46,10 @@ def check_start(parser, args):
     exits 2 with argparse's usage line; bad files, a missing --report-to package or a model that
     cannot fit exit 1 with 'error: ...'."""
     check_settings(parser, args)
-    try:
+    with files.in_one_line():
         tracking.check_installed(args.report_to)
         check_paths(args)
         check_fits(args)  # a model that cannot fit is refused before it is allocated
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def check_settings(parser, args):
@@ -308,6 +309,18 @@ def check_loaded(settings, model, train_rows, eval_rows, env):
 FEW_HELD_OUT = 32  # distinct held-out rows below which the held-out figures describe a handful of examples
 
 
+def opening_warnings(settings, eval_rows, checkpoint: Path | None, changed: list[str]) -> list[str]:
+    """What the run says under its config before the first step: a held-out set too small to
+    read, --resume auto finding nothing, a resume with settings changed (check_resume)."""
+    lines = held_out_warnings(eval_rows, settings)
+    if settings.resume == "auto" and checkpoint is None:
+        lines.append(f"note: --resume auto: no checkpoint in {Path(settings.out) / 'checkpoints'}; starting fresh")
+    if changed:
+        lines.append(f"warning: resuming with changed settings ({'; '.join(changed)}): the run will not "
+                     "reproduce an uninterrupted one")
+    return lines
+
+
 def held_out_warnings(eval_rows, settings) -> list[str]:
     """A warning when the held-out set has fewer than FEW_HELD_OUT distinct rows: its loss and
     embedding_rank (at most the number of rows) then say little about the model."""
@@ -440,6 +453,14 @@ def prepare_output(out: Path, resume: Path | None, step: int, run_config: dict, 
             error = f"error: {e}"
     if error := sharding.agreed_error(error, env):
         raise SystemExit(error)
+
+
+def check_bad_steps(in_a_row: int, step: int, max_bad_steps: int):
+    """Stop after max_bad_steps non-finite steps in a row (each skipped, the weights untouched)."""
+    if in_a_row >= max_bad_steps:
+        raise SystemExit(f"error: {in_a_row} non-finite steps in a row (steps {step - in_a_row + 1}-{step}), each "
+                         "skipped: stopping. Lower --lr or --grad-clip, check the data, or raise --max-bad-steps; "
+                         "the checkpoints hold the weights from before")
 
 
 def check_some_step_applied(skipped: int, steps: int):
