@@ -92,7 +92,7 @@ class JEPAConfig:
                                         # summaries); "lighter": t ~ U(0, t_context), the better-informed view
                                         # is the target (I-JEPA, data2vec); "clean": the target is unmasked
     # embedding and predictor
-    embed_layer: int = -1               # index into hidden_states (0 = embeddings, -1 = last)
+    embed_layer: int = -1               # index into hidden_states (0 = embeddings, -1 = last); train.py: the middle
     truncate_target: bool = True        # target pass stops at embed_layer, no LM head: same z
                                         # (where DLLMJEPA is given a truncated_forward)
     pooling: str = "answer"             # "answer": mean over answer tokens; "visible": over unmasked

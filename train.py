@@ -58,13 +58,14 @@ from tasks.generation import held_out_answers
 # Flags (dlm/flags.py: parse_args), settled once
 
 
-def settle(args: argparse.Namespace, family: str, corpus: Corpus, positions: int | None = None,
+def settle(args: argparse.Namespace, family: str, corpus: Corpus, positions: int | None = None, blocks: int = 4,
            world_size: int = 1) -> argparse.Namespace:
     """The flags with every default that depends on others, on the model or on the data settled:
     what config.json records and everything after reads; `args` stays as parsed. family: the
     model's (backbones.Family.name), whose layers LoRA adapts by default; corpus: the data read
     (hub.Corpus), whose longest row sets --seq-len (at most the model's `positions`; None: a new
-    tiny model, sized to it) and whose training rows set the steps of --epochs."""
+    tiny model, sized to it) and whose training rows set the steps of --epochs; blocks: the
+    model's, whose middle one --embed-layer reads by default."""
     user_rows = corpus.kind == "examples"  # the user's prompt/answer rows (not the built-in task, not plain text)
     seq_len = args.seq_len or (min(corpus.longest, positions or corpus.longest) if user_rows else 32)
     steps = args.steps
@@ -74,6 +75,7 @@ def settle(args: argparse.Namespace, family: str, corpus: Corpus, positions: int
     steps = steps or 2000
     return argparse.Namespace(**vars(args) | dict(
         seq_len=seq_len, steps=steps, epochs=args.epochs or (1 if user_rows and args.steps is None else None),
+        embed_layer=(blocks + 1) // 2 if args.embed_layer is None else args.embed_layer,  # the middle block
         loss_weight=args.loss_weight or ("flat" if args.model is None else "inverse-t"),
         lr=args.lr or (1e-3 if args.model is None else 1e-4 if args.lora_rank else 1e-5),
         warmup_steps=min(30, steps // 10) if args.warmup_steps is None else args.warmup_steps,
@@ -105,8 +107,10 @@ def load(args, env) -> Loaded:
         corpus = read_corpus(args, backbone.tokenizer if backbone else tiny_model.make_tokenizer())
         family = backbone.family.name if backbone else FAMILIES[tiny_model.TinyDLMConfig.model_type].name
         positions = max_positions(backbone.model) if backbone else None
-        settings = settle(args, family, corpus, positions, env.world_size)
+        blocks = len(backbone.family.blocks(backbone.model)) if backbone else args.tiny_layers
+        settings = settle(args, family, corpus, positions, blocks, env.world_size)
         backbone = backbone or load_model(settings, env)
+        preflight.check_embed_layer(backbone, settings.embed_layer)
         if settings.lora_rank:  # the base frozen, the adapters trained
             with sharding.on_meta(env):
                 lora.apply_lora(backbone.model, backbone.family.name, settings.lora_rank, settings.lora_alpha,
@@ -133,7 +137,6 @@ def load_model(args, env) -> Backbone:
                     if args.model is None else load_backbone(args.model, dtype=base_dtype, weights=env.is_main))
         for parameter in backbone.model.parameters() if args.model is None else ():  # a new tiny model's;
             parameter.data = parameter.data.to(base_dtype)  # its buffers (rotary tables) stay fp32
-    preflight.check_embed_layer(backbone, args.embed_layer)
     return backbone
 
 
@@ -159,9 +162,8 @@ def build(settings, backbone, env) -> tuple[DLLMJEPA, torch.optim.AdamW]:
 
 
 def make_optimizer(model: DLLMJEPA, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over what trains (backbone and predictor). fused=True: one kernel per step on CPU and
-    CUDA, for plain tensors and FSDP's DTensors alike (the default on CPU, a per-tensor loop, is
-    about 3x slower: bench.py's step 20-36 ms -> 7 ms)."""
+    """AdamW over what trains (backbone and predictor). fused=True: one kernel per step on CPU and CUDA,
+    DTensors too (the default on CPU, a per-tensor loop, is ~3x slower: bench.py's step 20-36 -> 7 ms)."""
     return torch.optim.AdamW(model.trainable_parameters(), lr=lr, betas=(0.9, 0.95),
                              weight_decay=weight_decay, fused=True)
 
@@ -327,10 +329,9 @@ def held_out_batch(eval_rows, chunk, settings, device):
 
 @torch.no_grad()
 def held_out_eval(model, eval_rows, settings, env):
-    """Held-out loss parts, answer-token loss and accuracy, and the effective rank of the
-    pooled embeddings (the paper's collapse check), on fixed masks and canvases (held_out_batch).
-    The rank reads each held-out row once: the copies that fill the last batch of a small held-out
-    set would count one example many times."""
+    """Held-out loss parts, answer-token loss and accuracy, and the effective rank of the pooled
+    embeddings (the paper's collapse check), on fixed masks and canvases (held_out_batch). The rank
+    reads each held-out row once (copies fill the last batch of a small held-out set)."""
     n_chunks = min(settings.eval_batches, len(eval_rows.input_ids) // settings.batch_size)
     n_chunks = max(n_chunks - n_chunks % env.world_size, env.world_size)  # every rank runs every forward
     totals = torch.zeros(len(PARTS), device=env.device)
@@ -386,8 +387,7 @@ def export(run: Run) -> Path:
         print(f"done: step {settings.steps} ({settings.steps - run.start_step} steps in "
               f"{time.time() - run.started:.0f}s here; {run.skipped} skipped as non-finite in all){summary}")
         if run.cut:  # said at the start too, where the config dump scrolls it away
-            print(f"warning: {run.cut} rows were longer than --seq-len {settings.seq_len} and were cut (the opening "
-                  "lines say which data and the length that keeps them whole)")
+            print(f"warning: {run.cut} rows were cut to --seq-len {settings.seq_len} (the opening lines say where)")
         print(checkpoints.how_to_load(final, dtype, remote_code, run.backbone.family.name, settings))
     return final
 

@@ -101,7 +101,10 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                         "flat for a new tiny model (it learns the built-in task in the default run's budget), "
                         "inverse-t for a loaded one")
     g.add_argument("--eps", type=float, default=1e-3, help="mask probability p = (1 - eps) t + eps")
-    g.add_argument("--embed-layer", type=int, default=-1, help="hidden state read for the embedding")
+    g.add_argument("--embed-layer", type=int, default=None,
+                   help="hidden state read for the embedding: 0 the embeddings, i block i's output, -1 the last; "
+                        "default: the middle block's output ((blocks + 1) // 2), which the dev sweep picked over the last "
+                        "(docs/measurements.md: Where the JEPA term costs)")
     g.add_argument("--pooling", default="answer", choices=["answer", "visible", "token"],
                    help="embedding = mean over answer tokens, over unmasked non-padding tokens, or per token")
     g.add_argument("--predictor", default="mlp", choices=["mlp", "transformer"],

@@ -92,12 +92,15 @@ class DLLMJEPATrainer(Trainer):
 
     model: the backbone, any model DLLMJEPA takes (`.logits` and `.hidden_states` from
     forward(input_ids=..., output_hidden_states=True)); jepa_config: the objective (default
-    JEPAConfig(): dllm-jepa with an EMA target); mask_token_id: default the model config's, else
+    JEPAConfig() reading the middle block, as train.py does, for a family backbones.py knows);
+    mask_token_id: default the model config's, else
     processing_class's. Every other argument is Trainer's, by keyword."""
 
     def __init__(self, model, *, jepa_config: JEPAConfig | None = None, mask_token_id: int | None = None,
                  **kwargs):
-        jepa = wrap(model, jepa_config or JEPAConfig(), kwargs.get("processing_class"), mask_token_id)
+        family = FAMILIES.get(getattr(model.config, "model_type", None))
+        default = JEPAConfig(embed_layer=(len(family.blocks(model)) + 1) // 2) if family else JEPAConfig()
+        jepa = wrap(model, jepa_config or default, kwargs.get("processing_class"), mask_token_id)
         super().__init__(model=JEPAForTrainer(jepa), **kwargs)
         self.add_callback(UpdateTarget())
         # The dataset columns kept (remove_unused_columns): the batch, not DLLMJEPA.forward's arguments.

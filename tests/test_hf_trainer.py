@@ -45,8 +45,10 @@ def test_the_loss_is_dllm_jepa_forward_also_from_labels(tmp_path, make_model, ro
     """On a fixed batch, compute_loss returns what DLLMJEPA.forward returns for the same masks,
     whether the batch gives its lengths or -100 labels over the prompt (dllm's and TRL's form)."""
     model = make_model()
-    twin = DLLMJEPA(copy.deepcopy(model), JEPAConfig())  # what a user of dllm_jepa.py writes
+    middle = (model.config.num_hidden_layers + 1) // 2  # the default, as train.py's
+    twin = DLLMJEPA(copy.deepcopy(model), JEPAConfig(embed_layer=middle))  # what a user of dllm_jepa.py writes
     trainer = DLLMJEPATrainer(model, args=arguments(tmp_path), processing_class=tokenizer)
+    assert trainer.model.jepa.config == JEPAConfig(embed_layer=middle)
     ids, prompt, answer = rows.input_ids[:4], rows.prompt_lengths[:4], rows.answer_lengths[:4]
     pos = torch.arange(ids.shape[1])
     labels = torch.where((pos >= prompt[:, None]) & (pos < (prompt + answer)[:, None]), ids, -100)

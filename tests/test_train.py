@@ -180,6 +180,17 @@ def test_settle_fills_the_defaults_and_leaves_the_flags_as_parsed():
     assert targets == "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out"  # the family's own
 
 
+def test_the_embedding_is_read_at_the_middle_block_unless_told():
+    """--embed-layer's default is the middle block's output, whatever the depth (the dev sweep's
+    pick); a given layer, the last (-1) included, wins."""
+    builtin = corpus("builtin")
+    middle = {blocks: train.settle(parse_args([])[1], "tiny-dlm", builtin, blocks=blocks).embed_layer
+              for blocks in (1, 4, 5, 32)}
+    assert middle == {1: 1, 4: 2, 5: 3, 32: 16}  # hidden states 0..blocks: block (blocks + 1) // 2's output
+    assert train.settle(parse_args(["--embed-layer", "-1"])[1], "tiny-dlm", builtin, blocks=32).embed_layer == -1
+    assert parse_args([])[1].embed_layer is None  # the flag as parsed stays unset
+
+
 def test_the_default_run_is_the_built_in_task_at_2000_steps_of_32_tokens():
     """`python train.py` with no flags: what the README's first command shows."""
     settings = train.settle(parse_args([])[1], "tiny-dlm", corpus("builtin"))

@@ -153,7 +153,7 @@ def test_rows_cut_by_a_given_seq_len_are_counted_again_in_the_closing_lines(tmp_
     printed = capsys.readouterr().out.splitlines()
     done = next(i for i, line in enumerate(printed) if line.startswith("done: "))
     cut = [line for line in printed[done:] if "were cut" in line]
-    assert len(cut) == 1 and cut[0].startswith(f"warning: {lengths.count(max(lengths))} rows were longer than "
+    assert len(cut) == 1 and cut[0].startswith(f"warning: {lengths.count(max(lengths))} rows were cut to "
                                                f"--seq-len {seq_len}")
 
 # -----------------------------------------------------------------------------
