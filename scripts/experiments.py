@@ -51,7 +51,9 @@ import statistics
 import subprocess
 import sys
 import threading
+import textwrap
 import time
+import tokenize
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -167,17 +169,17 @@ def step_cost(flags: list[str]) -> int:
 
 
 def field_comments(cls) -> dict[str, str]:
-    """Each field of a dataclass with its comment in the source: the text after `#` on the
-    field's line and on the comment lines indented under it. Profile's comments are the one
-    place its fields are explained; the override flags' help reads them here."""
-    comments, name = {}, None
-    names = {f.name for f in fields(cls)}
-    for line in inspect.getsource(cls).splitlines():
-        if name and (more := re.match(r" {5,}# (.*)", line)):  # a comment line under the field's own
-            comments[name] += " " + more[1]
-        elif (field_line := re.match(r" {4}(\w+): [^#]*(?:# (.*))?$", line)) and field_line[1] in names:
-            name, comments[field_line[1]] = field_line[1], field_line[2] or ""
-        else:
+    """Each field of a dataclass with its comment in the source: the comment on the field's line
+    and the comment lines indented under it. Profile's comments are the one place its fields are
+    explained; the override flags' help reads them here."""
+    names, comments, name = {f.name for f in fields(cls)}, {}, None
+    for token in tokenize.generate_tokens(io.StringIO(textwrap.dedent(inspect.getsource(cls))).readline):
+        (row, column), text = token.start, token.string
+        if token.type == tokenize.NAME and column == 4 and text in names:  # a field: `    name: type = ...`
+            name, line, comments[text] = text, row, ""
+        elif token.type == tokenize.COMMENT and name and (row == line or column > 4):  # its line, or under it
+            comments[name] = f"{comments[name]} {text.lstrip('#').strip()}".strip()
+        elif token.type == tokenize.COMMENT:  # a section's comment, flush with the fields
             name = None
     return comments
 
