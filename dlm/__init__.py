@@ -8,7 +8,7 @@ The library the commands import: everything train.py and scripts/ need that is n
     lora.py         LoRA through peft: default targets, the EMA-adapter target, the exact anchor, merged export
     sampler.py      the LLaDA sampler: SamplerConfig, generate(), the canvas a trained model expects
     diagnostics.py  the gradient-cosine diagnostic (train.py --grad-cosine)
-    flags.py        train.py's flags, in the groups --help shows, checked before torch loads
+    flags.py        train.py's flags, and what every command's flags share: all checked before torch loads
     tracking.py     log.jsonl, and the same numbers to TensorBoard or Weights & Biases (--report-to)
     preflight.py    train.py's guards: flags, paths, --out, sizes, ranks, out of memory, resume
     sharding.py     the process group, FSDP2, collectives, the early-stopped target pass

@@ -3,12 +3,19 @@ train.py's flags, in the groups `python train.py --help` shows: model, data, obj
 fields of dllm_jepa.JEPAConfig, named alike), optimisation, LoRA, export, output. Parsed once,
 and every value checked that needs nothing loaded (first_problem: a usage error, exit 2);
 train.settle fills the defaults that depend on the model and the data, and dlm/preflight.py
-checks what needs files, devices and memory.
+checks what needs files, devices and memory. Also what every command's line shares: Parser
+(defaults shown once, a usage error in one line) and the sampler's flags (evaluate.py, generate.py).
 
 This file imports no torch (nor anything that does), so that `--help` and a mistyped flag
-answer at once, before train.py loads torch and transformers (seconds). The names a few flags
-choose from are therefore written out here; tests/test_commands.py checks them against the
-method's (dllm_jepa.CHOICES) and the library's (data.CANVASES).
+answer at once, before a command loads torch and transformers (seconds). Each command parses
+its flags before its heavy imports, as train.py does:
+
+    if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads
+        parse_args()
+
+The names a few flags choose from, and the sampler's defaults, are therefore written out here;
+tests/test_commands.py checks them against the method's (dllm_jepa.CHOICES), the library's
+(data.CANVASES, hub.DATASETS, sampler.SamplerConfig) and the tasks' (tasks.TASKS).
 """
 
 import argparse
@@ -19,11 +26,22 @@ DESCRIPTION = "Fine-tune a masked-diffusion LM with DLLM-JEPA (or a baseline) fr
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default after its help, unless None or the help already says "default":
-    such help states the default itself."""
+    """Each flag's default after its help, unless None, a switch that is off unless given, or
+    the help already says "default": such help states the default itself."""
     def _get_help_string(self, action):
-        said = action.default is None or "default" in (action.help or "")
+        said = (action.default is None or (action.nargs == 0 and action.default is False)
+                or "default" in (action.help or ""))
         return action.help if said else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every command's parser: HelpFormatter's help, and a usage error as one line naming the
+    flag, `error: ... (see --help)`, exit 2, not argparse's usage block above it."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"formatter_class": HelpFormatter} | kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def within(kind, low, below=math.inf):
@@ -42,10 +60,14 @@ VIEWS = ("narrow", "wide-pair", "wide-range")
 CANVASES = ("random", "batch", "fixed")
 FILE_TYPES = ".jsonl, .json, .csv, .parquet"
 REPORT_TO = ("none", "tensorboard", "wandb")
+GENERATION_TASKS = ("exact", "gsm8k", "nl-rx-synth", "nl-rx-turk", "spider", "django")  # tasks.GENERATION_TASKS
+TASKS = GENERATION_TASKS + ("probe", "mmlu", "drift")                                     # tasks.TASKS: evaluate.py
+DATASETS = ("gsm8k", "nl-rx-synth", "nl-rx-turk", "spider", "django", "mmlu", "wikitext2")  # hub.DATASETS: prepare.py
+SAMPLER_DEFAULTS = dict(gen_length=128, block_length=32, temperature=0.0, remasking="low_confidence")  # SamplerConfig's
 
 
 def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
+    p = Parser(description=DESCRIPTION)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="hub id (GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B, ...) or a "
@@ -240,9 +262,22 @@ def objective(flags: dict):
                          if f.init and flags.get(f.name) is not None})
 
 
-def add_fast_flags(group):
-    """--threshold and --prefix-cache, the sampler's speed-ups (scripts/generate.py and scripts/evaluate.py;
-    sampler.SamplerConfig checks them)."""
+def add_sampler_flags(group):
+    """The LLaDA sampler's flags (scripts/generate.py and scripts/evaluate.py; sampler.SamplerConfig
+    checks them), its Fast-dLLM speed-ups --threshold and --prefix-cache among them."""
+    default = SAMPLER_DEFAULTS
+    group.add_argument("--gen-length", type=int, default=None,
+                       help="masked positions after the prompt; default: for a train.py model, the canvas it was "
+                            f"trained on (its --seq-len minus the longest prompt), else {default['gen_length']}")
+    group.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size; default: "
+                       f"--gen-length for a train.py model, else {default['block_length']}")
+    group.add_argument("--steps", type=int, default=None, help="denoising steps over the whole canvas; default: "
+                       "--gen-length (one token per step)")
+    group.add_argument("--temperature", type=float, default=default["temperature"],
+                       help="0: greedy (LLM-JEPA's protocol); above 0: Gumbel-max sampling")
+    group.add_argument("--remasking", default=default["remasking"], choices=["low_confidence", "random"],
+                       help="which predictions each step commits: the most confident, or random ones")
+    group.add_argument("--suppress-eos", action="store_true", help="never place EOS in the canvas")
     group.add_argument("--threshold", type=float, default=None, metavar="T",
                        help="parallel decoding (Fast-dLLM): each step commits every masked token of the block "
                             "whose confidence is above T (0 < T <= 1), at least one; replaces --steps. Default: "
@@ -250,3 +285,4 @@ def add_fast_flags(group):
     group.add_argument("--prefix-cache", action="store_true",
                        help="reuse the prompt's and finished blocks' keys/values within a block (Fast-dLLM's "
                             "approximate cache; tiny model only)")
+    group.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0, random remasking)")

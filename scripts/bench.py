@@ -45,14 +45,7 @@ import time
 import weakref
 from pathlib import Path
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-
-from dllm_jepa import DLLMJEPA, JEPAConfig
-from dlm import backbones, sharding
-from train import clip_gradients, make_optimizer
+from dlm import flags  # imports no torch: --help and a mistyped flag answer at once
 
 # name -> JEPAConfig fields. "l/2": the embedding is read at layer L/2 (the target pass stops
 # there); filled in once the depth is known.
@@ -75,23 +68,14 @@ SHAPES = {
     "llada-8b-shape": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                            intermediate_size=12288, vocab_size=126464, max_position_embeddings=4096),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity), from NVIDIA's datasheets; matched
 # in order against torch.cuda.get_device_name(). The denominator of MFU; --peak-tflops for others.
 BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
                     ("H100", 989.4), ("H200", 989.4), ("A100", 312.0)]
-# FlopCounterMode knows CUDA's attention kernels; CPU's flash attention costs the same FLOPs.
-CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda g, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(g, q, k, v),
-}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = flags.Parser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny",
                    help=f"a shape of the tiny architecture, randomly initialised ({', '.join(SHAPES)}), "
@@ -100,8 +84,8 @@ def parse_args(argv=None):
     g.add_argument("--layers", type=int, help="override the shape's number of blocks")
     g.add_argument("--heads", type=int, help="override the shape's attention heads")
     g.add_argument("--ffn", type=int, help="override the shape's SwiGLU width")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--dtype", default="float32", choices=list(DTYPES),
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if visible")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="parameters and compute (AdamW states follow the parameters)")
     g.add_argument("--fsdp", action="store_true",
                    help="shard as train.py does (sharding.shard_model: FSDP2 per block, then the roots; "
@@ -136,7 +120,36 @@ def parse_args(argv=None):
                    help="time the target pass alone: full, no head, layer L/2, bf16 autocast")
     g.add_argument("--compile", action="store_true", help="add torch.compile to the target-pass study (slow)")
     g.add_argument("--json", type=Path, default=None, help="also write every number to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.activation_checkpointing or args.cpu_offload) and not args.fsdp:
+        p.error("--activation-checkpointing and --cpu-offload go with --fsdp (as in train.py)")
+    for flag in ("width", "layers", "heads", "ffn", "batch_size", "seq_len", "steps", "matmul_size", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.warmup < 0:
+        p.error(f"--warmup {args.warmup}: must be >= 0")
+    return args
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads (seconds)
+    parse_args()
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from dllm_jepa import DLLMJEPA, JEPAConfig
+from dlm import backbones, sharding
+from train import clip_gradients, make_optimizer
+
+# FlopCounterMode knows CUDA's attention kernels; CPU's flash attention costs the same FLOPs.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda g, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(g, q, k, v),
+}
 
 
 def resolve_device(name):
@@ -307,7 +320,7 @@ class Run:
 
     def __init__(self, run, args):
         self.run, self.args = run, args
-        self.device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+        self.device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
         if args.threads:
             torch.set_num_threads(args.threads)
         if self.device.type == "cuda":
@@ -499,7 +512,7 @@ def peak_flops_per_s(args, device):
 def forward_costs(args):
     """F (one forward of the backbone: logits and all hidden states), h (its LM head), and
     the FLOPs of the target pass variants (no head; stopped at L/2)."""
-    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     model, blocks_of, mask_id = build_backbone(args, device, dtype)
     ids, _, _ = make_batch(args.batch_size, args.seq_len, model.config.vocab_size,
                            model.config.eos_token_id, device)
@@ -515,7 +528,7 @@ def target_pass_study(args, compile_too=False):
     """The target pass alone (no grad, online weights), per variant: FLOPs, median time,
     FLOP/s, and how far its embedding state moves from the full fp32 pass (0: bit-identical).
     Variants are timed in turn, one call each per round, like the runs of the table."""
-    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     model, blocks_of, mask_id = build_backbone(args, device, dtype)
     model.requires_grad_(False)
     ids, _, _ = make_batch(args.batch_size, args.seq_len, model.config.vocab_size,
@@ -677,13 +690,11 @@ def report(result):
 
 def main(argv=None):
     args = parse_args(argv)
-    if (args.activation_checkpointing or args.cpu_offload) and not args.fsdp:
-        raise SystemExit("--activation-checkpointing and --cpu-offload go with --fsdp (as in train.py)")
     if args.cpu_offload and resolve_device(args.device).type != "cuda":
         raise SystemExit("--cpu-offload: needs a CUDA device (it offloads GPU parameters to host memory)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     peak, peak_source = peak_flops_per_s(args, device)
     t_start = time.perf_counter()
     costs = forward_costs(args)

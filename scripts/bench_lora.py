@@ -10,8 +10,32 @@ Under LoRA the EMA target is a second adapter (dlm/lora.py: EMAAdapterTarget), s
 the adapter's size, and the L2 anchor needs no copy at all (lora_delta_sq).
 """
 
-import argparse
 import time
+
+from dlm import flags  # imports no torch: --help and a mistyped flag answer at once
+
+
+def parse_args(argv=None):
+    p = flags.Parser(description=__doc__.strip().split("\n\n")[0])
+    p.add_argument("--width", type=int, default=128, help="tiny model width (train.py's default)")
+    p.add_argument("--layers", type=int, default=4, help="tiny model blocks")
+    p.add_argument("--batch", type=int, default=8, help="rows per step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per row")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps); the median is printed")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    for flag in ("width", "layers", "batch", "seq_len", "rank", "steps", "threads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.width % 8:
+        p.error(f"--width {args.width}: must be a multiple of 8 (4 heads of an even size)")
+    return args
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads (seconds)
+    parse_args()
 
 import torch
 
@@ -21,7 +45,7 @@ from dlm import backbones, sharding
 from dlm.lora import DEFAULT_TARGETS, EMAAdapterTarget, apply_lora, dllm_jepa_kwargs
 
 
-def report(width=128, layers=4, rank=8, alpha=16.0, batch=8, seq_len=128, steps=10, threads=1):
+def report(width: int, layers: int, rank: int, alpha: float, batch: int, seq_len: int, steps: int, threads: int):
     """Print, for the tiny model (train.py's default shape), trainable parameters, the target
     encoder's memory and the time of one optimizer step, full fine-tuning against LoRA."""
     torch.set_num_threads(threads)
@@ -73,14 +97,5 @@ def report(width=128, layers=4, rank=8, alpha=16.0, batch=8, seq_len=128, steps=
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=128, help="tiny model width (train.py's default)")
-    parser.add_argument("--layers", type=int, default=4, help="tiny model blocks")
-    parser.add_argument("--batch", type=int, default=8, help="rows per step")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per row")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps); the median is printed")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = parser.parse_args()
+    args = parse_args()
     report(args.width, args.layers, args.rank, args.alpha, args.batch, args.seq_len, args.steps, args.threads)

@@ -37,10 +37,60 @@ cache runs fewer columns per forward); exact match, its change in points, and ho
 answers differ from the exact sampler's (a few are printed).
 """
 
-import argparse
 import statistics
 import time
 from pathlib import Path
+
+from dlm import flags  # imports no torch: --help and a mistyped flag answer at once
+
+
+def parse_args(argv=None):
+    p = flags.Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="a model folder or hub id (default: a new tiny model)")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="a new tiny model's vocabulary size (LLaDA's: 126464; default: its byte-level 261)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's weights and compute")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
+    p.add_argument("--prompt-length", type=int, default=32, help="tokens per prompt (random ids, all equal)")
+    p.add_argument("--gen-length", type=int, default=None, help="default: 64; --fast: evaluate.py's, a train.py "
+                   "model's trained canvas (its --seq-len minus the longest prompt), else 128")
+    p.add_argument("--block-length", type=int, default=None, help="default: 32; --fast: evaluate.py's, the trained "
+                   "canvas's gen length (one block), else 32")
+    p.add_argument("--steps", type=int, default=None, help="default: --gen-length (one token per step)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each; the median is reported")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g = p.add_argument_group("--fast: the exact sampler against --threshold and --prefix-cache on a task")
+    g.add_argument("--fast", action="store_true", help="compare the sampler's settings on --data's questions")
+    g.add_argument("--data", default=None, help="the questions and references (what evaluate.py --data reads)")
+    g.add_argument("--task", default="exact", choices=flags.GENERATION_TASKS, help="how --data is read")
+    g.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    g.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.99],
+                   help="the --threshold values compared with the exact sampler (generate.py --threshold)")
+    g.add_argument("--examples", type=int, default=3, help="changed answers printed per setting")
+    g.add_argument("--cpu-time", action="store_true", help="time generation by this process's CPU time instead "
+                   "of the wall clock (one thread on a shared, loaded CPU machine: the wall clock counts the others)")
+    args = p.parse_args(argv)
+    if args.vocab is not None and args.model is not None:
+        p.error("--vocab sizes a new tiny model: give it without --model")
+    if args.vocab is not None and args.vocab < 261:
+        p.error(f"--vocab {args.vocab}: must hold the byte-level tokenizer's 261 ids")
+    if args.fast and not (args.model and args.data):
+        p.error("--fast needs --model and --data (the questions)")
+    if args.cpu_time and (args.device != "cpu" or not args.fast):
+        p.error("--cpu-time times --fast on the CPU (a GPU's work is not this process's CPU time)")
+    if args.fast and args.steps is not None:
+        p.error("--fast compares the exact sampler at one token per step with thresholds: give no --steps")
+    if not args.fast:
+        args.gen_length, args.block_length = args.gen_length or 64, args.block_length or 32
+    for flag in ("batch_size", "prompt_length", "gen_length", "block_length", "repeats", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    return args
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads (seconds)
+    parse_args()
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +99,7 @@ import tiny_model
 from dlm import backbones, data
 from dlm.sampler import (PREFIX_CACHE_MODEL_TYPES, SamplerConfig, canvas_args, check_room, generate, generate_text,
                          trained_seq_len)
-from tasks import GENERATION_TASKS, load_items
+from tasks import load_items
 from tasks.common import exact_match, max_positions
 from tasks.generation import canvas_for
 
@@ -132,51 +182,6 @@ def measure(fn, model, timer, repeats, clock=time.perf_counter):
         runs.append((clock() - t, timer.seconds, timer.calls, out, timer.rows, timer.positions))
     runs.sort(key=lambda r: r[0])
     return runs[len(runs) // 2]
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="a model folder or hub id (default: a new tiny model)")
-    p.add_argument("--vocab", type=int, default=None,
-                   help="a new tiny model's vocabulary size (LLaDA's: 126464; default: its byte-level 261)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--prompt-length", type=int, default=32, help="tokens per prompt (random ids, all equal)")
-    p.add_argument("--gen-length", type=int, default=None, help="default: 64; --fast: evaluate.py's, a train.py "
-                   "model's trained canvas (its --seq-len minus the longest prompt), else 128")
-    p.add_argument("--block-length", type=int, default=None, help="default: 32; --fast: evaluate.py's, the trained "
-                   "canvas's gen length (one block), else 32")
-    p.add_argument("--steps", type=int, default=None, help="default: --gen-length (one token per step)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each; the median is reported")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    g = p.add_argument_group("--fast: the exact sampler against --threshold and --prefix-cache on a task")
-    g.add_argument("--fast", action="store_true", help="compare the sampler's settings on --data's questions")
-    g.add_argument("--data", default=None, help="the questions and references (what evaluate.py --data reads)")
-    g.add_argument("--task", default="exact", choices=GENERATION_TASKS, help="how --data is read")
-    g.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    g.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
-    g.add_argument("--examples", type=int, default=3, help="changed answers printed per setting")
-    g.add_argument("--cpu-time", action="store_true", help="time generation by this process's CPU time instead "
-                   "of the wall clock (one thread on a shared, loaded CPU machine: the wall clock counts the others)")
-    args = p.parse_args(argv)
-    if args.vocab is not None and args.model is not None:
-        p.error("--vocab sizes a new tiny model: give it without --model")
-    if args.vocab is not None and args.vocab < 261:
-        p.error(f"--vocab {args.vocab}: must hold the byte-level tokenizer's 261 ids")
-    if args.fast and not (args.model and args.data):
-        p.error("--fast needs --model and --data (the questions)")
-    if args.cpu_time and (args.device != "cpu" or not args.fast):
-        p.error("--cpu-time times --fast on the CPU (a GPU's work is not this process's CPU time)")
-    if args.fast and args.steps is not None:
-        p.error("--fast compares the exact sampler at one token per step with thresholds: give no --steps")
-    if not args.fast:
-        args.gen_length, args.block_length = args.gen_length or 64, args.block_length or 32
-    for flag in ("batch_size", "prompt_length", "gen_length", "block_length", "repeats", "limit"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
-    return args
 
 
 def main(argv=None) -> dict:

@@ -30,7 +30,6 @@ results. Drift runs on rank 0 alone (the others wait). A bad input stops every p
 line; a process that stops or hangs stops the rest after --collective-timeout.
 """
 
-import argparse
 import contextlib
 import json
 import os
@@ -40,14 +39,10 @@ from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
-from dlm.flags import HelpFormatter, add_fast_flags  # defaults shown once: not after help that states its own
-
-# --task's names: tasks.TASKS, written out so that --help needs no torch (tests/test_commands.py
-# checks they agree)
-TASKS = ("exact", "gsm8k", "nl-rx-synth", "nl-rx-turk", "spider", "django", "probe", "mmlu", "drift")
+from dlm import bounds, flags  # neither imports torch: --help and a mistyped flag answer at once
 
 
-class Parser(argparse.ArgumentParser):
+class Parser(flags.Parser):
     def error(self, message):
         """A usage error, printed by rank 0 alone under torchrun (every rank gets the same flags);
         the others exit a few seconds later, silently: torchrun stops every process as soon as
@@ -62,7 +57,7 @@ PARSE_ERROR_GRACE_S = 5.0
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="a save_pretrained folder (train.py's final/) or a hub id "
                    "(GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B, ...), or a peft adapter folder "
@@ -76,7 +71,7 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda if visible; under torchrun each process on cuda:LOCAL_RANK")
     g = p.add_argument_group("task and data")
-    g.add_argument("--task", required=True, choices=TASKS,
+    g.add_argument("--task", required=True, choices=flags.TASKS,
                    help="a generation task, probe (held-out diffusion loss), mmlu, or drift (from --base)")
     g.add_argument("--data", required=True, help="exact: any .jsonl/.json train.py reads (e.g. a run's "
                    "held_out.jsonl), scored by exact match; gsm8k: .jsonl (question/answer); nl-rx-*: .jsonl (chat "
@@ -93,19 +88,8 @@ def parse_args(argv=None):
     g.add_argument("--spider-db", default=None, help="Spider's database folder (DIR/<db_id>/<db_id>.sqlite): "
                    "adds execution accuracy")
     g = p.add_argument_group("generation (LLaDA sampler, dlm/sampler.py)")
-    g.add_argument("--gen-length", type=int, default=None,
-                   help="masked positions after the prompt; default: for a train.py model, the canvas it was "
-                        "trained on (its --seq-len minus the longest prompt), else 128")
-    g.add_argument("--block-length", type=int, default=None,
-                   help="semi-autoregressive block size; default: --gen-length for a train.py model, else 32")
-    g.add_argument("--steps", type=int, default=None, help="default: --gen-length (one token per step)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (LLM-JEPA's protocol)")
-    g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
-                   help="which predictions each step commits: the most confident, or random ones")
-    g.add_argument("--suppress-eos", action="store_true", help="never place EOS in the canvas")
-    add_fast_flags(g)
+    flags.add_sampler_flags(g)
     g.add_argument("--batch-size", type=int, default=8, help="prompts (or windows) per forward")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0, random remasking)")
     g = p.add_argument_group("probe and drift")
     g.add_argument("--probe-seq-len", type=int, default=128, help="tokens per held-out window")
     g.add_argument("--probe-windows", type=int, default=32, help="windows from the start of the text")
@@ -120,7 +104,17 @@ def parse_args(argv=None):
     g.add_argument("--collective-timeout", type=float, default=30.0, metavar="MINUTES",
                    help="under torchrun: how long a process waits for the others in a collective before it stops "
                         "with an error (another process stopped or hung)")
-    return p, p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("limit", "batch_size", "gen_length", "block_length", "probe_seq_len", "probe_windows", "probe_grid"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')}={value}: must be >= 1")
+    if args.shots < 0:
+        p.error(f"--shots={args.shots}: must be >= 0")
+    if not args.collective_timeout > 0:
+        p.error(f"--collective-timeout {args.collective_timeout}: must be > 0 (minutes)")
+    bounds.check(p, args)  # overflows and typos: a seed past 64 bits, --steps 1000000000, ...
+    return p, args
 
 
 if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads (seconds)
@@ -128,7 +122,7 @@ if __name__ == "__main__":  # --help and a mistyped flag answer here, before tor
 
 import torch
 
-from dlm import bounds, checkpoints, data, files, hub, sharding
+from dlm import checkpoints, data, files, hub, sharding
 from dlm.sampler import SamplerConfig, canvas_args, trained_seq_len
 from tasks import GENERATION_TASKS, check_references, load_items
 from tasks.common import Shard, max_positions, with_shots
@@ -311,17 +305,8 @@ def join(args) -> sharding.Env | None:
 
 def main(argv=None) -> dict | None:
     parser, args = parse_args(argv)
-    for flag in ("limit", "batch_size", "gen_length", "block_length", "probe_seq_len", "probe_windows", "probe_grid"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')}={value}: must be >= 1")
-    if args.shots < 0:
-        parser.error(f"--shots={args.shots}: must be >= 0")
-    if not args.collective_timeout > 0:
-        parser.error(f"--collective-timeout {args.collective_timeout}: must be > 0 (minutes)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu")
-    bounds.check(parser, args)  # overflows and typos: a seed past 64 bits, --steps 1000000000, ...
     env = join(args)
     main_rank = env is None or env.rank == 0
     try:

@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import csv
 import io
+import inspect
 import json
 import math
 import os
@@ -50,18 +51,13 @@ import statistics
 import subprocess
 import sys
 import threading
+import textwrap
 import time
-from dataclasses import asdict, dataclass, field, replace
+import tokenize
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import tiny_model
-from dlm import checkpoints, data, files
-from dlm.flags import HelpFormatter  # defaults shown once: not after help that states its own
-from tasks import check_references, load_items
-from tasks.common import Item
-from tasks.drift import plot_drift
-from tasks.mmlu import Question, load_mmlu
-from tasks.spider import load_spider
+from dlm.flags import Parser  # imports no torch: --help and a mistyped flag answer at once
 
 TASKS = ("nl-rx-synth", "nl-rx-turk", "gsm8k", "spider", "django")
 ROOT = Path(__file__).resolve().parent.parent  # the repository
@@ -81,22 +77,22 @@ class Profile:
     model: str = ""                # hub id or folder to fine-tune; "": a new tiny model pre-trained here
     params: float = 0.0            # the model's parameters, for the GPU-hours estimate (0: a tiny model)
     tiny_width: int = 128          # the tiny model's hidden size
-    tiny_layers: int = 4
+    tiny_layers: int = 4           # the tiny model's blocks
     merges: int = 2000             # BPE merges learned on the run's text (0: one token per byte)
-    base_steps: int = 600          # diffusion pre-training on WikiText-2
-    base_batch: int = 32
-    base_lr: float = 1e-3
-    seq_len: int = 128             # pre-training windows and the probe's
+    base_steps: int = 600          # steps of diffusion pre-training on WikiText-2
+    base_batch: int = 32           # rows per pre-training step
+    base_lr: float = 1e-3          # pre-training peak lr
+    seq_len: int = 128             # tokens of the pre-training windows and the probe's
     # fine-tuning (train.py flags)
     task_seq_len: int = 48         # longest fine-tuning canvas (prompt + answer + EOS padding)
     steps: int = 2000              # fine-tuning steps per run (when epochs is 0)
     epochs: float = 0.0            # > 0: steps = epochs over the training rows at the global batch
     batch_size: int = 32           # rows per micro-batch per process
-    grad_accum: int = 1
+    grad_accum: int = 1            # micro-batches per optimizer step
     lr: float = 1e-3               # fine-tuning peak lr (the base is tiny: 1e-5 would barely move it)
     loss_weight: str = "flat"      # train.py --loss-weight, for the base and every run
     dtype: str = "float32"         # train.py / evaluate.py --dtype
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute block activations (saves memory)
     nproc: int = 1                 # processes per fine-tune and per evaluation (> 1: torchrun)
     # data
     n_train: int = 6000            # training examples carved per task (at most)
@@ -108,13 +104,13 @@ class Profile:
     system_prompt: bool = False    # keep NL-RX's constant system turn (30% of a tiny row)
     # evaluation
     gen_length: int = 0            # sampler canvas; 0: the trained one (task_seq_len minus the longest prompt)
-    block_length: int = 0          # 0: one block (gen_length)
-    gen_steps: int = 0             # 0: one token per step (gen_length)
+    block_length: int = 0          # sampler block size; 0: one block (gen_length)
+    gen_steps: int = 0             # sampler steps; 0: one token per step (gen_length)
     task_shots: int = 0            # few-shot exemplars in task prompts (from the task's train split)
     probe_windows: int = 32        # Wikitext probe: windows x seq_len tokens, grid of t
-    probe_grid: int = 8
+    probe_grid: int = 8            # the probe's masking rates t (midpoints of equal bins)
     mmlu_questions: int = 200      # a fixed random subset of the MMLU test files
-    mmlu_shots: int = 5
+    mmlu_shots: int = 5            # MMLU's few-shot exemplars (zero-shot is measured too)
 
 
 GPU = dict(params=8.0e9, seq_len=1024, task_seq_len=1024, epochs=2.0, batch_size=4, lr=1e-5,
@@ -171,6 +167,88 @@ def step_cost(flags: list[str]) -> int:
     """COST of the --method a row's flags name (train.py's default, dllm-jepa, when none)."""
     method = flags[flags.index("--method") + 1] if "--method" in flags[:-1] else "dllm-jepa"
     return COST.get(method, COST["dllm-jepa"])
+
+# -----------------------------------------------------------------------------
+# Command line (parsed before the stages' imports load torch: --help and a mistyped flag answer at once)
+
+
+def field_comments(cls) -> dict[str, str]:
+    """Each field of a dataclass with its comment in the source: the comment on the field's line
+    and the comment lines indented under it. Profile's comments are the one place its fields are
+    explained; the override flags' help reads them here."""
+    names, comments, name = {f.name for f in fields(cls)}, {}, None
+    for token in tokenize.generate_tokens(io.StringIO(textwrap.dedent(inspect.getsource(cls))).readline):
+        (row, column), text = token.start, token.string
+        if token.type == tokenize.NAME and column == 4 and text in names:  # a field: `    name: type = ...`
+            name, line, comments[text] = text, row, ""
+        elif token.type == tokenize.COMMENT and name and (row == line or column > 4):  # its line, or under it
+            comments[name] = f"{comments[name]} {text.lstrip('#').strip()}".strip()
+        elif token.type == tokenize.COMMENT:  # a section's comment, flush with the fields
+            name = None
+    return comments
+
+
+def yes_no(text: str) -> bool:
+    """A yes/no override; anything else is refused, never read as "no"."""
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not yes/no (also true/false, 1/0)")
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("what to run")
+    g.add_argument("--profile", default="cpu", choices=list(PROFILES),
+                   help="cpu: tiny model, 2-core CPU; gentle: cpu's base fine-tuned gently (lr 1e-4, 300 steps); "
+                        "llada-8b / dream-7b: the paper's protocol on GPUs")
+    g.add_argument("--smoke", action="store_true", help="the smoke profile: check the CPU pipeline in ~2 minutes")
+    g.add_argument("--tasks", nargs="+", default=None, choices=TASKS,
+                   help="default: nl-rx-synth (cpu, smoke); gsm8k nl-rx-synth spider django (GPU profiles)")
+    g.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS,
+                   help='table rows; "dllm-jepa wide-pair" (quoted) adds the fixed 0.1 / 0.9 reading of Wide-t')
+    g.add_argument("--row", action="append", default=[], metavar="NAME=FLAGS",
+                   help="a further row: train.py flags for its fine-tunes, which win over the shared ones, e.g. "
+                        "--row 'jepa-mid=--method dllm-jepa --embed-layer 2' (repeatable)")
+    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fine-tuning seeds of every row")
+    g.add_argument("--dry-run", action="store_true", help="read and check the data, print every command (and "
+                   "for a GPU profile the GPU-hours estimate), run nothing")
+    g = p.add_argument_group("data, output and processes")
+    g.add_argument("--data-dir", default="data", help="folder in the layout of docs/datasets.md: The local folder "
+                   "(wikitext2/, mmlu/, nl-rx-synth/, gsm8k/, ...); `python -m scripts.prepare --out data` writes it "
+                   "from the hub")
+    g.add_argument("--prepare", action="store_true", help="first download into --data-dir each dataset the run "
+                   "needs that it lacks (prepare.py, from the hub: needs network)")
+    g.add_argument("--out", default="runs/experiments", help="output folder (cached stages are reused)")
+    g.add_argument("--jobs", type=int, default=None,
+                   help="processes at a time (default: 1 for a GPU profile, else min(2, CPU cores))")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: cores / jobs)")
+    g = p.add_argument_group("overrides of the profile", "each field of experiments.Profile (its meaning "
+                             "is the field's comment there), with its value in the cpu and llada-8b profiles")
+    cpu, gpu, meaning = asdict(PROFILES["cpu"]), asdict(PROFILES["llada-8b"]), field_comments(Profile)
+    for name, default in cpu.items():
+        g.add_argument(f"--{name.replace('_', '-')}", default=None,
+                       help=f"{meaning[name]} (cpu {default!r}, llada-8b {gpu[name]!r})".replace("%", "%%"),
+                       type=yes_no if isinstance(default, bool) else type(default),
+                       metavar="yes|no" if isinstance(default, bool) else None)
+    args = p.parse_args(argv)
+    for flag in ("jobs", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()
+
+import tiny_model
+from dlm import checkpoints, data, files
+from tasks import check_references, load_items
+from tasks.common import Item
+from tasks.drift import plot_drift
+from tasks.mmlu import Question, load_mmlu
+from tasks.spider import load_spider
 
 # -----------------------------------------------------------------------------
 # Stage 1: data
@@ -863,15 +941,6 @@ def write_report(out: Path, profile: Profile, setup: str, tables: dict, elapsed:
 # The command line
 
 
-def yes_no(text: str) -> bool:
-    """A yes/no override; anything else is refused, never read as "no"."""
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not yes/no (also true/false, 1/0)")
-
-
 def check_profile(profile: Profile):
     """Refuse bad overrides of the data, sampler, probe and MMLU sizes now, in one line, not
     after the base has been pre-trained. The training flags are train.py's to check."""
@@ -919,47 +988,6 @@ def check_output(args):
     if problem:
         raise ValueError(problem)
     files.check_writable(args.out, "--out")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    g = p.add_argument_group("what to run")
-    g.add_argument("--profile", default="cpu", choices=list(PROFILES),
-                   help="cpu: tiny model, 2-core CPU; gentle: cpu's base fine-tuned gently (lr 1e-4, 300 steps); "
-                        "llada-8b / dream-7b: the paper's protocol on GPUs")
-    g.add_argument("--smoke", action="store_true", help="the smoke profile: check the CPU pipeline in ~2 minutes")
-    g.add_argument("--tasks", nargs="+", default=None, choices=TASKS,
-                   help="default: nl-rx-synth (cpu, smoke); gsm8k nl-rx-synth spider django (GPU profiles)")
-    g.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS,
-                   help='table rows; "dllm-jepa wide-pair" (quoted) adds the fixed 0.1 / 0.9 reading of Wide-t')
-    g.add_argument("--row", action="append", default=[], metavar="NAME=FLAGS",
-                   help="a further row: train.py flags for its fine-tunes, which win over the shared ones, e.g. "
-                        "--row 'jepa-mid=--method dllm-jepa --embed-layer 2' (repeatable)")
-    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fine-tuning seeds of every row")
-    g.add_argument("--dry-run", action="store_true", help="read and check the data, print every command (and "
-                   "for a GPU profile the GPU-hours estimate), run nothing")
-    g = p.add_argument_group("data, output and processes")
-    g.add_argument("--data-dir", default="data", help="folder in the layout of docs/datasets.md: The local folder "
-                   "(wikitext2/, mmlu/, nl-rx-synth/, gsm8k/, ...); `python -m scripts.prepare --out data` writes it "
-                   "from the hub")
-    g.add_argument("--prepare", action="store_true", help="first download into --data-dir each dataset the run "
-                   "needs that it lacks (prepare.py, from the hub: needs network)")
-    g.add_argument("--out", default="runs/experiments", help="output folder (cached stages are reused)")
-    g.add_argument("--jobs", type=int, default=None,
-                   help="processes at a time (default: 1 for a GPU profile, else min(2, CPU cores))")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: cores / jobs)")
-    g = p.add_argument_group("overrides of the profile", "each field of experiments.Profile, where its "
-                             "meaning is commented; the help shows its value in the cpu and llada-8b profiles")
-    cpu, gpu = asdict(PROFILES["cpu"]), asdict(PROFILES["llada-8b"])
-    for name, default in cpu.items():
-        g.add_argument(f"--{name.replace('_', '-')}", default=None, help=f"cpu {default!r}, llada-8b {gpu[name]!r}",
-                       type=yes_no if isinstance(default, bool) else type(default))
-    args = p.parse_args(argv)
-    for flag in ("jobs", "threads"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
-    return args
 
 
 def main(argv=None) -> Path | None:

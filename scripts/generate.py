@@ -17,7 +17,6 @@ stops with one line `error: ...` naming the flag, file or line: exit status 2 fo
 positions are checked before any weights load (a prompt's length, once the tokenizer is there).
 """
 
-import argparse
 import json
 import shutil
 import sys
@@ -25,10 +24,56 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from dlm import bounds, flags  # neither imports torch: --help and a mistyped flag answer at once
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = flags.Parser(description="Answer prompts with a masked-diffusion LM (the LLaDA sampler).")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="a save_pretrained folder (train.py's final/) or a hub "
+                   "id (GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B, ...)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights' dtype (bfloat16 for LLaDA/Dream on a GPU)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if visible")
+    g = p.add_argument_group("prompts (through the model's chat template)")
+    g.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt to answer; "
+                   "repeat the flag for more")
+    g.add_argument("--prompts-file", metavar="FILE", help="one prompt per line; or .jsonl, one object per "
+                   "line with 'prompt', 'question' or chat 'messages' (a final assistant turn is dropped); "
+                   "or .json, a list of them")
+    g.add_argument("--system", metavar="TEXT", help="a system message before each prompt that has none")
+    g = p.add_argument_group("generation (LLaDA sampler, dlm/sampler.py)")
+    flags.add_sampler_flags(g)
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
+    g = p.add_argument_group("output")
+    g.add_argument("--show", action="store_true", help="draw the canvas after every denoising step, "
+                   "masks as ░ (in place on a terminal, one line per step otherwise)")
+    g.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt "
+                   '({"source", "prompt", "answer"}) instead of the bare answers')
+    args = p.parse_args(argv)
+    args.prompt = args.prompt or []
+    if not args.prompt and not args.prompts_file:
+        p.error("give --prompt TEXT (repeatable) or --prompts-file FILE")
+    for i, text in enumerate(args.prompt, start=1):
+        if not text.strip():
+            p.error(f"--prompt {i} is blank")
+    if args.system is not None and not args.system.strip():
+        p.error("--system is blank")
+    if args.batch_size < 1:
+        p.error(f"--batch-size {args.batch_size}: must be >= 1")
+    bounds.check(p, args)  # overflows and typos: a seed past 64 bits, --gen-length 0 (not the default), ...
+    return p, args
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads (seconds)
+    parse_args()
+
 import torch
 
-from dlm import bounds, data, sharding
-from dlm.flags import HelpFormatter, add_fast_flags  # defaults shown once: not after help that states its own
+from dlm import data, sharding
 from dlm.sampler import SamplerConfig, canvas_args, check_room, generate_text, sampler_for, stop_ids, trained_seq_len
 
 # -----------------------------------------------------------------------------
@@ -96,7 +141,7 @@ class Show:
             self.rows_drawn = sum(max(1, -(-width(line) // columns)) for line in lines)
 
 # -----------------------------------------------------------------------------
-# Command line
+# Prompts
 
 
 @dataclass
@@ -108,11 +153,6 @@ class Prompt:
 class BadFlag(ValueError):
     """A flag's value that only the model shows to be wrong: exit 2 like argparse's errors.
     Every other ValueError / OSError is a bad file or model (exit 1)."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def messages_of(row, where: str) -> list:
@@ -203,56 +243,12 @@ def prompt_tokens(tokenizer, prompt: Prompt, gen_length: int, limit: int | None)
     return ids
 
 
-def parse_args(argv=None):
-    default = SamplerConfig()
-    p = Parser(description="Answer prompts with a masked-diffusion LM (the LLaDA sampler).",
-               formatter_class=HelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="a save_pretrained folder (train.py's final/) or a hub "
-                   "id (GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B, ...)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weights' dtype (bfloat16 for LLaDA/Dream on a GPU)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if visible")
-    g = p.add_argument_group("prompts (through the model's chat template)")
-    g.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt to answer; "
-                   "repeat the flag for more")
-    g.add_argument("--prompts-file", metavar="FILE", help="one prompt per line; or .jsonl, one object per "
-                   "line with 'prompt', 'question' or chat 'messages' (a final assistant turn is dropped); "
-                   "or .json, a list of them")
-    g.add_argument("--system", metavar="TEXT", help="a system message before each prompt that has none")
-    g = p.add_argument_group("generation (LLaDA sampler)")
-    g.add_argument("--gen-length", type=int, default=None,
-                   help="masked positions after the prompt; default: for a train.py model, the canvas it was "
-                        f"trained on (its --seq-len minus the longest prompt), else {default.gen_length}")
-    g.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size; default: "
-                   f"--gen-length for a train.py model, else {default.block_length}")
-    g.add_argument("--steps", type=int, default=None, help="default: --gen-length (one token per step)")
-    g.add_argument("--temperature", type=float, default=default.temperature, help="0: greedy")
-    g.add_argument("--remasking", default=default.remasking, choices=["low_confidence", "random"],
-                   help="which predictions each step commits: the most confident, or random ones")
-    g.add_argument("--suppress-eos", action="store_true", help="never place EOS in the canvas")
-    add_fast_flags(g)
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0, random remasking)")
-    g = p.add_argument_group("output")
-    g.add_argument("--show", action="store_true", help="draw the canvas after every denoising step, "
-                   "masks as ░ (in place on a terminal, one line per step otherwise)")
-    g.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt "
-                   '({"source", "prompt", "answer"}) instead of the bare answers')
-    args = p.parse_args(argv)
-    args.prompt = args.prompt or []
-    if not args.prompt and not args.prompts_file:
-        p.error("give --prompt TEXT (repeatable) or --prompts-file FILE")
-    for i, text in enumerate(args.prompt, start=1):
-        if not text.strip():
-            p.error(f"--prompt {i} is blank")
-    if args.system is not None and not args.system.strip():
-        p.error("--system is blank")
-    if args.batch_size < 1:
-        p.error(f"--batch-size {args.batch_size}: must be >= 1")
+def sampler_settings(parser, args) -> tuple[dict, int | None]:
+    """The sampler's flags settled for --model (its trained canvas, if a train.py model) and
+    checked, before the prompts and the weights load: (SamplerConfig's arguments, the trained
+    --seq-len or None)."""
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible")
-    bounds.check(p, args)  # overflows and typos: a seed past 64 bits, --gen-length 0 (not the default), ...
+        parser.error("--device cuda: no CUDA device is visible")
     trained = trained_seq_len(args.model)
     sampler_args = canvas_args(args.gen_length, args.block_length, trained) | dict(
         steps=args.steps, temperature=args.temperature, remasking=args.remasking, suppress_eos=args.suppress_eos,
@@ -261,8 +257,8 @@ def parse_args(argv=None):
         try:
             SamplerConfig(**sampler_args)
         except ValueError as e:
-            p.error(str(e))
-    return p, args, sampler_args, trained
+            parser.error(str(e))
+    return sampler_args, trained
 
 
 def run(args, sampler_args: dict, trained: int | None, stdout) -> list[str]:
@@ -297,7 +293,8 @@ def run(args, sampler_args: dict, trained: int | None, stdout) -> list[str]:
 
 
 def main(argv=None) -> list[str]:
-    parser, args, sampler_args, trained = parse_args(argv)
+    parser, args = parse_args(argv)
+    sampler_args, trained = sampler_settings(parser, args)
     try:
         return run(args, sampler_args, trained, sys.stdout)
     except BadFlag as e:

@@ -58,12 +58,45 @@ The three requests:
 """
 
 import argparse
+import contextlib
+import io
 import itertools
 import logging
 import math
 import re
 import sys
 from pathlib import Path
+
+MODEL_NAME = "dllm"
+
+# -----------------------------------------------------------------------------
+# Command line: lm-eval's own parser, before torch loads (main, at the end, runs it)
+
+
+def parse_args(argv=None):
+    """lm-eval's own parser over ARGS, as `lm_eval run ARGS` ("run" and `--model dllm` added when
+    missing; sys.argv set for it, as lm-eval reads it): (its HarnessCLI, the parsed arguments).
+    A usage error is lm-eval's last line alone (exit 2), not its usage block."""
+    from lm_eval._cli import HarnessCLI
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "ls", "validate"):
+        argv.insert(0, "run")
+    if argv[0] == "run" and not any(a in ("--model", "-M") or a.startswith("--model=") for a in argv):
+        argv[1:1] = ["--model", MODEL_NAME]
+    sys.argv = ["lm-eval"] + argv
+    cli, said = HarnessCLI(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return cli, cli.parse_args()
+    except SystemExit as e:
+        if e.code:  # a usage error (--help exits 0, its text on stdout)
+            last = (said.getvalue().strip().splitlines() or [f"exit status {e.code}"])[-1]
+            print(f"error: {last.split('error: ', 1)[-1]} (see --help)", file=sys.stderr)
+        raise
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads (seconds)
+    parse_args()
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -75,7 +108,6 @@ from dlm.sampler import (SamplerConfig, aligned_logits, canvas_args, check_prefi
                          generate, generate_text, left_pad, sampler_for, trained_seq_len)
 from tasks.common import fit_prompt, max_positions
 
-MODEL_NAME = "dllm"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IGNORED_BY_LM_EVAL = ("max_batch_size", "trust_remote_code")  # passed by lm-eval; load_backbone decides these
 
@@ -334,18 +366,14 @@ HARNESS_ERRORS = (ValueError, TypeError, KeyError, AssertionError, OSError)
 
 def main(argv=None):
     """`lm_eval run ARGS` with "dllm" registered; `--model dllm` when no --model is given. A bad
-    argument is one line (exit 1), not lm-eval's traceback."""
-    from lm_eval.__main__ import cli_evaluate
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "ls", "validate"):
-        argv.insert(0, "run")
-    if argv[0] == "run" and not any(a in ("--model", "-M") or a.startswith("--model=") for a in argv):
-        argv[1:1] = ["--model", MODEL_NAME]
-    sys.argv = ["lm-eval"] + argv
+    argument is one line, not lm-eval's traceback."""
+    from lm_eval.utils import setup_logging
+    cli, args = parse_args(argv)
     try:
-        if argv[0] == "run":
-            check_arguments(argv[1:])
-        cli_evaluate()
+        if args.command == "run":
+            check_arguments(sys.argv[2:])
+        setup_logging()
+        cli.execute(args)
     except HARNESS_ERRORS as e:
         raise SystemExit(f"error: {e if isinstance(e, ValueError) else files.cause(e)}") from None
 

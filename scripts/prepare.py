@@ -23,12 +23,30 @@ per dataset with its row counts; a failure is one line, the other datasets still
 exit status is 1.
 """
 
-import argparse
 import csv
 import json
 import shutil
 import sys
 from pathlib import Path
+
+from dlm import flags  # imports no torch: --help and a mistyped flag answer at once
+
+
+def parse_args(argv=None):
+    p = flags.Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="data", help="the folder to write (experiments.py --data-dir)")
+    p.add_argument("--datasets", nargs="+", default=["all"], metavar="NAME",
+                   help=f"'all' or some of: {' '.join(flags.DATASETS)}")
+    p.add_argument("--force", action="store_true", help="replace dataset folders that already hold files")
+    p.add_argument("--list", action="store_true", help="print each dataset's source and exit")
+    args = p.parse_args(argv)
+    if unknown := [name for name in args.datasets if name not in ("all", *flags.DATASETS)]:
+        p.error(f"--datasets {unknown[0]}: unknown; choose 'all' or some of {', '.join(flags.DATASETS)}")
+    return args
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads (seconds)
+    parse_args()
 
 from dlm import data, files, hub
 
@@ -154,17 +172,6 @@ def prepare(name: str, out: Path) -> dict:
     return counts
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="data", help="the folder to write (experiments.py --data-dir)")
-    p.add_argument("--datasets", nargs="+", default=["all"], metavar="NAME",
-                   help=f"'all' or some of: {' '.join(hub.DATASETS)}")
-    p.add_argument("--force", action="store_true", help="replace dataset folders that already hold files")
-    p.add_argument("--list", action="store_true", help="print each dataset's source and exit")
-    return p.parse_args(argv)
-
-
 def main(argv=None) -> int:
     """Returns the exit status: 0, or 1 when a dataset failed or was refused (one line each)."""
     args = parse_args(argv)
@@ -173,11 +180,6 @@ def main(argv=None) -> int:
             print(f"{d.name:12} {d.source()}; splits {', '.join(d.splits)}" + (f"; {d.note}" if d.note else ""))
         return 0
     names = list(hub.DATASETS) if "all" in args.datasets else list(dict.fromkeys(args.datasets))
-    for name in names:
-        if name not in hub.DATASETS:
-            print(f"error: --datasets {name}: unknown; choose 'all' or some of {', '.join(hub.DATASETS)}",
-                  file=sys.stderr)
-            return 1
     out = Path(args.out)
     try:
         files.check_writable(args.out, "--out")

@@ -178,6 +178,8 @@ def test_bench_steps_as_train_does(monkeypatch):
     assert clipped == [1.0] and trainer.count == 1
 
 
-def test_bench_refuses_checkpointing_without_fsdp():
-    with pytest.raises(SystemExit, match="--activation-checkpointing and --cpu-offload go with --fsdp"):
+def test_bench_refuses_checkpointing_without_fsdp(capsys):
+    with pytest.raises(SystemExit) as e:  # a usage error, before anything is built
         bench.main(BENCH_FLAGS + ["--activation-checkpointing"])
+    assert e.value.code == 2
+    assert "error: --activation-checkpointing and --cpu-offload go with --fsdp" in capsys.readouterr().err

@@ -466,6 +466,21 @@ def test_show_draws_each_committing_step(model_dir, loaded, capsys):
     assert out.endswith(answer + "\n")
 
 
+def test_show_hides_the_loading_bar(model_dir):
+    """The real entry point: with --show the frames are all there is, on a terminal's two streams
+    (transformers' "Loading weights" bar, which a plain run prints on stderr, would come first)."""
+    def run(*flags):
+        done = subprocess.run([sys.executable, "-m", "scripts.generate", "--model", str(model_dir), "--prompt", "hi",
+                               *CLI_SAMPLER, *flags], capture_output=True, text=True, timeout=300,
+                              cwd=Path(G.__file__).parent.parent, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr
+        return done.stdout, done.stderr
+    _, plain_err = run()
+    assert "Loading weights" in plain_err  # the bar --show must hide
+    out, err = run("--show")
+    assert err == "" and out.startswith("[1] step 1: ") and len(frames_of(out)) == 16
+
+
 def test_show_and_answers_with_threshold_and_prefix_cache(model_dir, loaded, capsys):
     """--threshold and --prefix-cache on the command line: the answers are generate_text's with
     both set, and --show draws one frame per step of the batch, fewer than the 16 masks (the

@@ -365,9 +365,11 @@ def test_failures_are_one_line(fake_hub, monkeypatch):
 
 
 def test_prepare_refuses_an_unknown_name_in_one_line(tmp_path, capsys):
-    assert prepare.main(["--out", str(tmp_path / "data"), "--datasets", "gsm8k", "gsm9k"]) == 1
+    with pytest.raises(SystemExit) as e:  # a usage error, before anything loads
+        prepare.main(["--out", str(tmp_path / "data"), "--datasets", "gsm8k", "gsm9k"])
+    assert e.value.code == 2
     assert capsys.readouterr().err == ("error: --datasets gsm9k: unknown; choose 'all' or some of gsm8k, nl-rx-synth, "
-                                       "nl-rx-turk, spider, django, mmlu, wikitext2\n")
+                                       "nl-rx-turk, spider, django, mmlu, wikitext2 (see --help)\n")
     assert not (tmp_path / "data").exists()
 
 

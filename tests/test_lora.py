@@ -486,7 +486,7 @@ def test_bench_lora_counts_what_lora_trains_and_copies():
     LoRA trains r x (in + out) per adapted linear layer, and its anchor needs no frozen copy."""
     from scripts.bench_lora import report
     torch.manual_seed(0)
-    rows = report(width=32, layers=1, rank=2, alpha=4.0, batch=2, seq_len=16, steps=1)
+    rows = report(width=32, layers=1, rank=2, alpha=4.0, batch=2, seq_len=16, steps=1, threads=1)
     by = {(r["method"], r["lora"]): r for r in rows}
     model = backbones.new_tiny_backbone(**tiny_model.shape(32, 1, 16)).model
     linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear)
