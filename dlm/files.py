@@ -43,12 +43,12 @@ def cause(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def in_one_line(*kinds: type[Exception]):
-    """A refusal raised inside (ValueError unless `kinds` says: our checks' messages, which name
-    the flag or file) ends the command as that one line, 'error: ...' and exit 1, no traceback."""
+def in_one_line():
+    """A refusal raised inside (a ValueError: our checks' messages, which name the flag or file)
+    ends the command as that one line, 'error: ...' and exit 1, no traceback."""
     try:
         yield
-    except kinds or ValueError as e:
+    except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
 
