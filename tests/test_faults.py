@@ -303,10 +303,10 @@ def test_bad_paths_and_checkpoints_are_refused_in_one_line(small_run, tmp_path, 
     (incomplete / "extra_rank0.pt").unlink()
     unfinished = tmp_path / "step_00000004.tmp"
     unfinished.mkdir()
-    truncated, junk = tmp_path / "truncated" / "step_00000002", tmp_path / "junk" / "step_00000002"
-    for copy in (truncated, junk):
+    truncated, junk, unsealed = (tmp_path / name / "step_00000002" for name in ("truncated", "junk", "unsealed"))
+    for copy in (truncated, junk, unsealed):
         shutil.copytree(ckpts / "step_00000002", copy)
-        (copy / "manifest.json").unlink()  # as written before manifests (test_checkpoints checks those)
+    (unsealed / "manifest.json").unlink()
     (shards,) = truncated.glob("*.distcp")
     shards.write_bytes(shards.read_bytes()[:1000])
     (junk / "extra_rank0.pt").write_text("not a pickle")
@@ -322,8 +322,10 @@ def test_bad_paths_and_checkpoints_are_refused_in_one_line(small_run, tmp_path, 
         (new + ["--resume", str(unfinished)], "an unfinished write (the run was killed while saving)"),
         (new + ["--resume", str(incomplete)], "an incomplete checkpoint (no extra_rank0.pt)"),
         (new + ["--resume", str(small_run)], f"holds some; give one (latest: {ckpts / 'step_00000003'})"),
-        (new + ["--resume", str(truncated)], f"--resume {truncated}: an unreadable checkpoint (EOFError); move it aside"),
-        (new + ["--resume", str(junk)], f"--resume {junk}: an unreadable checkpoint (UnpicklingError"),
+        (new + ["--resume", str(truncated)], f"--resume {truncated}: an unreadable checkpoint (__0_0.distcp: 1000 "
+         "bytes, written as"),
+        (new + ["--resume", str(junk)], f"--resume {junk}: an unreadable checkpoint (extra_rank0.pt: 12 bytes"),
+        (new + ["--resume", str(unsealed)], f"--resume {unsealed}: a checkpoint without its manifest.json"),
         (new + ["--resume", str(ckpts / "step_00000003"), "--method", "diffusion"],
          "the checkpoint's run had other settings (method dllm-jepa -> diffusion"),
         (new + ["--resume", str(ckpts / "step_00000003"), "--tiny-width", "64"], "tiny_width 32 -> 64"),
@@ -627,13 +629,14 @@ def test_rows_with_nothing_to_mask_give_finite_zero_not_nan(make_model, method):
 DAMAGES = {  # a newest checkpoint damaged as copies, deletions and bit rot leave it
     "no .metadata": lambda step: (step / ".metadata").unlink(),
     "no rank state": lambda step: (step / "extra_rank0.pt").unlink(),
+    "no manifest": lambda step: (step / "manifest.json").unlink(),
     "a shard cut": lambda step: next(step.glob("*.distcp")).write_bytes(b"\0" * 10),
     "an empty folder": lambda step: (shutil.rmtree(step), step.mkdir()),
     "a file in its place": lambda step: (shutil.rmtree(step), step.write_text("x")),
 }
 
 
-@settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=9, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(damage=st.sampled_from(sorted(DAMAGES)), copies=st.integers(1, 3))
 def test_resume_auto_refuses_a_damaged_latest_checkpoint_as_an_explicit_resume_does(small_run, tmp_path, capsys,
                                                                                      damage, copies):
