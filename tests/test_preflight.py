@@ -22,7 +22,6 @@ input, never lose finished work, never hang, one line for every refusal.
 import contextlib
 import io
 import json
-import logging
 import math
 import os
 import re
@@ -339,6 +338,10 @@ DAMAGES = {
     "config-width": (edit_config(hidden_size=32), "config.json does not match the weights: "),
     "config-vocab": (edit_config(vocab_size=7), "config.json does not match the weights: embed.weight is [261, 32] "
                                                 "in the weights but [268, 32] by config.json"),
+    "config-more-layers": (edit_config(num_hidden_layers=1), "config.json does not match the weights: 6 of the "
+                           "model's tensors are not in the weights (layers.2.attn_norm.weight, layers.2.attn_out.weight, ...)"),
+    "config-fewer-layers": (edit_config(num_hidden_layers=-1), "config.json does not match the weights: 6 tensors of "
+                            "the weights have no place in the model (layers.1.attn_norm.weight, layers.1.attn_out.weight"),
     "config-not-json": (lambda f: (f / "config.json").write_text("{not json"), "config.json is not valid JSON"),
     "tokenizer-missing": (remove_tokenizer, "no usable tokenizer (no tokenizer files"),
     "tokenizer-json-missing": (lambda f: (f / "tokenizer.json").unlink(), "no usable tokenizer (its files: "),
@@ -366,23 +369,10 @@ def test_a_damaged_model_folder_is_one_line_naming_it(saved_model, tmp_path, cap
     assert "Traceback" not in err and "LOAD REPORT" not in err, err
 
 
-def test_a_sound_folder_still_loads_and_keeps_its_load_report(saved_model, tmp_path):
-    """The held-back key table is shown as before when the load succeeds (here: a block the
-    weights lack is newly initialised, which transformers reports and we must not hide)."""
+def test_a_sound_folder_still_loads(saved_model, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(saved_model, folder)
     assert backbones.load_backbone(str(folder)).model.config.hidden_size == 32
-    edit_config(num_hidden_layers=1)(folder)  # 3 blocks: the third is not in the weights
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("transformers.modeling_utils")
-    logger.addHandler(handler)
-    try:
-        backbones.load_backbone(str(folder))
-    finally:
-        logger.removeHandler(handler)
-    assert any("LOAD REPORT" in r.getMessage() and "MISSING" in r.getMessage() for r in records)
 
 # -----------------------------------------------------------------------------
 # 5. The log reads as one run; strict JSON
