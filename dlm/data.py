@@ -14,7 +14,7 @@ Data for fine-tuning: read examples, render them through the chat template, pack
 - Batches and canvas lengths are a pure function of (seed, step, shard): resuming needs the
   step only.
 - Bad data. A malformed row stops loading with one line naming the file, the line, what is
-  wrong and how to fix it: invalid JSON, not an object, missing or wrong-typed fields, text
+  wrong and how to fix it: invalid JSON, a number too long for Python, not an object, missing or wrong-typed fields, text
   that is not UTF-8 or holds unpaired surrogate escapes, an empty file. Rows that are
   well-formed but teach nothing are skipped, counted and reported by `clean_examples`:
   a blank answer (empty or whitespace only: the row would teach the model to stop at once;
@@ -29,6 +29,8 @@ import csv
 import io
 import json
 import random
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +150,8 @@ def json_rows(path: Path, what: str = "examples") -> list[tuple[object, str]]:
                              "a .json file must be one valid JSON list") from None
         except RecursionError:
             raise ValueError(f"{path}: JSON nested too deeply to read") from None
+        except ValueError:  # Python's limit on an integer's digits (json.loads raises no JSONDecodeError)
+            raise ValueError(too_many_digits(path, text)) from None
         if not isinstance(rows, list):
             raise ValueError(f"{path}: a .json file must hold a list of {what}, got "
                              f"{type(rows).__name__}; or write one object per line to a .jsonl file")
@@ -163,7 +167,21 @@ def json_rows(path: Path, what: str = "examples") -> list[tuple[object, str]]:
                              "each line must be one complete JSON object") from None
         except RecursionError:
             raise ValueError(f"{path}:{lineno}: JSON nested too deeply to read") from None
+        except ValueError:
+            raise ValueError(too_many_digits(path, line, lineno)) from None
     return rows
+
+
+def too_many_digits(path: Path, text: str, first_line: int = 1) -> str:
+    """One line for a JSON number longer than Python converts to an integer
+    (sys.get_int_max_str_digits(), 4300 by default: a guard against quadratic-time parsing),
+    naming the line of the first one (`text` starts at line `first_line` of the file)."""
+    limit = sys.get_int_max_str_digits()
+    found = re.search(rf"(?<![\w.])-?\d{{{limit + 1},}}", text)
+    where = f"{path}:{first_line + text[:found.start()].count(chr(10))}" if found else f"{path}:{first_line}"
+    count = len(found[0].lstrip("-")) if found else f"more than {limit}"
+    return (f"{where}: a number of {count} digits, more than the {limit} Python reads as an integer; write it as a "
+            "string (in quotes) or shorten it")
 
 
 # The datasets library's local builder for each file type read as examples (.txt: plain text).

@@ -235,6 +235,38 @@ def test_generated_files_are_read_or_refused_by_line(tmp_path_factory, lines, se
     check_rows(data.tokenize_examples(examples, TOKENIZER, seq_len), len(examples), seq_len)
 
 
+@settings(max_examples=20, deadline=None)
+@given(suffix=st.sampled_from([".jsonl", ".json"]), before=st.integers(0, 3), extra=st.integers(1, 300),
+       sign=st.sampled_from(["", "-"]), field=st.sampled_from(["answer", "prompt"]))
+def test_a_number_past_pythons_digit_limit_is_named_by_line(tmp_path_factory, suffix, before, extra, sign, field):
+    """json.loads refuses an integer of more than sys.get_int_max_str_digits() digits with a bare
+    ValueError (no file, no line); the reader names the file and the line it sits on."""
+    digits = sys.get_int_max_str_digits() + extra
+    rows = [json.dumps({"prompt": f"q{i}", "answer": "a"}) for i in range(before)]
+    rows.append(json.dumps({"prompt": "q", "answer": "a"}).replace(f'"{field}": "{"q" if field == "prompt" else "a"}"',
+                                                                   f'"{field}": {sign}{"7" * digits}'))
+    text = "\n".join(rows) + "\n" if suffix == ".jsonl" else "[\n" + ",\n".join(rows) + "\n]\n"
+    path = tmp_path_factory.mktemp("digits") / f"big{suffix}"
+    path.write_text(text)
+    line = before + 1 + (suffix == ".json")
+    with pytest.raises(ValueError) as e:
+        data.read_examples(path)
+    assert str(e.value) == (f"{path}:{line}: a number of {digits} digits, more than the {digits - extra} Python reads "
+                            "as an integer; write it as a string (in quotes) or shorten it"), e.value
+
+
+def test_train_and_evaluate_name_the_row_of_a_number_past_the_digit_limit(tmp_path, capsys, small_run):
+    from scripts import evaluate
+    path = write(tmp_path, "big.jsonl", OK * 40 + '{"prompt": "q", "answer": ' + "9" * 5000 + "}\n")
+    said = f"{path}:41: a number of 5000 digits, more than the 4300 Python reads as an integer"
+    for flag in ("--data", "--eval-data"):
+        code, line = refusal(capsys, "--out", str(tmp_path / "out"), flag, str(path))
+        assert code == 1 and line.startswith(f"error: {said}"), line
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", str(small_run / "final"), "--task", "exact", "--data", str(path)])
+    assert str(e.value.code).startswith(f"error: {said}"), e.value.code
+
+
 def check_rows(rows, n, seq_len):
     """Fixed-length rows with a prompt and a non-empty answer that fit, never an empty batch."""
     assert rows.input_ids.shape == (n, seq_len) and n > 0
