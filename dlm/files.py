@@ -238,22 +238,39 @@ def link_out_of(folder: Path) -> tuple[Path, Path] | None:
 # Memory and signals
 
 
-def available_memory(device: torch.device | str) -> tuple[int, str]:
-    """(bytes free, where) on a CUDA device (torch.cuda.mem_get_info) or in host memory (the
-    smaller of /proc/meminfo's MemAvailable and a cgroup's limit less its usage); (0, '') if
-    unknown."""
+CGROUP = Path("/sys/fs/cgroup")  # where cgroup v2 (unified) or v1 (a memory/ hierarchy) is mounted
+
+
+def available_memory(device: torch.device | str, cgroup: Path | None = None) -> tuple[int, str]:
+    """(bytes free, where) on a CUDA device (torch.cuda.mem_get_info) or in host memory: the
+    smaller of /proc/meminfo's MemAvailable and what this process's cgroup still allows (a
+    container's limit: past it the kernel kills the process however much RAM is free);
+    (0, '') if unknown. cgroup: the cgroup mount (CGROUP), a parameter for tests."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0], f"GPU {device.index or 0}"
-    free = []
+    free = None
     with contextlib.suppress(OSError, ValueError, StopIteration):
         with open("/proc/meminfo") as f:
-            free.append(int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024)
-    with contextlib.suppress(OSError, ValueError):
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            free.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    return (min(free), "host memory") if free else (0, "")
+            free = int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
+    allowed = cgroup_free(cgroup or CGROUP)
+    if allowed is not None and (free is None or allowed < free):
+        return allowed, "host memory (this process's cgroup limit)"
+    return (free, "host memory") if free is not None else (0, "")
+
+
+def cgroup_free(root: Path) -> int | None:
+    """Bytes the memory cgroup mounted at `root` still allows: its limit less its usage, from
+    cgroup v2 (memory.max, memory.current) or v1 (memory/memory.limit_in_bytes, ...usage_in_bytes;
+    'no limit' is a huge number there), the smaller if both are set; None if neither limits."""
+    free = []
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        with contextlib.suppress(OSError, ValueError):
+            limit = (root / limit_file).read_text().strip()
+            if limit != "max":
+                free.append(max(0, int(limit) - int((root / usage_file).read_text())))
+    return min(free) if free else None
 
 
 _SIGNAL_WATCH: dict = {}

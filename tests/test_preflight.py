@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import train
 from dllm_jepa import DLLMJEPA
@@ -530,6 +532,44 @@ def test_a_batch_too_large_is_refused_before_the_first_forward(tmp_path, capfd, 
     assert "more than the 4.0 GiB free in host memory; lower --batch-size to about " in line
     fits = int(line.split("lower --batch-size to about ")[1].split()[0])
     assert 1000 < fits < 200000
+
+
+def fake_cgroup(root: Path, version: str, limit: int | str, usage: int) -> Path:
+    """A cgroup mount as the kernel shows it: v2's memory.max/current or v1's memory/ hierarchy."""
+    folder, (limit_name, usage_name) = ((root, ("memory.max", "memory.current")) if version == "v2" else
+                                        (root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / limit_name).write_text(f"{limit}\n")
+    (folder / usage_name).write_text(f"{usage}\n")
+    return root
+
+
+@settings(max_examples=30, deadline=None)
+@given(version=st.sampled_from(["v1", "v2"]), limit=st.integers(0, 2 ** 40), usage=st.integers(0, 2 ** 40))
+def test_host_memory_is_the_smaller_of_free_ram_and_the_cgroups_limit(tmp_path_factory, version, limit, usage):
+    root = fake_cgroup(tmp_path_factory.mktemp("cgroup"), version, limit, usage)
+    ram, _ = files.available_memory("cpu", cgroup=tmp_path_factory.mktemp("none"))
+    free, where = files.available_memory("cpu", cgroup=root)
+    allowed = max(0, limit - usage)
+    if allowed < ram / 2:  # free RAM moves between two readings on a shared machine: compare far from it
+        assert (free, where) == (allowed, "host memory (this process's cgroup limit)")
+    elif allowed > 2 * ram:
+        assert where == "host memory" and free < allowed
+
+
+def test_no_cgroup_limit_leaves_free_ram(tmp_path):
+    ram, _ = files.available_memory("cpu", cgroup=tmp_path / "none")
+    assert ram > 0
+    assert files.available_memory("cpu", cgroup=fake_cgroup(tmp_path / "v2", "v2", "max", 5)) == (ram, "host memory")
+    assert files.available_memory("cpu", cgroup=fake_cgroup(tmp_path / "v1", "v1", 9223372036854771712, 5)) == \
+        (ram, "host memory")
+
+
+def test_a_model_past_the_cgroups_limit_is_refused_before_allocating(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(files, "CGROUP", fake_cgroup(tmp_path / "cgroup", "v1", 2 ** 30 + 2 ** 16, 2 ** 30))
+    line = train_refusal(capfd, "--out", str(tmp_path / "out"))
+    assert line.startswith("error: --tiny-width "), line
+    assert "more than the 64.0 KiB free in host memory (this process's cgroup limit)" in line, line
 
 
 def test_batch_size_200000_is_refused_on_this_machine(tmp_path, capfd):
