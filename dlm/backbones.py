@@ -502,17 +502,20 @@ def weights_problem(model) -> str | None:
 
 @contextlib.contextmanager
 def held_load_reports():
-    """Hold the records transformers' from_pretrained logs (its LOAD REPORT key table)."""
-    logger, held = logging.getLogger("transformers.modeling_utils"), []
+    """Hold the records transformers logs while loading (from_pretrained's LOAD REPORT key table,
+    the config's complaints about ids outside its vocabulary)."""
+    loggers, held = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "configuration_utils")], []
 
     def hold(record):
         held.append(record)
         return False
-    logger.addFilter(hold)
+    for logger in loggers:
+        logger.addFilter(hold)
     try:
         yield held
     finally:
-        logger.removeFilter(hold)
+        for logger in loggers:
+            logger.removeFilter(hold)
 
 
 def load_error(name_or_path: str, error: BaseException, reports: list) -> str | None:
@@ -547,6 +550,11 @@ def load_error(name_or_path: str, error: BaseException, reports: list) -> str | 
                 "copy the files of the model it came from")
     if isinstance(error, OSError) and "\n" in str(error).strip():
         return f"{where}: {detail}"  # transformers' several-line messages, in one line
+    if isinstance(error, ValueError) and (unknown := re.search(r"has model type `([^`]*)`", detail)):
+        return (f"{where}: config.json's model_type {unknown[1]!r} is unknown to transformers (supported here: "
+                f"{', '.join(sorted(FAMILIES))}); restore the config.json saved with the weights")
+    if isinstance(error, ValueError):  # our checks of the config and tokenizer: name the folder
+        return detail if detail.startswith(where) else f"{where}: {detail}"
     return None
 
 
@@ -589,6 +597,10 @@ def read_backbone(name_or_path: str, dtype: torch.dtype = torch.float32, weights
     """load_backbone without its error lines."""
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
     family = family_of(config)
+    vocab_size = getattr(config, "vocab_size", None)
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"config.json's vocab_size {vocab_size!r} is not a positive number of tokens; restore the "
+                         "config.json saved with the weights")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
     if tokenizer.chat_template is None and family.chat_template is not None:
         tokenizer.chat_template = family.chat_template  # base checkpoints ship none

@@ -328,6 +328,11 @@ def edit_config(**changes):
     return damage
 
 
+def set_config(folder, **values):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | values))
+
+
 def remove_tokenizer(folder):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (folder / name).unlink(missing_ok=True)
@@ -344,6 +349,10 @@ DAMAGES = {
                            "model's tensors are not in the weights (layers.2.attn_norm.weight, layers.2.attn_out.weight, ...)"),
     "config-fewer-layers": (edit_config(num_hidden_layers=-1), "config.json does not match the weights: 6 tensors of "
                             "the weights have no place in the model (layers.1.attn_norm.weight, layers.1.attn_out.weight"),
+    "config-vocab-zero": (lambda f: set_config(f, vocab_size=0), "config.json's vocab_size 0 is not a positive number"),
+    "config-unknown-type": (lambda f: set_config(f, model_type="nosuch"), "config.json's model_type 'nosuch' is "
+                            "unknown to transformers (supported here: Dream, llada, tiny-dlm); restore"),
+    "config-other-family": (lambda f: set_config(f, model_type="bert"), "unknown model family model_type='bert'"),
     "config-not-json": (lambda f: (f / "config.json").write_text("{not json"), "config.json is not valid JSON"),
     "tokenizer-missing": (remove_tokenizer, "no usable tokenizer (no tokenizer files"),
     "tokenizer-json-missing": (lambda f: (f / "tokenizer.json").unlink(), "no usable tokenizer (its files: "),
@@ -368,7 +377,7 @@ def test_a_damaged_model_folder_is_one_line_naming_it(saved_model, tmp_path, cap
         E.main(["--model", str(folder), "--task", "probe", "--data", str(text), "--probe-seq-len", "32"])
     assert str(e.value.code) == line, (e.value.code, line)
     err = capfd.readouterr().err
-    assert "Traceback" not in err and "LOAD REPORT" not in err, err
+    assert "Traceback" not in err and "LOAD REPORT" not in err and "Model config:" not in err, err
 
 
 def test_a_sound_folder_still_loads(saved_model, tmp_path):
