@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from dlm import bounds
+
 # -----------------------------------------------------------------------------
 # Examples: (prompt messages, answer text)
 
@@ -117,6 +119,7 @@ def example_from_row(row, where: str, fields: tuple[str, str] | None = None) -> 
         if not isinstance(extra, str):
             raise ValueError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
         example = Example([{"role": "user", "content": q + "\n\n" + extra if extra.strip() else q}], a, where)
+    check_row_length([m["content"] for m in example.prompt] + [example.answer], where)
     for text in [m["content"] for m in example.prompt] + [example.answer]:
         try:
             text.encode("utf-8")
@@ -124,6 +127,20 @@ def example_from_row(row, where: str, fields: tuple[str, str] | None = None) -> 
             raise ValueError(f"{where}: the text holds an unpaired surrogate escape (\\ud800-\\udfff), "
                              "which is not a character; fix or remove the escape") from None
     return example
+
+
+MAX_ROW_TOKENS = bounds.BOUNDS["seq_len"][1]  # the longest row any command accepts (--seq-len's bound)
+CHARS_PER_TOKEN = 8       # generous: BPE tokens of text average about 4 characters, a byte-level one 1
+
+
+def check_row_length(texts: list[str], where: str):
+    """Refuse (ValueError, one line naming the row) a row whose text is longer than any run could
+    use, MAX_ROW_TOKENS tokens at CHARS_PER_TOKEN characters each, before it is tokenised: a
+    50 MB line would take gigabytes in the tokenizer, or abort the process inside it."""
+    length, bound = sum(map(len, texts)), MAX_ROW_TOKENS * CHARS_PER_TOKEN
+    if length > bound:
+        raise ValueError(f"{where}: a row of {length:,} characters, longer than the {bound:,} any run can use "
+                         f"({MAX_ROW_TOKENS:,} tokens of at most {CHARS_PER_TOKEN} characters); shorten or split it")
 
 
 def read_text(path: Path) -> str:
@@ -327,6 +344,9 @@ def encode_examples(examples, tokenizer) -> list[tuple[list[int], list[int]]]:
             raise ValueError(f"{ex.where or 'an example'}: the chat template refused it "
                              f"({type(e).__name__}: {e}); check the roles and their order") from None
         encoded.append((prompt, tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]))
+        if sum(map(len, encoded[-1])) > MAX_ROW_TOKENS:
+            raise ValueError(f"{ex.where or 'an example'}: a row of {sum(map(len, encoded[-1])):,} tokens, longer than "
+                             f"the {MAX_ROW_TOKENS:,} any run can use (--seq-len's bound); shorten or split it")
     return encoded
 
 

@@ -267,6 +267,56 @@ def test_train_and_evaluate_name_the_row_of_a_number_past_the_digit_limit(tmp_pa
     assert str(e.value.code).startswith(f"error: {said}"), e.value.code
 
 
+@settings(max_examples=25, deadline=None)
+@given(suffix=st.sampled_from([".jsonl", ".json", ".csv"]), before=st.integers(0, 3), field=st.sampled_from(["prompt", "answer"]),
+       over=st.integers(-3, 3))
+def test_a_row_longer_than_any_run_can_use_is_refused_before_tokenising(tmp_path_factory, suffix, before, field, over):
+    """With the bound lowered to 64 tokens (512 characters), rows around it are read or refused by
+    their length alone, naming file and row, before any tokenizer sees them."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "MAX_ROW_TOKENS", 64)
+        bound = 64 * data.CHARS_PER_TOKEN
+        long = {"prompt": "p", "answer": "a"} | {field: "x" * (bound - 1 + over)}
+        rows = [{"prompt": f"q{i}", "answer": "a"} for i in range(before)] + [long]
+        path = tmp_path_factory.mktemp("long") / f"long{suffix}"
+        if suffix == ".csv":
+            path.write_text("prompt,answer\n" + "".join(f"{r['prompt']},{r['answer']}\n" for r in rows))
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows) if suffix == ".jsonl" else json.dumps(rows))
+        where = {".jsonl": f"{path}:{before + 1}", ".json": f"{path} item {before}", ".csv": f"{path} row {before + 1}"}
+        if over <= 0:
+            assert len(data.read_examples(path)) == before + 1
+            return
+        with pytest.raises(ValueError) as e:
+            data.read_examples(path)
+        assert str(e.value) == (f"{where[suffix]}: a row of {bound + over:,} characters, longer than the {bound:,} any "
+                                f"run can use (64 tokens of at most 8 characters); shorten or split it")
+
+
+def test_a_row_of_more_tokens_than_any_run_can_use_is_refused(monkeypatch):
+    """Few characters, many tokens (the byte-level tokenizer spends 2 on an 'é'): the tokens count."""
+    monkeypatch.setattr(data, "MAX_ROW_TOKENS", 64)
+    example = data.Example([{"role": "user", "content": "q"}], "é" * 60, "f.jsonl:3")
+    with pytest.raises(ValueError, match=r"^f.jsonl:3: a row of \d+ tokens, longer than the 64 any run can use"):
+        data.encode_examples([example], TOKENIZER)
+
+
+def test_a_row_of_megabytes_is_one_line_in_train_evaluate_and_generate(tmp_path, capsys, small_run):
+    """At the real bound (8 Mi characters): a 9 MB line used to take gigabytes in the tokenizer."""
+    from scripts import evaluate, generate
+    path = write(tmp_path, "huge.jsonl", OK * 30 + json.dumps({"prompt": "q", "answer": "z" * 9_000_000}) + "\n")
+    said = f"{path}:31: a row of 9,000,001 characters, longer than the 8,388,608 any run can use"
+    code, line = refusal(capsys, "--out", str(tmp_path / "out"), "--data", str(path))
+    assert code == 1 and line.startswith(f"error: {said}"), line
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", str(small_run / "final"), "--task", "exact", "--data", str(path)])
+    assert str(e.value.code).startswith(f"error: {said}"), e.value.code
+    prompts = write(tmp_path, "prompts.txt", "hello\n" + "w" * 9_000_000 + "\n")
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--model", str(small_run / "final"), "--prompts-file", str(prompts)])
+    assert str(e.value.code).startswith(f"error: {prompts}:2: a row of 9,000,000 characters"), e.value.code
+
+
 def check_rows(rows, n, seq_len):
     """Fixed-length rows with a prompt and a non-empty answer that fit, never an empty batch."""
     assert rows.input_ids.shape == (n, seq_len) and n > 0
