@@ -616,6 +616,26 @@ def test_a_caught_out_of_memory_error_is_one_line_naming_the_flag(tmp_path, capf
     assert line == f"error: out of memory ({what}): {flag}", line
 
 
+@pytest.mark.parametrize("where, extra, culprit", [
+    ("forward", ["--seq-len", "4096"], "--seq-len 4096"),  # attention's T x T scores, not the batch
+    ("optimizer", ["--grad-accum", "65536"], "--grad-accum 65536"),  # the global batch's row indices
+    ("optimizer", ["--predictor-depth", "64"], "--predictor-depth 64"),
+    ("optimizer", ["--tiny-layers", "64"], "--tiny-layers 64"),
+    ("optimizer", ["--tiny-width", "256", "--tiny-layers", "64"], "--tiny-layers 64 or --tiny-width 256"),
+])
+def test_the_out_of_memory_line_names_the_flags_that_dominate_the_estimate(tmp_path, capfd, monkeypatch, where,
+                                                                           extra, culprit):
+    """The line used to blame --batch-size (in a forward) or --tiny-width (elsewhere) whatever
+    made the run large."""
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+    monkeypatch.setattr(*((DLLMJEPA, "forward") if where == "forward" else (train, "make_optimizer")), out_of_memory)
+    with contextlib.redirect_stdout(io.StringIO()):
+        line = train_refusal(capfd, "--out", str(tmp_path / "out"), "--steps", "2", *extra)
+    assert line == f"error: out of memory (MemoryError): lower {culprit} (the largest part of the memory this run " \
+                   "needs)", line
+
+
 def test_other_runtime_errors_pass_through(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "make_optimizer", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with contextlib.redirect_stdout(io.StringIO()), pytest.raises(RuntimeError, match="a bug"):
