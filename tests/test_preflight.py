@@ -521,6 +521,32 @@ def test_a_second_sigterm_stops_a_rank_stuck_in_a_collective(tmp_path):
             proc.kill()
             proc.wait()
 
+REPEATED = """
+import os, signal, time
+from dlm import files
+files.stop_on_second_signal(grace_s=0.2)
+with files.stop_requests() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)  # a SIGKILLed parent of several threads: the kernel repeats
+    os.kill(os.getpid(), signal.SIGTERM)  # the parent-death signal within a millisecond
+    time.sleep(1.5)  # past the watcher's grace: a second signal would have ended the process by now
+    print("one request", stop, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # a second request, later: stop now
+    time.sleep(10)
+    print("not stopped", flush=True)
+"""
+
+
+def test_a_signal_repeated_at_once_is_one_stop_request_and_a_later_one_stops_now(tmp_path):
+    """experiments.py's children get SIGTERM from the kernel when the runner dies (PR_SET_PDEATHSIG),
+    once per runner thread they are handed to: train.py took the repeat for a second request and
+    died in the middle of the checkpoint the first one asked for."""
+    script = tmp_path / "repeated.py"
+    script.write_text(REPEATED)
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert done.stdout.splitlines() == [f"one request [{int(signal.SIGTERM)}]"], (done.stdout, done.stderr)
+    assert done.returncode == -signal.SIGTERM, done.stderr
+
 # -----------------------------------------------------------------------------
 # 8. Sizes that cannot fit
 
