@@ -456,9 +456,10 @@ def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32, weights
     no weight file read): what the trainer's ranks other than 0 do.
 
     A damaged folder raises ValueError with one line naming it and what is wrong (a truncated
-    or foreign weight file, a config.json whose sizes do not match the weights, a missing or
-    broken tokenizer or JSON file), not a SafetensorError or size-mismatch traceback; the key
-    table transformers logs before such an error is held back (logged as usual on success)."""
+    or foreign weight file, a config.json whose sizes or layer count do not match the weights, a
+    missing or broken tokenizer or JSON file), not a SafetensorError or size-mismatch traceback
+    nor a model with a block at random; the key table transformers logs before such an error is
+    held back (logged as usual on success)."""
     with held_load_reports() as reports:
         try:
             backbone = read_backbone(name_or_path, dtype, weights)
@@ -501,17 +502,20 @@ def weights_problem(model) -> str | None:
 
 @contextlib.contextmanager
 def held_load_reports():
-    """Hold the records transformers' from_pretrained logs (its LOAD REPORT key table)."""
-    logger, held = logging.getLogger("transformers.modeling_utils"), []
+    """Hold the records transformers logs while loading (from_pretrained's LOAD REPORT key table,
+    the config's complaints about ids outside its vocabulary)."""
+    loggers, held = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "configuration_utils")], []
 
     def hold(record):
         held.append(record)
         return False
-    logger.addFilter(hold)
+    for logger in loggers:
+        logger.addFilter(hold)
     try:
         yield held
     finally:
-        logger.removeFilter(hold)
+        for logger in loggers:
+            logger.removeFilter(hold)
 
 
 def load_error(name_or_path: str, error: BaseException, reports: list) -> str | None:
@@ -546,7 +550,30 @@ def load_error(name_or_path: str, error: BaseException, reports: list) -> str | 
                 "copy the files of the model it came from")
     if isinstance(error, OSError) and "\n" in str(error).strip():
         return f"{where}: {detail}"  # transformers' several-line messages, in one line
+    if isinstance(error, ValueError) and (unknown := re.search(r"has model type `([^`]*)`", detail)):
+        return (f"{where}: config.json's model_type {unknown[1]!r} is unknown to transformers (supported here: "
+                f"{', '.join(sorted(FAMILIES))}); restore the config.json saved with the weights")
+    if isinstance(error, ValueError):  # our checks of the config and tokenizer: name the folder
+        return detail if detail.startswith(where) else f"{where}: {detail}"
     return None
+
+
+def keys_problem(model, loading: dict) -> str | None:
+    """One line if the weights do not fill the model config.json describes (from_pretrained's
+    loading info): a tensor missing (it would train from its random initialisation) or one left
+    over (a block dropped), e.g. a config.json whose layer count was edited. Harmless: a tied
+    weight (it is the tensor it ties to) and buffers (recomputed, or non-persistent)."""
+    harmless = set(getattr(model, "all_tied_weights_keys", None) or {}) | {name for name, _ in model.named_buffers()}
+    missing, unexpected = ([key for key in sorted(loading.get(kind) or ()) if key not in harmless]
+                           for kind in ("missing_keys", "unexpected_keys"))
+    if not missing and not unexpected:
+        return None
+    parts = ([f"{len(missing)} of the model's tensors are not in the weights ({', '.join(missing[:2])}"
+              f"{', ...' if len(missing) > 2 else ''})"] if missing else []) + \
+            ([f"{len(unexpected)} tensors of the weights have no place in the model ({', '.join(unexpected[:2])}"
+              f"{', ...' if len(unexpected) > 2 else ''})"] if unexpected else [])
+    return (f"config.json does not match the weights: {' and '.join(parts)}; the folder's config.json belongs to "
+            "another model or was edited (a layer count?): restore the one saved with these weights")
 
 
 def readable_safetensors(path: Path) -> bool:
@@ -570,6 +597,10 @@ def read_backbone(name_or_path: str, dtype: torch.dtype = torch.float32, weights
     """load_backbone without its error lines."""
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
     family = family_of(config)
+    vocab_size = getattr(config, "vocab_size", None)
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"config.json's vocab_size {vocab_size!r} is not a positive number of tokens; restore the "
+                         "config.json saved with the weights")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
     if tokenizer.chat_template is None and family.chat_template is not None:
         tokenizer.chat_template = family.chat_template  # base checkpoints ship none
@@ -591,7 +622,12 @@ def read_backbone(name_or_path: str, dtype: torch.dtype = torch.float32, weights
         AutoModel.register(type(config), model_class, exist_ok=True)
         if "AutoModel" in (getattr(config, "auto_map", None) or {}):  # remote code: save_pretrained
             model_class.register_for_auto_class("AutoModel")  # copies its files, as AutoModel's own path does
-        model = (AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, trust_remote_code=True)
-                 if weights else AutoModel.from_config(config, dtype=dtype, trust_remote_code=True))
+        if weights:
+            model, loading = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, trust_remote_code=True,
+                                                       output_loading_info=True)
+            if problem := keys_problem(model, loading):
+                raise ValueError(f"{name_or_path}: {problem}")
+        else:
+            model = AutoModel.from_config(config, dtype=dtype, trust_remote_code=True)
     fixes += [fix(model) for fix in family.after]
     return Backbone(model, tokenizer, family, mask_id, eos_id, [f for f in fixes if f], saved_dtype)

@@ -6,7 +6,7 @@ Checkpoints and export for train.py: written whole or not at all, sealed, checke
   hashes the files it wrote, rank 0 writes it last), renamed to step_XXXXXXXX once complete,
   so a kill never leaves a half-written latest checkpoint. Loading compares the files with the
   manifest first (bit rot, a bad copy: one line naming the file and the other checkpoints);
-  checkpoints written before manifests load unchecked. The last `keep` are kept; a pruned one
+  a checkpoint without its manifest is refused (its files cannot be checked). The last `keep` are kept; a pruned one
   is renamed step_XXXXXXXX.deleting before its files go, so a kill mid-deletion never leaves a
   complete-looking half; .tmp and .deleting folders a kill left behind are never loaded and are
   removed when the next run starts; resuming an earlier step moves the later ones into
@@ -104,12 +104,15 @@ def check_checkpoint(path: Path):
         raise ValueError(damaged(path, problem))
 
 
-def read_manifest(path: Path) -> dict[str, tuple[int, str]] | None:
-    """The manifest as {file: (bytes, sha256)}; None for a checkpoint written before manifests
-    existed (it loads unchecked, as it always did)."""
+def read_manifest(path: Path) -> dict[str, tuple[int, str]]:
+    """The manifest as {file: (bytes, sha256)}. ValueError (one line) when it is missing: every
+    save seals its checkpoint, so a folder without one lost it (a partial copy, a deletion) and
+    a changed byte in a shard could no longer be told from the bytes written."""
     file = path / MANIFEST
     if not file.is_file():
-        return None
+        raise ValueError(f"{path}: a checkpoint without its {MANIFEST} (each save writes one, so it was lost in a "
+                         f"copy or deleted), whose files cannot be checked: copy its {MANIFEST} from where the "
+                         f"checkpoint came from, or move it aside and {resume_hint(path)}")
     try:
         return {name: (int(entry["bytes"]), str(entry["sha256"]))
                 for name, entry in json.loads(file.read_text())["files"].items()}
@@ -117,12 +120,10 @@ def read_manifest(path: Path) -> dict[str, tuple[int, str]] | None:
         raise ValueError(damaged(path, f"{MANIFEST}: unreadable ({type(e).__name__})")) from None
 
 
-def manifest_problem(path: Path, manifest: dict | None, hashed=()) -> str | None:
+def manifest_problem(path: Path, manifest: dict, hashed=()) -> str | None:
     """The first way the folder differs from its manifest, as 'file: what is wrong' (None: it
-    matches, or there is no manifest): a missing file, one the write did not make, another size,
-    or (for the files named in `hashed`; reading them all is the costly part) other bytes."""
-    if manifest is None:
-        return None
+    matches): a missing file, one the write did not make, another size, or (for the files named
+    in `hashed`; reading them all is the costly part) other bytes."""
     present = {p.name for p in path.iterdir()} - {MANIFEST}
     problems = (
         [f"{name}: missing (the manifest lists it)" for name in sorted(manifest.keys() - present)]
@@ -263,11 +264,11 @@ def seal(folder: Path, env: sharding.Env) -> str | None:
 
 def verify_checkpoint(path: Path, env: sharding.Env):
     """Raise ValueError, the same line on every rank, if a file differs from the manifest
-    (missing, not in it, another size, other bytes: bit rot, a bad copy). Each rank hashes the
-    files its rank wrote. A checkpoint without a manifest (older code) passes."""
+    (missing, not in it, another size, other bytes: bit rot, a bad copy) or the manifest is
+    missing. Each rank hashes the files its rank wrote."""
     try:
         manifest = read_manifest(path)
-        mine = [name for name in manifest or () if owner(name, env.world_size) == env.rank]
+        mine = [name for name in manifest if owner(name, env.world_size) == env.rank]
         problem = manifest_problem(path, manifest, hashed=mine)
         error = problem and damaged(path, problem)
     except ValueError as e:

@@ -14,7 +14,7 @@ Data for fine-tuning: read examples, render them through the chat template, pack
 - Batches and canvas lengths are a pure function of (seed, step, shard): resuming needs the
   step only.
 - Bad data. A malformed row stops loading with one line naming the file, the line, what is
-  wrong and how to fix it: invalid JSON, not an object, missing or wrong-typed fields, text
+  wrong and how to fix it: invalid JSON, a number too long for Python, not an object, missing or wrong-typed fields, text
   that is not UTF-8 or holds unpaired surrogate escapes, an empty file. Rows that are
   well-formed but teach nothing are skipped, counted and reported by `clean_examples`:
   a blank answer (empty or whitespace only: the row would teach the model to stop at once;
@@ -29,11 +29,15 @@ import csv
 import io
 import json
 import random
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from dlm import bounds
 
 # -----------------------------------------------------------------------------
 # Examples: (prompt messages, answer text)
@@ -115,6 +119,7 @@ def example_from_row(row, where: str, fields: tuple[str, str] | None = None) -> 
         if not isinstance(extra, str):
             raise ValueError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
         example = Example([{"role": "user", "content": q + "\n\n" + extra if extra.strip() else q}], a, where)
+    check_row_length([m["content"] for m in example.prompt] + [example.answer], where)
     for text in [m["content"] for m in example.prompt] + [example.answer]:
         try:
             text.encode("utf-8")
@@ -122,6 +127,20 @@ def example_from_row(row, where: str, fields: tuple[str, str] | None = None) -> 
             raise ValueError(f"{where}: the text holds an unpaired surrogate escape (\\ud800-\\udfff), "
                              "which is not a character; fix or remove the escape") from None
     return example
+
+
+MAX_ROW_TOKENS = bounds.BOUNDS["seq_len"][1]  # the longest row any command accepts (--seq-len's bound)
+CHARS_PER_TOKEN = 8       # generous: BPE tokens of text average about 4 characters, a byte-level one 1
+
+
+def check_row_length(texts: list[str], where: str):
+    """Refuse (ValueError, one line naming the row) a row whose text is longer than any run could
+    use, MAX_ROW_TOKENS tokens at CHARS_PER_TOKEN characters each, before it is tokenised: a
+    50 MB line would take gigabytes in the tokenizer, or abort the process inside it."""
+    length, bound = sum(map(len, texts)), MAX_ROW_TOKENS * CHARS_PER_TOKEN
+    if length > bound:
+        raise ValueError(f"{where}: a row of {length:,} characters, longer than the {bound:,} any run can use "
+                         f"({MAX_ROW_TOKENS:,} tokens of at most {CHARS_PER_TOKEN} characters); shorten or split it")
 
 
 def read_text(path: Path) -> str:
@@ -148,6 +167,8 @@ def json_rows(path: Path, what: str = "examples") -> list[tuple[object, str]]:
                              "a .json file must be one valid JSON list") from None
         except RecursionError:
             raise ValueError(f"{path}: JSON nested too deeply to read") from None
+        except ValueError:  # Python's limit on an integer's digits (json.loads raises no JSONDecodeError)
+            raise ValueError(too_many_digits(path, text)) from None
         if not isinstance(rows, list):
             raise ValueError(f"{path}: a .json file must hold a list of {what}, got "
                              f"{type(rows).__name__}; or write one object per line to a .jsonl file")
@@ -163,7 +184,21 @@ def json_rows(path: Path, what: str = "examples") -> list[tuple[object, str]]:
                              "each line must be one complete JSON object") from None
         except RecursionError:
             raise ValueError(f"{path}:{lineno}: JSON nested too deeply to read") from None
+        except ValueError:
+            raise ValueError(too_many_digits(path, line, lineno)) from None
     return rows
+
+
+def too_many_digits(path: Path, text: str, first_line: int = 1) -> str:
+    """One line for a JSON number longer than Python converts to an integer
+    (sys.get_int_max_str_digits(), 4300 by default: a guard against quadratic-time parsing),
+    naming the line of the first one (`text` starts at line `first_line` of the file)."""
+    limit = sys.get_int_max_str_digits()
+    found = re.search(rf"(?<![\w.])-?\d{{{limit + 1},}}", text)
+    where = f"{path}:{first_line + text[:found.start()].count(chr(10))}" if found else f"{path}:{first_line}"
+    count = len(found[0].lstrip("-")) if found else f"more than {limit}"
+    return (f"{where}: a number of {count} digits, more than the {limit} Python reads as an integer; write it as a "
+            "string (in quotes) or shorten it")
 
 
 # The datasets library's local builder for each file type read as examples (.txt: plain text).
@@ -309,6 +344,9 @@ def encode_examples(examples, tokenizer) -> list[tuple[list[int], list[int]]]:
             raise ValueError(f"{ex.where or 'an example'}: the chat template refused it "
                              f"({type(e).__name__}: {e}); check the roles and their order") from None
         encoded.append((prompt, tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]))
+        if sum(map(len, encoded[-1])) > MAX_ROW_TOKENS:
+            raise ValueError(f"{ex.where or 'an example'}: a row of {sum(map(len, encoded[-1])):,} tokens, longer than "
+                             f"the {MAX_ROW_TOKENS:,} any run can use (--seq-len's bound); shorten or split it")
     return encoded
 
 

@@ -10,7 +10,8 @@ written over an input, no refusal found late.
   (`check_writable`, which every command's output flags pass through).
 - Memory: what is free on a GPU or in host memory (a cgroup's limit included).
 - Signals: the first SIGTERM/SIGINT lets train.py finish its step and save (stop_requests); a
-  second ends the process even while it is stuck inside a collective (stop_on_second_signal).
+  second ends the process even while it is stuck inside a collective (stop_on_second_signal);
+  one repeated within REPEAT_S (the kernel's repeated parent-death signal) is the same request.
 - One line for an error from deep inside a library (`cause`), our own refusals as one line and
   exit 1 (`in_one_line`), sizes in bytes for people (`human`).
 """
@@ -238,25 +239,52 @@ def link_out_of(folder: Path) -> tuple[Path, Path] | None:
 # Memory and signals
 
 
-def available_memory(device: torch.device | str) -> tuple[int, str]:
-    """(bytes free, where) on a CUDA device (torch.cuda.mem_get_info) or in host memory (the
-    smaller of /proc/meminfo's MemAvailable and a cgroup's limit less its usage); (0, '') if
-    unknown."""
+CGROUP = Path("/sys/fs/cgroup")  # where cgroup v2 (unified) or v1 (a memory/ hierarchy) is mounted
+
+
+def available_memory(device: torch.device | str, cgroup: Path | None = None) -> tuple[int, str]:
+    """(bytes free, where) on a CUDA device (torch.cuda.mem_get_info) or in host memory: the
+    smaller of /proc/meminfo's MemAvailable and what this process's cgroup still allows (a
+    container's limit: past it the kernel kills the process however much RAM is free);
+    (0, '') if unknown. cgroup: the cgroup mount (CGROUP), a parameter for tests."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0], f"GPU {device.index or 0}"
-    free = []
+    free = None
     with contextlib.suppress(OSError, ValueError, StopIteration):
         with open("/proc/meminfo") as f:
-            free.append(int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024)
-    with contextlib.suppress(OSError, ValueError):
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            free.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    return (min(free), "host memory") if free else (0, "")
+            free = int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
+    allowed = cgroup_free(cgroup or CGROUP)
+    if allowed is not None and (free is None or allowed < free):
+        return allowed, "host memory (this process's cgroup limit)"
+    return (free, "host memory") if free is not None else (0, "")
+
+
+def cgroup_free(root: Path) -> int | None:
+    """Bytes the memory cgroup mounted at `root` still allows: its limit less its usage, from
+    cgroup v2 (memory.max, memory.current) or v1 (memory/memory.limit_in_bytes, ...usage_in_bytes;
+    'no limit' is a huge number there), the smaller if both are set; None if neither limits."""
+    free = []
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        with contextlib.suppress(OSError, ValueError):
+            limit = (root / limit_file).read_text().strip()
+            if limit != "max":
+                free.append(max(0, int(limit) - int((root / usage_file).read_text())))
+    return min(free) if free else None
 
 
 _SIGNAL_WATCH: dict = {}
+# Signals this close after the first are the same request, not a second one: the kernel sends a
+# parent-death signal (experiments.py's children: PR_SET_PDEATHSIG) again each time the child is
+# handed to another thread of its dying parent, within a millisecond (measured: 2 SIGTERMs from a
+# SIGKILLed parent with 4 threads); a person's second Ctrl-C comes far later.
+REPEAT_S = 0.5
+
+
+def is_repeat(first: float | None) -> bool:
+    """Whether a signal now repeats the one received at monotonic time `first` (None: none yet)."""
+    return first is not None and time.monotonic() - first < REPEAT_S
 
 
 def stop_on_second_signal(grace_s: float = 3.0):
@@ -267,12 +295,13 @@ def stop_on_second_signal(grace_s: float = 3.0):
     collective whose peer died or hangs (an orphaned torchrun worker) never does, and ignores
     every SIGTERM. The C-level handler still writes each signal's number to the wakeup fd; a
     thread reading it counts them and, `grace_s` after the second one (time for the handler to
-    act if the main thread is free), exits with 128 + the signal number. Started once per
-    process (main thread only); each call resets the count."""
+    act if the main thread is free), exits with 128 + the signal number; a repeat within
+    REPEAT_S of the first is not counted. Started once per process (main thread only); each
+    call resets the count."""
     if threading.current_thread() is not threading.main_thread():
         return
     if _SIGNAL_WATCH:
-        _SIGNAL_WATCH["count"] = 0
+        _SIGNAL_WATCH.update(count=0, first=None)
         return
     read, write = os.pipe()
     os.set_blocking(write, False)
@@ -282,15 +311,16 @@ def stop_on_second_signal(grace_s: float = 3.0):
         os.close(read)
         os.close(write)
         return
-    _SIGNAL_WATCH.update(count=0)
+    _SIGNAL_WATCH.update(count=0, first=None)
 
     def watch():
         while True:
             number = os.read(read, 1)
             if not number:
                 return
-            if number[0] not in (signal.SIGTERM, signal.SIGINT):
+            if number[0] not in (signal.SIGTERM, signal.SIGINT) or is_repeat(_SIGNAL_WATCH["first"]):
                 continue
+            _SIGNAL_WATCH["first"] = _SIGNAL_WATCH["first"] or time.monotonic()
             _SIGNAL_WATCH["count"] += 1
             if _SIGNAL_WATCH["count"] >= 2:
                 time.sleep(grace_s)
@@ -306,13 +336,16 @@ def stop_requests():
     """SIGTERM/SIGINT: finish the step, save a resumable checkpoint, exit. Yields the signals
     received so far (the loop reads them after each step); the previous handlers come back on
     leaving, however the loop ends."""
-    stop_signal = []
+    stop_signal, first = [], []
 
     def on_signal(signum, frame):
+        if stop_signal and is_repeat(first[0]):  # the same request again (REPEAT_S)
+            return
         if stop_signal:  # a second signal: stop now (the last complete checkpoint stays intact)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         stop_signal.append(signum)
+        first.append(time.monotonic())
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield stop_signal

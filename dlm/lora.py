@@ -18,6 +18,9 @@ the LoRA plumbing around it:
 - Export: `merged_state` (the base weights plus the adapter, under the base model's names: what
   save_pretrained writes, loadable without peft) and `merge_and_unload` (the same, in place);
   `save_adapter` writes the adapter alone in peft's format (`PeftModel.from_pretrained` loads it).
+- Loading an adapter folder (evaluate.py): `read_adapter_config` checks adapter_config.json and
+  the weights before any model loads, `load_adapter` merges it into its base; each problem is
+  one line naming the folder or file (peft's are size-mismatch tables, a bare JSON error).
 
 How train.py uses it (flags --lora-rank, --lora-alpha, --lora-dropout, --lora-targets):
 
@@ -33,6 +36,8 @@ and step time, LoRA against full fine-tuning.
 
 import contextlib
 import dataclasses
+import json
+import re
 import warnings
 from pathlib import Path
 
@@ -350,6 +355,66 @@ def save_adapter(model: nn.Module, out_dir, adapter: str = TRAINED, is_main: boo
         save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()},
                   out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     return out_dir
+
+# -----------------------------------------------------------------------------
+# Loading an adapter folder (evaluate.py --adapter, or --model ADAPTER_FOLDER)
+
+ADAPTER_FIELDS = {  # what peft reads before it loads weights: the types it needs, in words
+    "r": (int, "a positive integer"), "lora_alpha": ((int, float), "a number"),
+    "target_modules": ((list, str, type(None)), "a list of layer names"),
+    "base_model_name_or_path": ((str, type(None)), "a folder or hub id (a string)")}
+
+
+def read_adapter_config(folder: Path) -> dict:
+    """A peft adapter folder's adapter_config.json, checked before any model loads: ValueError,
+    one line naming the file and what to do, when it is missing, not JSON, not an object, its
+    fields of the wrong type (a rank "8", a base named by a number), or its weights are absent."""
+    file = Path(folder) / "adapter_config.json"
+    if not file.is_file():
+        raise ValueError(f"{folder}: no adapter_config.json there; give a peft adapter folder (train.py "
+                         "--export-adapter writes final/adapter)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: not valid JSON ({' '.join(str(e).split())}); restore the adapter's files") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: holds a {type(config).__name__}, not a JSON object; restore the adapter's files")
+    for key, (kinds, wanted) in ADAPTER_FIELDS.items():
+        value = config.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool) or (key == "r" and value < 1):
+            raise ValueError(f"{file}: {key} is {json.dumps(value)}, not {wanted}; restore the adapter's files")
+    if not any((Path(folder) / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ValueError(f"{folder}: no adapter_model.safetensors (the adapter's weights); copy the whole adapter folder")
+    return config
+
+
+def load_adapter(model: nn.Module, folder: Path, base: str) -> nn.Module:
+    """The adapter in `folder` (read_adapter_config: checked) merged into `model`, the model of
+    `base` (PeftModel.from_pretrained, then merge_and_unload): a plain model again. ValueError,
+    one line naming the folder, when it does not fit the base (another width, targets the model
+    lacks) or its weights are damaged, instead of peft's tables of size mismatches."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+    read_adapter_config(folder)
+    try:
+        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except RuntimeError as e:
+        text = " ".join(str(e).split())
+        size = re.search(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+                         r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)", text)
+        if not size:
+            raise
+        count = text.count("size mismatch for")
+        raise ValueError(f"{folder}: the adapter does not fit the base model {base}: {size[1]} is [{size[2]}] in the "
+                         f"adapter but [{size[3]}] in the model" + (f" ({count} tensors differ)" if count > 1 else "")
+                         + "; give the base it was trained on (--model)") from None
+    except SafetensorError as e:
+        raise ValueError(f"{folder}: adapter_model.safetensors is damaged ({' '.join(str(e).split())}); copy the "
+                         "adapter again") from None
+    except ValueError as e:  # peft's own refusals, e.g. target modules the base lacks
+        raise ValueError(f"{folder}: peft could not apply the adapter to {base} ({' '.join(str(e).split())}); give "
+                         "the base it was trained on (--model)") from None
+
 
 def summary(model: nn.Module, rank: int, alpha: float, targets: str) -> str:
     """One line on what LoRA trains in a DLLMJEPA `model`: the adapters' size against the base's

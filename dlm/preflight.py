@@ -20,6 +20,7 @@ library, never lost work.
   a resumed run logs as an uninterrupted one; config.json and held_out.jsonl written whole.
 """
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -231,6 +232,45 @@ def activation_problem(args, shape, rows, env) -> str | None:
                " (--grad-accum keeps the global batch" + (")" if args.activation_checkpointing
                                                           else "; --activation-checkpointing stores less)")))
 
+MEMORY_FLAGS = ("tiny_width", "tiny_layers", "seq_len", "batch_size", "grad_accum", "predictor_depth", "lora_rank")
+
+
+def memory_estimate(args) -> float | None:
+    """Bytes a run of these flags needs at least, None when the model's shape is unknown: the
+    training state (check_fits), LoRA's adapters (about 12 x width inputs and outputs per block
+    and rank, each 16 bytes of training state and 4 of EMA adapter), a micro-batch's activations,
+    logits and one attention score matrix per block (activation_problem's, canvas --seq-len), and
+    the global batch's row indices (data.batch_rows: a few int64 tensors of that length)."""
+    shape = model_shape(args)
+    if shape is None:
+        return None
+    parameters, width, blocks, vocab = shape
+    per_parameter, _ = state_bytes(args, parameters, width)
+    canvas = args.seq_len or 32  # the built-in task's
+    adapters = 20 * 12 * width * blocks * (getattr(args, "lora_rank", 0) or 0)
+    per_row = canvas * (width * blocks * ACTIVATION_BYTES + vocab * 8 + 4 * canvas * blocks)
+    return per_parameter * parameters + adapters + args.batch_size * per_row + 32 * args.batch_size * args.grad_accum
+
+
+def dominant_flags(args) -> list[str]:
+    """The flags (at most two, largest first, as '--flag value') above their defaults that,
+    set back to them, would at least halve memory_estimate: what an out-of-memory line names.
+    Empty when none does (the model or the machine is the cause)."""
+    total = memory_estimate(args)
+    if not total:
+        return []
+    _, defaults = flags.parse_args([])
+    shrink = {}
+    for name in MEMORY_FLAGS:
+        value, default = getattr(args, name, None), 32 if name == "seq_len" else getattr(defaults, name)
+        if value is None or value <= default or (name.startswith("tiny_") and args.model is not None):
+            continue
+        smaller = memory_estimate(argparse.Namespace(**vars(args) | {name: default}))
+        if smaller and total / smaller >= 2:
+            shrink[name] = total / smaller
+    return [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in sorted(shrink, key=shrink.get)[::-1][:2]]
+
+
 # -----------------------------------------------------------------------------
 # Once loaded: every rank holds the same run
 
@@ -342,8 +382,9 @@ OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memo
 @contextlib.contextmanager
 def out_of_memory_in_one_line(args):
     """An out-of-memory error inside (torch.OutOfMemoryError, the CPU allocator's RuntimeError,
-    MemoryError) as one line naming the flag to lower: --batch-size when it struck in a forward
-    or backward pass, else the model's size."""
+    MemoryError) as one line naming the flag to lower: the flags that dominate the memory
+    estimate (dominant_flags) when some are far above their defaults; else --batch-size when it
+    struck in a forward or backward pass, else the model's size."""
     try:
         yield
     except (RuntimeError, MemoryError) as e:
@@ -356,7 +397,9 @@ def out_of_memory_in_one_line(args):
         tried = re.search(r"[Tt]ried to allocate ([\d.]+) ?(bytes|[KMGT]i?B)", text)
         size = tried and (files.human(int(tried[1])) if tried[2] == "bytes" else f"{tried[1]} {tried[2]}")
         detail = (what[0] if what else type(e).__name__) + (f", tried to allocate {size}" if size else "")
-        if frames & {"forward", "backward", "_engine_run_backward", "held_out_eval", "held_out_answers"}:
+        if culprits := dominant_flags(args):
+            fix = f"lower {' or '.join(culprits)} (the largest part of the memory this run needs)"
+        elif frames & {"forward", "backward", "_engine_run_backward", "held_out_eval", "held_out_answers"}:
             fix = (f"lower --batch-size {args.batch_size} (--grad-accum keeps the global batch), or --seq-len"
                    + (f" {args.seq_len}" if args.seq_len else "")
                    + ("" if args.activation_checkpointing else ", or add --activation-checkpointing"))

@@ -31,7 +31,6 @@ line; a process that stops or hangs stops the rest after --collective-timeout.
 """
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -122,7 +121,7 @@ if __name__ == "__main__":  # --help and a mistyped flag answer here, before tor
 
 import torch
 
-from dlm import checkpoints, data, files, hub, sharding
+from dlm import checkpoints, data, files, hub, lora, sharding
 from dlm.sampler import SamplerConfig, canvas_args, trained_seq_len
 from tasks import GENERATION_TASKS, check_references, load_items
 from tasks.common import Shard, max_positions, with_shots
@@ -141,22 +140,19 @@ def load(name: str, args, device=None):
     adapter = None
     if getattr(args, "adapter", None) and name == args.model and not getattr(args, "adapter_loaded", False):
         adapter, args.adapter_loaded = Path(args.adapter), True  # --base, even if the same, goes without
-        if not (adapter / "adapter_config.json").is_file():
-            raise ValueError(f"--adapter {adapter}: no adapter_config.json there; give a peft adapter folder "
-                             "(train.py --export-adapter writes final/adapter)")
+        try:
+            lora.read_adapter_config(adapter)
+        except ValueError as e:
+            raise ValueError(f"--adapter {e}") from None
     elif (Path(name) / "adapter_config.json").is_file() and not (Path(name) / "config.json").is_file():
         adapter = Path(name)
-        try:
-            name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{adapter}: adapter_config.json unreadable ({type(e).__name__}: {e})") from None
+        name = lora.read_adapter_config(adapter)["base_model_name_or_path"]
         if not name:
             raise ValueError(f"{adapter}: its adapter_config.json names no base model; give --model BASE "
                              f"--adapter {adapter}")
     backbone = load_backbone(name, dtype=getattr(torch, args.dtype))
     if adapter is not None:
-        from peft import PeftModel
-        backbone.model = PeftModel.from_pretrained(backbone.model, adapter).merge_and_unload()
+        backbone.model = lora.load_adapter(backbone.model, adapter, name)
     backbone.model.to(device or sharding.pick_device(args.device)).eval()
     return backbone
 

@@ -203,6 +203,8 @@ def read_prompts(path: Path) -> list[Prompt]:
                    for lineno, line in enumerate(data.read_text(path).split("\n"), start=1) if line.strip()]
     if not prompts:
         raise ValueError(f"--prompts-file {path}: holds no prompts (the file is empty or blank)")
+    for prompt in prompts:
+        data.check_row_length([m["content"] for m in prompt.messages], prompt.where)
     return prompts
 
 

@@ -106,16 +106,32 @@ def test_missing_truncated_and_extra_files_are_named_by_check_and_load(trained, 
     assert f"({problem}" in one_line(e) and "step_00000001" in one_line(e), one_line(e)
 
 
-def test_the_manifest_covers_every_file_and_old_checkpoints_still_load(trained, ckpts):
+def test_the_manifest_covers_every_file(trained, ckpts):
     env, model, optimizer, _ = trained
     path = ckpts / "step_00000002"
     manifest = json.loads((path / "manifest.json").read_text())["files"]
     assert sorted(manifest) == [".metadata", "__0_0.distcp", "extra_rank0.pt"]
     assert manifest["extra_rank0.pt"]["bytes"] == (path / "extra_rank0.pt").stat().st_size
     assert checkpoints.load_checkpoint(path, model, optimizer, env)["step"] == 2
-    (path / "manifest.json").unlink()  # as written before manifests: loads as it always did
-    checkpoints.check_checkpoint(path)
-    assert checkpoints.load_checkpoint(path, model, optimizer, env)["step"] == 2
+
+
+def test_a_checkpoint_without_its_manifest_is_refused_not_loaded_unchecked(trained, ckpts):
+    """Without the manifest a changed byte in a shard could not be seen: refused by the cheap
+    check (--resume), by --resume auto and by the load itself, naming the folder and what to do."""
+    env, model, optimizer, _ = trained
+    path = ckpts / "step_00000002"
+    (path / "manifest.json").unlink()
+    shard = path / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(data)
+    for refuse in (checkpoints.check_checkpoint, checkpoints.check_latest,
+                   lambda p: checkpoints.load_checkpoint(p, model, optimizer, env)):
+        with pytest.raises(ValueError) as e:
+            refuse(path if refuse is not checkpoints.check_latest else ckpts)
+        line = one_line(e)
+        assert f"{path}: a checkpoint without its manifest.json" in line, line
+        assert "copy its manifest.json from where the checkpoint came from" in line and "step_00000001" in line, line
 
 
 class Killed(BaseException):

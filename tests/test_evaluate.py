@@ -3,10 +3,13 @@
 import dataclasses
 import json
 import math
+import shutil
 import sqlite3
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn as nn
 
@@ -539,8 +542,93 @@ def test_adapter_applies_to_model_not_base(lora_run, tmp_path):
     with pytest.raises(SystemExit, match=r"error: --adapter .*: no adapter_config.json there"):
         E.main(["--model", str(base), "--adapter", str(base), *flags])
     nameless = tmp_path / "nameless"
-    nameless.mkdir()
+    shutil.copytree(final / "adapter", nameless)
     config = json.loads((final / "adapter" / "adapter_config.json").read_text()) | {"base_model_name_or_path": None}
     (nameless / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit, match="names no base model; give --model BASE --adapter"):
         E.main(["--model", str(nameless), *flags])
+
+
+def probe_flags(tmp_path):
+    text = tmp_path / "held.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    return ["--task", "probe", "--data", str(text), "--probe-seq-len", "32", "--probe-windows", "2", "--probe-grid", "2"]
+
+
+def adapter_refusal(capfd, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        E.main(argv)
+    line = str(e.value.code)
+    err = capfd.readouterr().err
+    assert line.startswith("error: ") and "\n" not in line and "Traceback" not in err, (line, err)
+    return line
+
+
+def other_width_adapter(folder, base):
+    """An adapter trained on a tiny model of width 64, its config naming the width-32 base."""
+    import tiny_model
+    from peft import LoraConfig, get_peft_model
+    wide = tiny_model.make_tiny_model(tiny_model.make_tokenizer(), hidden_size=64, num_hidden_layers=2,
+                                      intermediate_size=96)
+    get_peft_model(wide, LoraConfig(r=4, target_modules=["qkv", "down"])).save_pretrained(folder)
+    config = json.loads((folder / "adapter_config.json").read_text()) | {"base_model_name_or_path": str(base)}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def edit_adapter_config(**values):
+    def edit(folder, base):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps(config | values))
+    return edit
+
+
+ADAPTER_DAMAGES = {
+    "other-width": (other_width_adapter, "the adapter does not fit the base model {base}: base_model.model.layers.0."
+                                         "qkv.lora_A.default.weight is [4, 64] in the adapter but [4, 32] in the model "
+                                         "(6 tensors differ); give the base it was trained on (--model)"),
+    "config-not-json": (lambda f, b: (f / "adapter_config.json").write_text("{oops"),
+                        "adapter_config.json: not valid JSON (Expecting property name"),
+    "config-a-list": (lambda f, b: (f / "adapter_config.json").write_text("[1]"),
+                      "adapter_config.json: holds a list, not a JSON object"),
+    "no-weights": (lambda f, b: (f / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"),
+    "truncated-weights": (lambda f, b: (f / "adapter_model.safetensors").write_bytes(b"\0" * 20),
+                          "adapter_model.safetensors is damaged"),
+    "targets-the-base-lacks": (edit_adapter_config(target_modules=["nosuch"]),
+                               "peft could not apply the adapter to {base} (Target modules {{'nosuch'}} not found"),
+}
+
+
+@pytest.mark.parametrize("damage", list(ADAPTER_DAMAGES))
+def test_a_damaged_adapter_is_one_line_naming_it(lora_run, tmp_path, capfd, damage):
+    """peft's own errors were 53 lines of size mismatches, a JSON error without the file, a
+    PosixPath type error; each is one line naming the adapter folder or file, both ways in."""
+    base, final = lora_run
+    folder = tmp_path / "adapter"
+    harm, said = ADAPTER_DAMAGES[damage]
+    if damage != "other-width":
+        shutil.copytree(final / "adapter", folder)
+    harm(folder, base)
+    said = said.format(base=base)
+    for argv, prefix in ((["--model", str(folder)], ""), (["--model", str(base), "--adapter", str(folder)], "--adapter ")):
+        line = adapter_refusal(capfd, argv + probe_flags(tmp_path))
+        assert line.startswith(f"error: {prefix if 'adapter_config' in said or 'no adapter_model' in said else ''}"
+                               f"{folder}"), line
+        assert said in line, line
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["r", "lora_alpha", "target_modules", "base_model_name_or_path"]),
+       value=st.one_of(st.text(max_size=5), st.integers(-3, 3), st.booleans(), st.floats(allow_nan=False),
+                       st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)))
+def test_wrong_types_in_adapter_config_are_one_line_naming_the_file(lora_run, tmp_path_factory, capfd, field, value):
+    base, final = lora_run
+    kinds = {"r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+             "lora_alpha": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+             "target_modules": lambda v: isinstance(v, (list, str)),  # a list of numbers peft refuses later
+             "base_model_name_or_path": lambda v: isinstance(v, str)}
+    assume(not kinds[field](value))
+    folder = tmp_path_factory.mktemp("typed") / "adapter"
+    shutil.copytree(final / "adapter", folder)
+    edit_adapter_config(**{field: value})(folder, base)
+    line = adapter_refusal(capfd, ["--model", str(base), "--adapter", str(folder)] + probe_flags(folder.parent))
+    assert line.startswith(f"error: --adapter {folder / 'adapter_config.json'}: {field} is "), line

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tiny_model
+from dlm import checkpoints
 from dlm.backbones import load_backbone
 from scripts import experiments as X
 
@@ -304,26 +305,44 @@ def start_runner(argv: list[str]) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ | {"OMP_NUM_THREADS": "1"})
 
 
-def training_child(runner: subprocess.Popen, log: Path, timeout: float = 300) -> psutil.Process:
-    """The runner's train.py process, once it has logged a step (its signal handler is set)."""
+def wait_until(condition, timeout: float = 600, every: float = 0.05) -> bool:
+    """Whether condition() held within timeout: polled, so an idle machine waits no longer than it
+    must and a loaded one (the suite beside a long experiment) gets a generous deadline."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert runner.poll() is None, runner.stderr.read()
-        if log.is_file() and len(log.read_text().splitlines()) >= 3:
-            return next(p for p in psutil.Process(runner.pid).children(recursive=True)
-                        if "train.py" in " ".join(p.cmdline()))
-        time.sleep(0.05)
-    raise AssertionError("train.py logged no step in time")
-
-
-def gone(process: psutil.Process, timeout: float = 60) -> bool:
-    """Whether the process has ended (a zombie no parent reaps counts) within timeout."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if not process.is_running() or process.status() == psutil.STATUS_ZOMBIE:
+        if condition():
             return True
-        time.sleep(0.1)
-    return False
+        time.sleep(every)
+    return condition()
+
+
+def training_child(runner: subprocess.Popen, log: Path, timeout: float = 600) -> psutil.Process:
+    """The runner's train.py process, once it has logged a training step (inside the loop, where a
+    SIGTERM makes it save a checkpoint before it stops)."""
+    def trained_a_step():
+        assert runner.poll() is None, runner.stderr.read()
+        return log.is_file() and any(is_step_row(line) for line in log.read_text().splitlines())
+    assert wait_until(trained_a_step, timeout), "train.py logged no step in time"
+    return next(p for p in psutil.Process(runner.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline()))
+
+
+def is_step_row(line: str) -> bool:
+    """A whole log.jsonl row of a training step (step 0's row is the held-out evaluation)."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # a row still being written
+        return False
+    return isinstance(row, dict) and row.get("step", 0) >= 1 and "loss" in row
+
+
+def gone(process: psutil.Process, timeout: float = 600) -> bool:
+    """Whether the process has ended (a zombie no parent reaps counts) within timeout."""
+    def ended():
+        try:
+            return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    return wait_until(ended, timeout)
 
 
 # long enough to be interrupted; one fine-tune
@@ -373,4 +392,4 @@ def test_a_sigkilled_runner_takes_its_children_down(data_dir, tmp_path):
     runner.kill()
     runner.wait()
     assert gone(child), "train.py outlived the runner"
-    assert list((out / "base" / "checkpoints").glob("step_*"))
+    assert checkpoints.latest_checkpoint(out / "base" / "checkpoints"), "train.py stopped without its checkpoint"

@@ -235,6 +235,88 @@ def test_generated_files_are_read_or_refused_by_line(tmp_path_factory, lines, se
     check_rows(data.tokenize_examples(examples, TOKENIZER, seq_len), len(examples), seq_len)
 
 
+@settings(max_examples=20, deadline=None)
+@given(suffix=st.sampled_from([".jsonl", ".json"]), before=st.integers(0, 3), extra=st.integers(1, 300),
+       sign=st.sampled_from(["", "-"]), field=st.sampled_from(["answer", "prompt"]))
+def test_a_number_past_pythons_digit_limit_is_named_by_line(tmp_path_factory, suffix, before, extra, sign, field):
+    """json.loads refuses an integer of more than sys.get_int_max_str_digits() digits with a bare
+    ValueError (no file, no line); the reader names the file and the line it sits on."""
+    digits = sys.get_int_max_str_digits() + extra
+    rows = [json.dumps({"prompt": f"q{i}", "answer": "a"}) for i in range(before)]
+    rows.append(json.dumps({"prompt": "q", "answer": "a"}).replace(f'"{field}": "{"q" if field == "prompt" else "a"}"',
+                                                                   f'"{field}": {sign}{"7" * digits}'))
+    text = "\n".join(rows) + "\n" if suffix == ".jsonl" else "[\n" + ",\n".join(rows) + "\n]\n"
+    path = tmp_path_factory.mktemp("digits") / f"big{suffix}"
+    path.write_text(text)
+    line = before + 1 + (suffix == ".json")
+    with pytest.raises(ValueError) as e:
+        data.read_examples(path)
+    assert str(e.value) == (f"{path}:{line}: a number of {digits} digits, more than the {digits - extra} Python reads "
+                            "as an integer; write it as a string (in quotes) or shorten it"), e.value
+
+
+def test_train_and_evaluate_name_the_row_of_a_number_past_the_digit_limit(tmp_path, capsys, small_run):
+    from scripts import evaluate
+    path = write(tmp_path, "big.jsonl", OK * 40 + '{"prompt": "q", "answer": ' + "9" * 5000 + "}\n")
+    said = f"{path}:41: a number of 5000 digits, more than the 4300 Python reads as an integer"
+    for flag in ("--data", "--eval-data"):
+        code, line = refusal(capsys, "--out", str(tmp_path / "out"), flag, str(path))
+        assert code == 1 and line.startswith(f"error: {said}"), line
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", str(small_run / "final"), "--task", "exact", "--data", str(path)])
+    assert str(e.value.code).startswith(f"error: {said}"), e.value.code
+
+
+@settings(max_examples=25, deadline=None)
+@given(suffix=st.sampled_from([".jsonl", ".json", ".csv"]), before=st.integers(0, 3), field=st.sampled_from(["prompt", "answer"]),
+       over=st.integers(-3, 3))
+def test_a_row_longer_than_any_run_can_use_is_refused_before_tokenising(tmp_path_factory, suffix, before, field, over):
+    """With the bound lowered to 64 tokens (512 characters), rows around it are read or refused by
+    their length alone, naming file and row, before any tokenizer sees them."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "MAX_ROW_TOKENS", 64)
+        bound = 64 * data.CHARS_PER_TOKEN
+        long = {"prompt": "p", "answer": "a"} | {field: "x" * (bound - 1 + over)}
+        rows = [{"prompt": f"q{i}", "answer": "a"} for i in range(before)] + [long]
+        path = tmp_path_factory.mktemp("long") / f"long{suffix}"
+        if suffix == ".csv":
+            path.write_text("prompt,answer\n" + "".join(f"{r['prompt']},{r['answer']}\n" for r in rows))
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows) if suffix == ".jsonl" else json.dumps(rows))
+        where = {".jsonl": f"{path}:{before + 1}", ".json": f"{path} item {before}", ".csv": f"{path} row {before + 1}"}
+        if over <= 0:
+            assert len(data.read_examples(path)) == before + 1
+            return
+        with pytest.raises(ValueError) as e:
+            data.read_examples(path)
+        assert str(e.value) == (f"{where[suffix]}: a row of {bound + over:,} characters, longer than the {bound:,} any "
+                                f"run can use (64 tokens of at most 8 characters); shorten or split it")
+
+
+def test_a_row_of_more_tokens_than_any_run_can_use_is_refused(monkeypatch):
+    """Few characters, many tokens (the byte-level tokenizer spends 2 on an 'é'): the tokens count."""
+    monkeypatch.setattr(data, "MAX_ROW_TOKENS", 64)
+    example = data.Example([{"role": "user", "content": "q"}], "é" * 60, "f.jsonl:3")
+    with pytest.raises(ValueError, match=r"^f.jsonl:3: a row of \d+ tokens, longer than the 64 any run can use"):
+        data.encode_examples([example], TOKENIZER)
+
+
+def test_a_row_of_megabytes_is_one_line_in_train_evaluate_and_generate(tmp_path, capsys, small_run):
+    """At the real bound (8 Mi characters): a 9 MB line used to take gigabytes in the tokenizer."""
+    from scripts import evaluate, generate
+    path = write(tmp_path, "huge.jsonl", OK * 30 + json.dumps({"prompt": "q", "answer": "z" * 9_000_000}) + "\n")
+    said = f"{path}:31: a row of 9,000,001 characters, longer than the 8,388,608 any run can use"
+    code, line = refusal(capsys, "--out", str(tmp_path / "out"), "--data", str(path))
+    assert code == 1 and line.startswith(f"error: {said}"), line
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", str(small_run / "final"), "--task", "exact", "--data", str(path)])
+    assert str(e.value.code).startswith(f"error: {said}"), e.value.code
+    prompts = write(tmp_path, "prompts.txt", "hello\n" + "w" * 9_000_000 + "\n")
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--model", str(small_run / "final"), "--prompts-file", str(prompts)])
+    assert str(e.value.code).startswith(f"error: {prompts}:2: a row of 9,000,000 characters"), e.value.code
+
+
 def check_rows(rows, n, seq_len):
     """Fixed-length rows with a prompt and a non-empty answer that fit, never an empty batch."""
     assert rows.input_ids.shape == (n, seq_len) and n > 0
@@ -303,10 +385,10 @@ def test_bad_paths_and_checkpoints_are_refused_in_one_line(small_run, tmp_path, 
     (incomplete / "extra_rank0.pt").unlink()
     unfinished = tmp_path / "step_00000004.tmp"
     unfinished.mkdir()
-    truncated, junk = tmp_path / "truncated" / "step_00000002", tmp_path / "junk" / "step_00000002"
-    for copy in (truncated, junk):
+    truncated, junk, unsealed = (tmp_path / name / "step_00000002" for name in ("truncated", "junk", "unsealed"))
+    for copy in (truncated, junk, unsealed):
         shutil.copytree(ckpts / "step_00000002", copy)
-        (copy / "manifest.json").unlink()  # as written before manifests (test_checkpoints checks those)
+    (unsealed / "manifest.json").unlink()
     (shards,) = truncated.glob("*.distcp")
     shards.write_bytes(shards.read_bytes()[:1000])
     (junk / "extra_rank0.pt").write_text("not a pickle")
@@ -322,8 +404,10 @@ def test_bad_paths_and_checkpoints_are_refused_in_one_line(small_run, tmp_path, 
         (new + ["--resume", str(unfinished)], "an unfinished write (the run was killed while saving)"),
         (new + ["--resume", str(incomplete)], "an incomplete checkpoint (no extra_rank0.pt)"),
         (new + ["--resume", str(small_run)], f"holds some; give one (latest: {ckpts / 'step_00000003'})"),
-        (new + ["--resume", str(truncated)], f"--resume {truncated}: an unreadable checkpoint (EOFError); move it aside"),
-        (new + ["--resume", str(junk)], f"--resume {junk}: an unreadable checkpoint (UnpicklingError"),
+        (new + ["--resume", str(truncated)], f"--resume {truncated}: an unreadable checkpoint (__0_0.distcp: 1000 "
+         "bytes, written as"),
+        (new + ["--resume", str(junk)], f"--resume {junk}: an unreadable checkpoint (extra_rank0.pt: 12 bytes"),
+        (new + ["--resume", str(unsealed)], f"--resume {unsealed}: a checkpoint without its manifest.json"),
         (new + ["--resume", str(ckpts / "step_00000003"), "--method", "diffusion"],
          "the checkpoint's run had other settings (method dllm-jepa -> diffusion"),
         (new + ["--resume", str(ckpts / "step_00000003"), "--tiny-width", "64"], "tiny_width 32 -> 64"),
@@ -627,13 +711,14 @@ def test_rows_with_nothing_to_mask_give_finite_zero_not_nan(make_model, method):
 DAMAGES = {  # a newest checkpoint damaged as copies, deletions and bit rot leave it
     "no .metadata": lambda step: (step / ".metadata").unlink(),
     "no rank state": lambda step: (step / "extra_rank0.pt").unlink(),
+    "no manifest": lambda step: (step / "manifest.json").unlink(),
     "a shard cut": lambda step: next(step.glob("*.distcp")).write_bytes(b"\0" * 10),
     "an empty folder": lambda step: (shutil.rmtree(step), step.mkdir()),
     "a file in its place": lambda step: (shutil.rmtree(step), step.write_text("x")),
 }
 
 
-@settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=9, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(damage=st.sampled_from(sorted(DAMAGES)), copies=st.integers(1, 3))
 def test_resume_auto_refuses_a_damaged_latest_checkpoint_as_an_explicit_resume_does(small_run, tmp_path, capsys,
                                                                                      damage, copies):
