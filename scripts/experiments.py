@@ -28,7 +28,8 @@ What the paper does with LLaDA-8B / Dream-7B (PAPER.md), as stages:
 
 Every stage is cached in --out (a finished run or measurement is not redone), so an
 interrupted run resumes, a fine-tune from its last checkpoint; a signal stops every process it
-started (each train.py saves first), and a SIGKILL of this one takes them down too. Every
+started (each train.py saves first), and a SIGKILL of this one takes them down too (the
+runner: dlm/jobs.py; the tables and plots: dlm/results.py). Every
 train.py command is checked by train.py's own flag checks before the first runs; --dry-run
 prints the commands and, for a GPU profile, an estimate of the GPU-hours. Data come from a
 local folder in the layout of docs/datasets.md: The local folder (--data-dir,
@@ -48,9 +49,7 @@ import re
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import textwrap
 import time
 import tokenize
@@ -60,7 +59,6 @@ from pathlib import Path
 from dlm.flags import Parser  # imports no torch: --help and a mistyped flag answer at once
 
 TASKS = ("nl-rx-synth", "nl-rx-turk", "gsm8k", "spider", "django")
-ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 # -----------------------------------------------------------------------------
 # Configurations
@@ -244,6 +242,8 @@ if __name__ == "__main__":
 
 import tiny_model
 from dlm import checkpoints, data, files
+from dlm.jobs import Job, Stopped, program, run_jobs, stopped_by_signals
+from dlm.results import comparisons, mean_report, measurements, plot_metrics, summarise, task_table
 from tasks import check_references, load_items
 from tasks.common import Item
 from tasks.drift import plot_drift
@@ -420,19 +420,6 @@ def write_data(out: Path, inputs: Inputs) -> Path:
 # Stage 2: the plan, every training and evaluation as one command
 
 
-@dataclass
-class Job:
-    """One train.py or evaluate.py process. Done when `done` exists (train: a file written
-    after it exits 0; evaluate: its --out, written atomically)."""
-    name: str
-    script: str                 # "train.py" | "scripts.evaluate" (python train.py, python -m scripts.evaluate)
-    argv: list[str]
-    done: Path
-    log: Path
-    after: list[str] = field(default_factory=list)  # names of jobs that must finish first
-    threads: int | None = None  # None: the run's --threads
-
-
 def fine_tune_steps(profile: Profile, n_rows: int) -> int:
     if profile.epochs <= 0:
         return profile.steps
@@ -521,7 +508,8 @@ def make_plan(profile: Profile, inputs: Inputs, tasks: list[str], rows: dict[str
     return jobs
 
 # -----------------------------------------------------------------------------
-# Stage 3: running the plan
+# Stage 3: running the plan (dlm/jobs.py runs it; here, how each process starts and, for a
+# GPU profile's --dry-run, what the plan would cost)
 
 
 def launcher(profile: Profile) -> list[str]:
@@ -530,133 +518,6 @@ def launcher(profile: Profile) -> list[str]:
     if profile.nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(profile.nproc)]
     return [sys.executable]
-
-
-def program(job: Job, root: Path | None = None) -> list[str]:
-    """The job's program after python or torchrun, as typed in the repository root (train.py,
-    -m scripts.evaluate); with root, train.py by its full path, so it starts from any folder."""
-    if job.script.endswith(".py"):
-        return [str(root / job.script) if root else job.script]
-    return ["-m", job.script]
-
-
-def last_error(log: Path) -> str:
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
-    errors = [line for line in lines if line.startswith("error:")]
-    return (errors or lines or ["(no output)"])[-1].strip()
-
-
-def run_jobs(jobs: list[Job], profile: Profile, at_once: int, threads: int, t0: float):
-    """Run every job not done yet, at most `at_once` together, each once the jobs it waits for
-    are done; each process gets `threads` CPU threads. A failed job stops the run once the
-    running ones end (Ctrl-C stops them: train.py checkpoints on SIGTERM), in one line that
-    names its log; what finished stays cached."""
-    finished = {job.name for job in jobs if job.done.is_file()}
-    pending = [job for job in jobs if job.name not in finished]
-    running, failed = {}, None
-    try:
-        while (pending and failed is None) or running:
-            ready = [job for job in pending if all(name in finished for name in job.after)]
-            for job in ready[: max(0, at_once - len(running))] if failed is None else []:
-                pending.remove(job)
-                job.log.parent.mkdir(parents=True, exist_ok=True)
-                n = str(job.threads or threads)
-                path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # scripts.*
-                env = os.environ | {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "PYTHONPATH": path}  # from any folder
-                resume = interrupted(job)
-                print(f"[{time.time() - t0:5.0f}s] {job.name}" + (" (continuing its last checkpoint)" if resume
-                                                                  else ""), flush=True)
-                with job.log.open("a" if resume else "w") as log:  # a continued run keeps its earlier output
-                    proc = start_child(launcher(profile) + program(job, ROOT) + job.argv
-                                       + (["--resume", "auto"] if resume else []), log, env)
-                running[job.name] = (job, proc, time.time())
-            if not running:
-                raise RuntimeError(f"no job can start: {[job.name for job in pending]} wait for jobs not in the plan")
-            time.sleep(0.2)
-            for name, (job, proc, started) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[name]
-                if proc.returncode == 0 and job.script == "train.py":
-                    job.done.write_text(f"{time.time() - started:.1f}")
-                if proc.returncode == 0 and job.done.is_file():
-                    finished.add(name)
-                elif failed is None:
-                    failed = job, proc.returncode
-    finally:
-        stop_children([proc for _, proc, _ in running.values()])
-    if failed:
-        job, code = failed
-        raise ValueError(f"{job.name} failed (exit {code}): {last_error(job.log)} (its output: {job.log}); "
-                         "finished stages are kept: run the same command again to resume")
-
-
-def interrupted(job: Job) -> bool:
-    """A fine-tune that a kill or a signal stopped after a checkpoint: train.py continues it
-    (--resume auto) rather than refusing a folder that holds checkpoints."""
-    return job.script == "train.py" and bool(checkpoints.checkpoint_dirs(job.done.parent / "checkpoints"))
-
-
-def start_child(argv: list[str], log, env: dict) -> subprocess.Popen:
-    """A train.py / evaluate.py process that never outlives this one. On Linux it runs in a
-    process group of its own, so a Ctrl-C at the terminal reaches this process alone, which
-    stops each child with one SIGTERM (stop_children; train.py saves on it), and it gets
-    SIGTERM from the kernel when this process dies, even by SIGKILL (prctl PR_SET_PDEATHSIG).
-    Elsewhere it stays in this process's group, where a group signal reaches it directly."""
-    linux = sys.platform.startswith("linux")
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=die_with_parent(os.getpid()) if linux else None)
-
-
-def die_with_parent(parent: int):
-    """A preexec_fn: a process group of the child's own, SIGTERM to it when its parent ends
-    (Linux prctl), and at once if the parent ended before the call took effect."""
-    import ctypes
-
-    def arm():
-        os.setpgid(0, 0)
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGTERM)
-    return arm
-
-
-def stop_children(procs: list[subprocess.Popen], grace_s: float = 120):
-    """One SIGTERM to each running child (train.py finishes its step and saves a checkpoint),
-    then a wait of up to grace_s; past it, or on a second signal, SIGKILL."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    try:
-        deadline = time.time() + grace_s
-        for proc in procs:
-            proc.wait(timeout=max(0.0, deadline - time.time()))
-    except (subprocess.TimeoutExpired, Stopped):
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-        raise
-
-
-class Stopped(Exception):
-    """SIGTERM or SIGINT reached the runner: its children are stopped, the run ends in one line."""
-
-
-@contextlib.contextmanager
-def stopped_by_signals():
-    """SIGTERM and SIGINT raise Stopped in the main thread (SIGTERM would otherwise end this
-    process with its children still running, SIGINT in a traceback); the old handlers come back."""
-    def on_signal(signum, frame):
-        raise Stopped(signal.Signals(signum).name)
-    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
-        yield
-        return
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # Assumptions of the GPU-hours estimate: an H100 SXM's dense bf16 peak (NVIDIA's datasheet),
@@ -743,151 +604,7 @@ def gpu_hours(profile: Profile, inputs: Inputs, tasks: list[str], rows: dict[str
     return lines
 
 # -----------------------------------------------------------------------------
-# Stage 4: measurements, tables and plots
-
-
-def measurements(run_dir: Path, task: str, profile: Profile) -> dict:
-    """One model's numbers, from its evaluate.py outputs (and, for a fine-tune, train.py's log)."""
-    read = lambda name: json.loads((run_dir / "eval" / f"{name}.json").read_text())
-    scalars = lambda scores: {k: v for k, v in scores.items()
-                              if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n", "prompts_cut")}
-    result = scalars(read(task))
-    if (run_dir / "eval" / f"{task}_test.json").is_file():
-        result |= {f"test_{k}": v for k, v in scalars(read(f"{task}_test")).items()}
-    result["mmlu_0shot"] = read("mmlu_0shot")["accuracy"]
-    few = read(f"mmlu_{profile.mmlu_shots}shot")
-    result[f"mmlu_{profile.mmlu_shots}shot"] = few["accuracy"]
-    result["mmlu_shots_used"] = few["mean_shots_used"]  # fewer when the context cannot hold them
-    probe = read("probe")
-    result["probe_loss"] = probe["probe_loss"]
-    if "weight_distance" in probe:  # a fine-tune: drift from the base, and the run's own record
-        result |= {k: probe[k] for k in ("weight_distance", "cka", "forgetting")}
-        result["train_seconds"] = float((run_dir / "seconds.txt").read_text())
-        result |= last_held_out(run_dir)
-    return result
-
-
-def last_held_out(run_dir: Path) -> dict:
-    """From a run's held-out evaluations (train.py's log): the collapse check of the last one
-    (the effective rank of the pooled context embeddings of held-out rows) and, when the row
-    logged it (--grad-cosine), the cosine between the diffusion and JEPA gradients averaged
-    over the evaluations after step 0 (one evaluation's cosine is noisy)."""
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    held_out = [row["held_out"] | {"step": row["step"]} for row in rows if "held_out" in row]
-    cosines = [h["grad_cosine"] for h in held_out if h["step"] > 0 and "grad_cosine" in h]
-    return {"embedding_rank": held_out[-1]["embedding_rank"]} | (
-        {"grad_cosine": sum(cosines) / len(cosines)} if cosines else {})
-
-
-def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    """"12.34 ± 0.56": mean and sample standard deviation over seeds ("12.34" for one seed)."""
-    values = [v * scale for v in values]
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def columns(task: str, shots: int) -> list[tuple[str, str, float, int]]:
-    """(result key, header, scale, digits) of a task's table; ↑/↓ mark the better direction."""
-    metric = [("accuracy", "GSM8K acc. % ↑", 100, 1)] if task == "gsm8k" else [("exact_match", "EM % ↑", 100, 1)]
-    if task.startswith("nl-rx"):
-        metric.append(("regex_equivalence", "regex equiv. % ↑", 100, 1))
-    metric = [(f"{split}{key}", f"{name} {header}", scale, digits) for split, name in (("", "dev"), ("test_", "test"))
-              for key, header, scale, digits in metric]
-    return metric + [("answer_loss", "answer loss ↓", 1, 3), ("answer_accuracy", "answer token acc. % ↑", 100, 1),
-                     ("probe_loss", "Wikitext probe ↓", 1, 3),
-                     ("forgetting", "forgetting ↓", 1, 3), ("mmlu_0shot", "MMLU 0-shot %", 100, 1),
-                     (f"mmlu_{shots}shot", f"MMLU {shots}-shot %", 100, 1),
-                     ("mean_weight_distance", "weight dist. all blocks", 1, 4),
-                     ("mid_weight_distance", "weight dist. middle blocks", 1, 4),
-                     ("mean_cka", "CKA to base", 1, 4), ("embedding_rank", "embedding eff. rank", 1, 1),
-                     ("grad_cosine", "grad. cosine JEPA/diffusion (mean)", 1, 3),
-                     ("train_seconds", "train s", 1, 1)]
-
-
-def summarise(run: dict) -> dict:
-    """Scalar columns derived from a run's per-layer drift ("block 0", "block 1", ...)."""
-    out = dict(run)
-    if "weight_distance" in run:
-        blocks = [v for k, v in run["weight_distance"].items() if k.startswith("block ")]
-        n = len(blocks)
-        middle = blocks[n // 4: n - n // 4] or blocks
-        out["mean_weight_distance"] = sum(blocks) / n
-        out["mid_weight_distance"] = sum(middle) / len(middle)
-        out["mean_cka"] = sum(run["cka"][1:]) / len(run["cka"][1:])
-    return out
-
-
-def task_table(task: str, base: dict, runs: dict[str, list[dict]], shots: int) -> str:
-    """A Markdown table: the base in the first row, then one row per method, mean ± std."""
-    cols = columns(task, shots)
-    lines = ["| method | " + " | ".join(header for _, header, _, _ in cols) + " |",
-             "|---|" + "---|" * len(cols)]
-    rows = [("base (pre-trained)", [base])] + list(runs.items())
-    for name, results in rows:
-        cells = []
-        for key, _, scale, digits in cols:
-            values = [r[key] for r in results if key in r]
-            cells.append(mean_std(values, scale, digits) if values else "–")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def comparisons(runs: dict[str, list[dict]], task: str, shots: int) -> list[str]:
-    """Each method minus diffusion (the baseline) per metric, with the seeds' standard error
-    of that difference, so a reader sees at once which gaps exceed seed noise."""
-    if "diffusion" not in runs:
-        return []
-    lines = []
-    for other in [m for m in runs if m != "diffusion"]:
-        parts = []
-        for key, header, scale, digits in columns(task, shots)[:-1]:
-            a = [r[key] * scale for r in runs[other] if key in r]
-            b = [r[key] * scale for r in runs["diffusion"] if key in r]
-            if not a or not b:
-                continue
-            diff = sum(a) / len(a) - sum(b) / len(b)
-            se = math.sqrt(sum(statistics.variance(x) / len(x) for x in (a, b) if len(x) > 1))
-            flag = " (beyond 2 s.e.)" if se > 0 and abs(diff) > 2 * se else ""
-            parts.append(f"{header.rstrip(' ↑↓')}: {diff:+.{digits}f} ± {se:.{digits}f}{flag}")
-        lines.append(f"- {other} − diffusion: " + "; ".join(parts))
-    return lines
-
-
-def plot_metrics(task: str, base: dict, runs: dict[str, list[dict]], shots: int, path: Path):
-    """Bars with seed error bars for the headline metrics, the base as a dashed line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = [c for c in columns(task, shots) if c[0] in ("accuracy", "exact_match", "test_accuracy",
-                                                        "test_exact_match", "answer_loss", "probe_loss", "mmlu_0shot")
-            and all(c[0] in r for rows in runs.values() for r in rows)]  # no test split: no test columns
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
-    names = list(runs)
-    for ax, (key, header, scale, _) in zip(axes, keys):
-        values = [[r[key] * scale for r in runs[m]] for m in names]
-        means = [sum(v) / len(v) for v in values]
-        errors = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
-        ax.errorbar(range(len(names)), means, yerr=errors, fmt="o", capsize=4)  # points: small gaps stay visible
-        if key in base:
-            ax.axhline(base[key] * scale, ls="--", color="gray", label="base")
-            ax.legend(fontsize=7)
-        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
-        ax.set_xlim(-0.5, len(names) - 0.5)
-        ax.set_title(header, fontsize=9)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{task}: mean ± std over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def mean_report(results: list[dict]) -> dict:
-    """Per-layer drift averaged over seeds, in tasks.drift.plot_drift's format."""
-    groups = results[0]["weight_distance"]
-    return {"weight_distance": {g: sum(r["weight_distance"][g] for r in results) / len(results) for g in groups},
-            "cka": [sum(r["cka"][i] for r in results) / len(results) for i in range(len(results[0]["cka"]))]}
+# Stage 4: results.md (dlm/results.py reads the measurements and makes the tables and plots)
 
 
 def describe(profile: Profile, name: str, rows: dict[str, list[str]], seeds: list[int], tasks: dict,
@@ -1039,11 +756,11 @@ def run(args) -> Path | None:
         new_base(out / "init", inputs.tokenizer, profile)
         plan[0].threads = args.threads or os.cpu_count()  # it runs alone: every core
     reused = sum(job.done.is_file() for job in plan)
-    run_jobs(plan, profile, at_once, threads, t0)        # 3-4. fine-tunes and evaluations
+    run_jobs(plan, launcher(profile), at_once, threads, t0)        # 3-4. fine-tunes and evaluations
     tables, everything, steps = {}, {}, {}                # 5. tables
     for task in tasks:
-        base_eval = measurements(out / "base", task, profile)
-        runs = {method: [summarise(measurements(out / task / method / f"seed{seed}", task, profile))
+        base_eval = measurements(out / "base", task, profile.mmlu_shots)
+        runs = {method: [summarise(measurements(out / task / method / f"seed{seed}", task, profile.mmlu_shots))
                          for seed in args.seeds] for method in rows}
         steps[task] = fine_tune_steps(profile, len(inputs.splits[task][0]))
         markdown = task_table(task, base_eval, runs, profile.mmlu_shots)

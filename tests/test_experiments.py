@@ -18,20 +18,22 @@ from hypothesis import strategies as st
 import tiny_model
 from dlm import checkpoints
 from dlm.backbones import load_backbone
+from dlm.results import comparisons, mean_std, task_table
+from dlm.jobs import ROOT
 from scripts import experiments as X
 
 
 def test_mean_std_format():
-    assert X.mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
-    assert X.mean_std([0.5, 0.7], scale=100, digits=1) == "60.0 ± 14.1"
-    assert X.mean_std([0.25]) == "0.25"  # one seed: no spread to report
+    assert mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
+    assert mean_std([0.5, 0.7], scale=100, digits=1) == "60.0 ± 14.1"
+    assert mean_std([0.25]) == "0.25"  # one seed: no spread to report
 
 
 def test_task_table_layout():
     base = {"exact_match": 0.1, "regex_equivalence": 0.2, "probe_loss": 3.0}
     runs = {"diffusion": [{"exact_match": 0.2, "probe_loss": 3.1, "forgetting": 0.1},
                           {"exact_match": 0.4, "probe_loss": 3.3, "forgetting": 0.3}]}
-    lines = X.task_table("nl-rx-synth", base, runs, shots=5).splitlines()
+    lines = task_table("nl-rx-synth", base, runs, shots=5).splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[:6] == ["method", "dev EM % ↑", "dev regex equiv. % ↑", "test EM % ↑", "test regex equiv. % ↑",
                           "answer loss ↓"]
@@ -47,7 +49,7 @@ def test_task_table_layout():
 def test_comparisons_flag_gaps_beyond_seed_noise():
     runs = {"dllm-jepa": [{"probe_loss": 1.0}, {"probe_loss": 1.1}],
             "diffusion": [{"probe_loss": 2.0}, {"probe_loss": 2.1}]}
-    line, = X.comparisons(runs, "django", shots=5)
+    line, = comparisons(runs, "django", shots=5)
     assert line.startswith("- dllm-jepa − diffusion: Wikitext probe: -1.000 ± 0.071 (beyond 2 s.e.)")
 
 
@@ -301,7 +303,7 @@ def test_a_missing_model_folder_is_one_line(data_dir, tmp_path):
 
 def start_runner(argv: list[str]) -> subprocess.Popen:
     """`python -m scripts.experiments ARGV` from the repository root, stderr captured."""
-    return subprocess.Popen([sys.executable, "-m", "scripts.experiments", *argv], cwd=X.ROOT, text=True,
+    return subprocess.Popen([sys.executable, "-m", "scripts.experiments", *argv], cwd=ROOT, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ | {"OMP_NUM_THREADS": "1"})
 
 
