@@ -98,7 +98,8 @@ def parse_args(argv=None):
     g.add_argument("--out", default=None, help="write the results as JSON here (default: print only)")
     g.add_argument("--plot", default=None, help="drift: PNG path (default: beside --out)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr, items/s; under torchrun "
-                   "rank 0's, counting its own items times the number of processes)")
+                   "rank 0's, counting its own items times the number of processes), transformers' loading bar "
+                   "neither")
     g = p.add_argument_group("several processes (torchrun --nproc_per_node N -m scripts.evaluate ...)")
     g.add_argument("--collective-timeout", type=float, default=30.0, metavar="MINUTES",
                    help="under torchrun: how long a process waits for the others in a collective before it stops "
@@ -303,6 +304,9 @@ def main(argv=None) -> dict | None:
     parser, args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.no_progress:  # transformers' "Loading weights" bar too: stderr keeps what went wrong alone
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     env = join(args)
     main_rank = env is None or env.rank == 0
     try:

@@ -785,6 +785,26 @@ def test_nan_or_integer_weights_are_one_line_in_evaluate_and_generate(damaged_mo
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_evaluate_no_progress_leaves_stderr_to_the_refusal(damaged_models, tmp_path, capsys):
+    """--no-progress silences transformers' "Loading weights" bar too, so a refusal after loading
+    is all stderr holds (before: two bar lines ahead of it in a log file)."""
+    from transformers.utils import logging as hf_logging
+
+    from scripts import evaluate
+    text = tmp_path / "probe.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as in a fresh process (train.main, run earlier here, turns it off)
+    try:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--model", str(damaged_models / "nan"), "--task", "probe", "--data", str(text),
+                           "--probe-seq-len", "16", "--probe-windows", "2", "--no-progress"])
+    finally:
+        (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
+    assert "holds NaN or infinite weights" in str(e.value.code)
+    assert capsys.readouterr().err == ""
+
+
 def test_evaluate_refuses_blank_reference_answers(tmp_path, small_run):
     from scripts import evaluate
     rows = tmp_path / "dev.jsonl"
