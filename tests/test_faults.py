@@ -193,12 +193,14 @@ def test_messy_file_trains_and_reports_what_it_skipped_and_cut(tmp_path, capsys)
     (["--data", "{xlsx}"], r"error: --data .*table.xlsx: unsupported file type; use .jsonl, .json, .csv, .parquet, .txt"),
     (["--data", "{folder}"], r"error: --data .*: not a file"),
     (["--data", "{missing}"], r"error: --data .*missing.jsonl: no such file"),
+    (["--data", "{unreadable}"], r"error: .*unreadable.jsonl: cannot be read \(Input/output error\); give a regular file$"),
 ])
 def test_bad_data_stops_train_with_one_line(tmp_path, capsys, flags, message):
     files = {"all_blank": write(tmp_path, "all_blank.jsonl", '{"prompt": "q", "answer": ""}\n' * 2),
              "latin1_txt": write(tmp_path, "latin1.txt", b"hello\ncaf\xe9\n"),
              "tiny_txt": write(tmp_path, "tiny.txt", "hello"), "xlsx": write(tmp_path, "table.xlsx", "a,b\n"),
-             "folder": tmp_path, "missing": tmp_path / "missing.jsonl"}
+             "folder": tmp_path, "missing": tmp_path / "missing.jsonl", "unreadable": tmp_path / "unreadable.jsonl"}
+    (tmp_path / "unreadable.jsonl").symlink_to("/proc/self/mem")  # opens, but read() fails: EIO, no file name
     code, line = refusal(capsys, "--out", str(tmp_path / "out"), *[f.format(**files) for f in flags])
     assert code != 0
     assert re.search(message, line), line
