@@ -177,7 +177,8 @@ def state_bytes(args, parameters: int, width: int) -> tuple[float, float]:
 def check_fits(args):
     """Before anything loads: the model's weights, gradients, AdamW moments and EMA copy must fit
     in the memory that is free (a lower bound, so a refusal is certain to be right); ValueError
-    naming the flag to lower."""
+    naming the flag to lower: the flags that dominate the estimate (dominant_flags: a predictor
+    of a billion layers is --predictor-depth's doing, not --tiny-width's), else the model's size."""
     shape = model_shape(args)
     if shape is None:
         return
@@ -191,12 +192,17 @@ def check_fits(args):
     for needed, device in needs:
         free, where = files.available_memory(device)
         if free and needed > free:
-            fix = ("lower --tiny-width (or --tiny-layers)" if args.model is None else
-                   "train it on more processes (torchrun: FSDP shards it), with --cpu-offload on a GPU, with "
-                   "LoRA (--lora-rank), or choose a smaller --model")
-            flag = f"--tiny-width {args.tiny_width}" if args.model is None else f"--model {args.model}"
+            if culprits := dominant_flags(args):
+                flag, fix = culprits[0], f"lower {' or '.join(culprits)}"
+            elif args.model is None:
+                flag, fix = f"--tiny-width {args.tiny_width}", "lower --tiny-width (or --tiny-layers)"
+            else:
+                flag, fix = f"--model {args.model}", ("train it on more processes (torchrun: FSDP shards it), with "
+                                                      "--cpu-offload on a GPU, with LoRA (--lora-rank), or choose a "
+                                                      "smaller --model")
             raise ValueError(f"{flag}: the model has {parameters:,} parameters ({blocks} blocks of width {width}); "
-                             f"training needs at least {files.human(needed)} for its weights, gradients, "
+                             f"training needs at least {files.human(needed)} for its weights (and the predictor's), "
+                             f"gradients, "
                              f"AdamW moments and EMA/anchor copies, more than the {files.human(free)} free in "
                              f"{where}: {fix}")
 
