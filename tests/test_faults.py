@@ -740,6 +740,19 @@ def test_resume_auto_refuses_a_damaged_latest_checkpoint_as_an_explicit_resume_d
     assert (out / "log.jsonl").read_text() == log
 
 
+def test_a_step_that_leaves_non_finite_weights_stops_the_run_before_saving_them(tmp_path):
+    """--weight-decay 1e300: the loss and gradients of step 1 are finite, AdamW's decay overflows
+    every weight. The run stops there in one line; no checkpoint or final/ holds such weights
+    (before: the evaluation's SVD of NaN embeddings ended in a LinAlgError traceback)."""
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "run", "--steps", "3", "--save-every", "1", "--weight-decay", "1e300")
+    assert str(e.value.code) == ("error: step 1 left non-finite weights although its loss and gradients were finite "
+                                 "(the optimizer's update overflowed): lower --lr or --weight-decay; the checkpoints "
+                                 "hold the weights from before")
+    assert not (tmp_path / "run" / "final").exists()
+    assert checkpoints.checkpoint_dirs(tmp_path / "run" / "checkpoints") == []
+
+
 def test_a_run_whose_every_step_was_skipped_exports_nothing(tmp_path, monkeypatch):
     """--jepa-lambda 1e300 and the like: every step non-finite, fewer than --max-bad-steps: the
     untouched model must not be exported as fine-tuned with exit 0."""

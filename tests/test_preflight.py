@@ -606,14 +606,14 @@ def test_a_model_past_the_cgroups_limit_is_refused_before_allocating(tmp_path, c
     assert "more than the 64.0 KiB free in host memory (this process's cgroup limit)" in line, line
 
 
-def test_a_predictor_past_the_limit_is_blamed_on_predictor_depth(tmp_path, capfd, monkeypatch):
-    """The model's training state alone (about 1 MiB) fits in 3 MiB; with 64 predictor layers
-    (about 5 MiB) it does not: the line names --predictor-depth, not --tiny-width."""
+@pytest.mark.parametrize("flag", ["--predictor-depth", "--predictor-mult"])
+def test_a_predictor_past_the_limit_is_blamed_on_its_flag(tmp_path, capfd, monkeypatch, flag):
+    """The model's training state alone (about 1 MiB) fits in 3 MiB; with 64 predictor layers,
+    or layers 64 times as wide, it does not: the line names that flag, not --tiny-width."""
     monkeypatch.setattr(files, "CGROUP", fake_cgroup(tmp_path / "cgroup", "v2", 2 ** 30 + 3 * 2 ** 20, 2 ** 30))
-    line = train_refusal(capfd, "--predictor-depth", "64", "--out", str(tmp_path / "out"))
-    assert line.startswith("error: --predictor-depth 64: the model has "), line
-    assert line.endswith("more than the 3.0 MiB free in host memory (this process's cgroup limit): lower "
-                         "--predictor-depth 64"), line
+    line = train_refusal(capfd, flag, "64", "--out", str(tmp_path / "out"))
+    assert line.startswith(f"error: {flag} 64: the model has "), line
+    assert line.endswith(f"more than the 3.0 MiB free in host memory (this process's cgroup limit): lower {flag} 64"), line
 
 
 def test_batch_size_200000_is_refused_on_this_machine(tmp_path, capfd):
