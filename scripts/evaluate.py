@@ -123,7 +123,7 @@ if __name__ == "__main__":  # --help and a mistyped flag answer here, before tor
 import torch
 
 from dlm import checkpoints, data, files, hub, lora, sharding
-from dlm.sampler import SamplerConfig, canvas_args, trained_seq_len
+from dlm.sampler import canvas_args, check_settings, trained_seq_len
 from tasks import GENERATION_TASKS, check_references, load_items
 from tasks.common import Shard, max_positions, with_shots
 from tasks.drift import drift_report, plot_drift
@@ -173,8 +173,7 @@ def read_inputs(args) -> SimpleNamespace:
         inputs.sampler_args = canvas_args(args.gen_length, args.block_length, trained) | dict(  # None: the trained
             steps=args.steps, temperature=args.temperature, remasking=args.remasking,  # canvas, once prompts are known
             suppress_eos=args.suppress_eos, threshold=args.threshold, prefix_cache=args.prefix_cache)
-        if inputs.sampler_args["gen_length"] is not None:  # flags checked before the model loads
-            SamplerConfig(**inputs.sampler_args)
+        check_settings(inputs.sampler_args)  # flags checked before the model loads
         tables = Path(args.spider_tables) if args.spider_tables else None
         inputs.spider_db = Path(args.spider_db) if args.spider_db else None
         items = lambda source: read(source, args.task) or load_items(args.task, Path(source), tables)
@@ -187,7 +186,19 @@ def read_inputs(args) -> SimpleNamespace:
         inputs.exemplars = (read(args.fewshot_data, "mmlu") or load_mmlu(Path(args.fewshot_data))) if args.shots else []
     else:
         inputs.text = read(args.data, args.task) or read_text_file(path)
+    check_model_names(args)  # last: the data's errors come first, as before any model loads
     return inputs
+
+
+def check_model_names(args):
+    """--model and --base that name a local folder (a path, not a hub id 'org/name') must exist:
+    transformers would take a missing one for a hub repo id and refuse its form. What a folder
+    holds is load()'s to judge (a model, or a peft adapter without config.json)."""
+    for flag in ("model", "base"):
+        name = getattr(args, flag)
+        problem = name and checkpoints.model_folder_problem(name, f"--{flag}")
+        if problem and not Path(name).expanduser().is_dir():
+            raise ValueError(problem)
 
 
 def read(source: str, task: str):
