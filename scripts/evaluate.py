@@ -170,9 +170,7 @@ def read_inputs(args) -> SimpleNamespace:
         raise ValueError("--shots needs --fewshot-data (where the exemplars come from)")
     if args.task in GENERATION_TASKS:
         inputs.trained = trained = trained_seq_len(args.adapter or args.model)
-        inputs.sampler_args = canvas_args(args.gen_length, args.block_length, trained) | dict(  # None: the trained
-            steps=args.steps, temperature=args.temperature, remasking=args.remasking,  # canvas, once prompts are known
-            suppress_eos=args.suppress_eos, threshold=args.threshold, prefix_cache=args.prefix_cache)
+        inputs.sampler_args = sampler_arguments(args, trained)
         check_settings(inputs.sampler_args)  # flags checked before the model loads
         tables = Path(args.spider_tables) if args.spider_tables else None
         inputs.spider_db = Path(args.spider_db) if args.spider_db else None
@@ -188,6 +186,14 @@ def read_inputs(args) -> SimpleNamespace:
         inputs.text = read(args.data, args.task) or read_text_file(path)
     check_model_names(args)  # last: the data's errors come first, as before any model loads
     return inputs
+
+
+def sampler_arguments(args, trained: int | None) -> dict:
+    """SamplerConfig's arguments from the flags; gen_length None: the trained canvas, once the
+    prompts are known (a train.py model's, `trained` its --seq-len)."""
+    return canvas_args(args.gen_length, args.block_length, trained) | dict(
+        steps=args.steps, temperature=args.temperature, remasking=args.remasking, suppress_eos=args.suppress_eos,
+        threshold=args.threshold, prefix_cache=args.prefix_cache)
 
 
 def check_model_names(args):
