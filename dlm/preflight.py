@@ -202,8 +202,7 @@ def check_fits(args):
                                                       "--cpu-offload on a GPU, with LoRA (--lora-rank), or choose a "
                                                       "smaller --model")
             raise ValueError(f"{flag}: the model has {parameters:,} parameters ({blocks} blocks of width {width}); "
-                             f"training needs at least {files.human(needed)} for its weights (and the predictor's), "
-                             f"gradients, "
+                             f"training needs at least {files.human(needed)} for its weights, gradients, "
                              f"AdamW moments and EMA/anchor copies, more than the {files.human(free)} free in "
                              f"{where}: {fix}")
 
