@@ -299,6 +299,7 @@ def train(run: Run):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.step()
+                preflight.check_weights_finite(model, done)  # AdamW's own overflow: stop, never save it
                 model.update_target(done, settings.steps)  # 4. EMA
             else:  # skip: weights, optimizer moments and EMA stay exactly as they were
                 bad_in_a_row, run.skipped = bad_in_a_row + 1, run.skipped + 1

@@ -144,8 +144,12 @@ def check_row_length(texts: list[str], where: str):
 
 
 def read_text(path: Path) -> str:
-    """A file's UTF-8 text (a byte-order mark is allowed); bad bytes are reported by line."""
-    raw = path.read_bytes()
+    """A file's UTF-8 text (a byte-order mark is allowed); bad bytes are reported by line, and a
+    read that fails (a device or /proc file that opens but cannot be read) by the file's name."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # a failed read() carries no file name: '[Errno 5] Input/output error' alone
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e}); give a regular file") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

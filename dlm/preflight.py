@@ -12,8 +12,9 @@ library, never lost work.
 - `check_loaded`: once the model and data are loaded, every rank holds the same run (a
   fingerprint of flags, rows and tensors), a micro-batch fits, every rank gets held-out rows.
 - `out_of_memory_in_one_line`: an out-of-memory error as one line naming the flag to lower.
-- `check_bad_steps`, `check_some_step_applied`: too many non-finite steps in a row stop the
-  run; a run whose every step was skipped exports nothing.
+- `check_bad_steps`, `check_weights_finite`, `check_some_step_applied`: too many non-finite
+  steps in a row stop the run, as does a step that left non-finite weights; a run whose every
+  step was skipped exports nothing.
 - `load_resumable`: a checkpoint loaded only if this run can continue it (check_resume: the
   same objective, model and number of processes; other changes only warn).
 - `prepare_output`: what a kill left in --out cleared and the log cut to the resumed step, so
@@ -177,7 +178,8 @@ def state_bytes(args, parameters: int, width: int) -> tuple[float, float]:
 def check_fits(args):
     """Before anything loads: the model's weights, gradients, AdamW moments and EMA copy must fit
     in the memory that is free (a lower bound, so a refusal is certain to be right); ValueError
-    naming the flag to lower."""
+    naming the flag to lower: the flags that dominate the estimate (dominant_flags: a predictor
+    of a billion layers is --predictor-depth's doing, not --tiny-width's), else the model's size."""
     shape = model_shape(args)
     if shape is None:
         return
@@ -191,10 +193,14 @@ def check_fits(args):
     for needed, device in needs:
         free, where = files.available_memory(device)
         if free and needed > free:
-            fix = ("lower --tiny-width (or --tiny-layers)" if args.model is None else
-                   "train it on more processes (torchrun: FSDP shards it), with --cpu-offload on a GPU, with "
-                   "LoRA (--lora-rank), or choose a smaller --model")
-            flag = f"--tiny-width {args.tiny_width}" if args.model is None else f"--model {args.model}"
+            if culprits := dominant_flags(args):
+                flag, fix = culprits[0], f"lower {' or '.join(culprits)}"
+            elif args.model is None:
+                flag, fix = f"--tiny-width {args.tiny_width}", "lower --tiny-width (or --tiny-layers)"
+            else:
+                flag, fix = f"--model {args.model}", ("train it on more processes (torchrun: FSDP shards it), with "
+                                                      "--cpu-offload on a GPU, with LoRA (--lora-rank), or choose a "
+                                                      "smaller --model")
             raise ValueError(f"{flag}: the model has {parameters:,} parameters ({blocks} blocks of width {width}); "
                              f"training needs at least {files.human(needed)} for its weights, gradients, "
                              f"AdamW moments and EMA/anchor copies, more than the {files.human(free)} free in "
@@ -232,7 +238,8 @@ def activation_problem(args, shape, rows, env) -> str | None:
                " (--grad-accum keeps the global batch" + (")" if args.activation_checkpointing
                                                           else "; --activation-checkpointing stores less)")))
 
-MEMORY_FLAGS = ("tiny_width", "tiny_layers", "seq_len", "batch_size", "grad_accum", "predictor_depth", "lora_rank")
+MEMORY_FLAGS = ("tiny_width", "tiny_layers", "seq_len", "batch_size", "grad_accum", "predictor_depth", "predictor_mult",
+                "lora_rank")
 
 
 def memory_estimate(args) -> float | None:
@@ -504,6 +511,18 @@ def check_bad_steps(in_a_row: int, step: int, max_bad_steps: int):
         raise SystemExit(f"error: {in_a_row} non-finite steps in a row (steps {step - in_a_row + 1}-{step}), each "
                          "skipped: stopping. Lower --lr or --grad-clip, check the data, or raise --max-bad-steps; "
                          "the checkpoints hold the weights from before")
+
+
+def check_weights_finite(model, step: int):
+    """After an optimizer step whose loss and gradients were finite: AdamW's update itself can
+    overflow (--weight-decay 1e300 scales every weight by 1 - lr x 1e300). Stop, every rank with
+    the same line, before an evaluation, a checkpoint or the export reads such weights."""
+    shards = [p.to_local() if hasattr(p, "to_local") else p for p in model.trainable_parameters()]  # this rank's
+    bad = torch.stack([~torch.isfinite(shard).all() for shard in shards]).sum().float()  # tensors with a NaN or inf
+    if sharding.all_reduce_sum(bad).item():
+        raise SystemExit(f"error: step {step} left non-finite weights although its loss and gradients were finite "
+                         "(the optimizer's update overflowed): lower --lr or --weight-decay; the checkpoints hold "
+                         "the weights from before")
 
 
 def check_some_step_applied(skipped: int, steps: int):

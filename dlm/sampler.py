@@ -41,6 +41,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,16 @@ def check_threshold(config: SamplerConfig):
     if config.remasking != "low_confidence":
         raise ValueError(f"--threshold {t} with --remasking {config.remasking}: the threshold is on the "
                          "model's confidence, which only low_confidence remasking uses")
+
+
+def check_settings(settings: dict):
+    """SamplerConfig's checks of its arguments, before any model loads: all of them when the canvas
+    is known (gen_length given), else those that need none (--threshold, with --steps and
+    --remasking), so --threshold 0 is refused before the weights load, not after."""
+    if settings["gen_length"] is not None:
+        SamplerConfig(**settings)
+    elif settings.get("threshold") is not None:
+        check_threshold(SimpleNamespace(**settings))
 
 # -----------------------------------------------------------------------------
 # Pieces

@@ -98,7 +98,8 @@ def parse_args(argv=None):
     g.add_argument("--out", default=None, help="write the results as JSON here (default: print only)")
     g.add_argument("--plot", default=None, help="drift: PNG path (default: beside --out)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr, items/s; under torchrun "
-                   "rank 0's, counting its own items times the number of processes)")
+                   "rank 0's, counting its own items times the number of processes), transformers' loading bar "
+                   "neither")
     g = p.add_argument_group("several processes (torchrun --nproc_per_node N -m scripts.evaluate ...)")
     g.add_argument("--collective-timeout", type=float, default=30.0, metavar="MINUTES",
                    help="under torchrun: how long a process waits for the others in a collective before it stops "
@@ -122,7 +123,7 @@ if __name__ == "__main__":  # --help and a mistyped flag answer here, before tor
 import torch
 
 from dlm import checkpoints, data, files, hub, lora, sharding
-from dlm.sampler import SamplerConfig, canvas_args, trained_seq_len
+from dlm.sampler import canvas_args, check_settings, trained_seq_len
 from tasks import GENERATION_TASKS, check_references, load_items
 from tasks.common import Shard, max_positions, with_shots
 from tasks.drift import drift_report, plot_drift
@@ -169,11 +170,8 @@ def read_inputs(args) -> SimpleNamespace:
         raise ValueError("--shots needs --fewshot-data (where the exemplars come from)")
     if args.task in GENERATION_TASKS:
         inputs.trained = trained = trained_seq_len(args.adapter or args.model)
-        inputs.sampler_args = canvas_args(args.gen_length, args.block_length, trained) | dict(  # None: the trained
-            steps=args.steps, temperature=args.temperature, remasking=args.remasking,  # canvas, once prompts are known
-            suppress_eos=args.suppress_eos, threshold=args.threshold, prefix_cache=args.prefix_cache)
-        if inputs.sampler_args["gen_length"] is not None:  # flags checked before the model loads
-            SamplerConfig(**inputs.sampler_args)
+        inputs.sampler_args = sampler_arguments(args, trained)
+        check_settings(inputs.sampler_args)  # flags checked before the model loads
         tables = Path(args.spider_tables) if args.spider_tables else None
         inputs.spider_db = Path(args.spider_db) if args.spider_db else None
         items = lambda source: read(source, args.task) or load_items(args.task, Path(source), tables)
@@ -186,7 +184,27 @@ def read_inputs(args) -> SimpleNamespace:
         inputs.exemplars = (read(args.fewshot_data, "mmlu") or load_mmlu(Path(args.fewshot_data))) if args.shots else []
     else:
         inputs.text = read(args.data, args.task) or read_text_file(path)
+    check_model_names(args)  # last: the data's errors come first, as before any model loads
     return inputs
+
+
+def sampler_arguments(args, trained: int | None) -> dict:
+    """SamplerConfig's arguments from the flags; gen_length None: the trained canvas, once the
+    prompts are known (a train.py model's, `trained` its --seq-len)."""
+    return canvas_args(args.gen_length, args.block_length, trained) | dict(
+        steps=args.steps, temperature=args.temperature, remasking=args.remasking, suppress_eos=args.suppress_eos,
+        threshold=args.threshold, prefix_cache=args.prefix_cache)
+
+
+def check_model_names(args):
+    """--model and --base that name a local folder (a path, not a hub id 'org/name') must exist:
+    transformers would take a missing one for a hub repo id and refuse its form. What a folder
+    holds is load()'s to judge (a model, or a peft adapter without config.json)."""
+    for flag in ("model", "base"):
+        name = getattr(args, flag)
+        problem = name and checkpoints.model_folder_problem(name, f"--{flag}")
+        if problem and not Path(name).expanduser().is_dir():
+            raise ValueError(problem)
 
 
 def read(source: str, task: str):
@@ -303,6 +321,9 @@ def main(argv=None) -> dict | None:
     parser, args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.no_progress:  # transformers' "Loading weights" bar too: stderr keeps what went wrong alone
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     env = join(args)
     main_rank = env is None or env.rank == 0
     try:

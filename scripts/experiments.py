@@ -677,22 +677,37 @@ def check_profile(profile: Profile):
 
 
 def check_plan(plan: list["Job"], profile: Profile):
-    """Every train.py job's flags through train.py's own parser and checks (dlm/flags.py,
-    preflight.check_settings; no file is read), and a new tiny base's shape, so an override that
-    a fine-tune would refuse stops the run now in one line naming the job, not after the base's
-    pre-training or a fine-tune."""
+    """Every job's flags through its own command's parser and checks, no file read: train.py's
+    (dlm/flags.py, preflight.check_settings; a new tiny base's shape too) and evaluate.py's
+    (its parser and bounds, the sampler's flags), so an override that a job would refuse stops
+    the run now in one line naming the job, not after the base's pre-training or a fine-tune."""
     from dlm import flags, preflight
-    shape = [] if profile.model else [("the new tiny base", ["--tiny-width", str(profile.tiny_width),
-                                                             "--tiny-layers", str(profile.tiny_layers)])]
-    for name, argv in shape + [(job.name, job.argv) for job in plan if job.script == "train.py"]:
+    from dlm.sampler import check_settings
+    from scripts import evaluate
+    from tasks import GENERATION_TASKS
+
+    def train_checks(argv):
+        parser, args = flags.parse_args(argv)
+        preflight.check_settings(parser, args)
+
+    def evaluate_checks(argv):
+        parser, args = evaluate.parse_args(argv)
+        if args.task in GENERATION_TASKS:
+            try:
+                check_settings(evaluate.sampler_arguments(args, None))  # the jobs give their canvas
+            except ValueError as e:
+                parser.error(str(e))
+    shape = [] if profile.model else [("the new tiny base", "train.py", ["--tiny-width", str(profile.tiny_width),
+                                                                         "--tiny-layers", str(profile.tiny_layers)])]
+    for name, script, argv in shape + [(job.name, job.script, job.argv) for job in plan]:
         refusal = io.StringIO()
         try:
             with contextlib.redirect_stderr(refusal):
-                parser, args = flags.parse_args(argv)
-                preflight.check_settings(parser, args)
+                (train_checks if script == "train.py" else evaluate_checks)(argv)
         except SystemExit:
             line = (refusal.getvalue().strip().splitlines() or ["its flags are refused"])[-1]
-            raise ValueError(f"{name}: train.py would refuse it: {line.split('error: ', 1)[-1]}") from None
+            command = "train.py" if script == "train.py" else "evaluate.py"
+            raise ValueError(f"{name}: {command} would refuse it: {line.split('error: ', 1)[-1]}") from None
 
 
 def check_output(args):

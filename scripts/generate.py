@@ -74,7 +74,7 @@ if __name__ == "__main__":  # --help and a mistyped flag answer here, before tor
 import torch
 
 from dlm import data, sharding
-from dlm.sampler import SamplerConfig, canvas_args, check_room, generate_text, sampler_for, stop_ids, trained_seq_len
+from dlm.sampler import canvas_args, check_room, check_settings, generate_text, sampler_for, stop_ids, trained_seq_len
 
 # -----------------------------------------------------------------------------
 # Watching the decoding (--show)
@@ -255,11 +255,10 @@ def sampler_settings(parser, args) -> tuple[dict, int | None]:
     sampler_args = canvas_args(args.gen_length, args.block_length, trained) | dict(
         steps=args.steps, temperature=args.temperature, remasking=args.remasking, suppress_eos=args.suppress_eos,
         threshold=args.threshold, prefix_cache=args.prefix_cache)
-    if sampler_args["gen_length"] is not None:  # checked now; a trained canvas once the prompts are known
-        try:
-            SamplerConfig(**sampler_args)
-        except ValueError as e:
-            parser.error(str(e))
+    try:  # checked now; a trained canvas once the prompts are known
+        check_settings(sampler_args)
+    except ValueError as e:
+        parser.error(str(e))
     return sampler_args, trained
 
 

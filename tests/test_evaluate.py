@@ -451,6 +451,11 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
                                                 {"question": "q", "answer": "Janet has 16 ducks"}])
     with pytest.raises(SystemExit, match=r"error: .*dev.jsonl item 1: the GSM8K reference 'Janet has 16 ducks'"):
         E.main(["--model", str(checkpoint), "--task", "gsm8k", "--data", str(rows)])
+    for flag in ("--model", "--base"):  # a missing folder, not transformers' "Repo id must be in the form ..."
+        argv = {"--model": str(checkpoint), "--base": str(checkpoint)} | {flag: str(tmp_path / "missing")}
+        with pytest.raises(SystemExit) as e:
+            E.main([*sum(argv.items(), ()), "--task", "probe", "--data", str(text)])
+        assert str(e.value.code) == f"error: {flag} {tmp_path / 'missing'}: no such folder (nor a hub id 'org/name')"
 
 
 NO_MODEL = "/nonexistent/model"  # loading it fails: errors below prove the data were checked first

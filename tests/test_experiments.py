@@ -295,6 +295,21 @@ def test_an_override_a_job_would_refuse_stops_the_dry_run_in_one_line(data_dir, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("overrides, refusal", [
+    (["--gen-length", "12", "--block-length", "8"], "--gen-length 12 is not a multiple of --block-length 8"),
+    (["--gen-length", "16", "--gen-steps", "100"], "--steps 100: more sampler steps than the 16 masks of --gen-length"),
+])
+def test_an_override_an_evaluation_would_refuse_stops_the_dry_run(data_dir, tmp_path, overrides, refusal):
+    """evaluate.py's jobs are checked too (its parser, bounds and sampler): before, a dry run
+    passed and the real run failed at the first evaluation, after the base and a fine-tune."""
+    with pytest.raises(SystemExit) as e:
+        X.main(SMALL + ["--dry-run", "--data-dir", str(data_dir), "--out", str(tmp_path / "out"), *overrides])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and ": evaluate.py would refuse it: " in message and "\n" not in message
+    assert refusal in message, message
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_model_folder_is_one_line(data_dir, tmp_path):
     with pytest.raises(SystemExit, match=r"^error: --model \S+/missing: no such folder"):
         X.main(SMALL + ["--dry-run", "--data-dir", str(data_dir), "--out", str(tmp_path / "out"),

@@ -193,12 +193,14 @@ def test_messy_file_trains_and_reports_what_it_skipped_and_cut(tmp_path, capsys)
     (["--data", "{xlsx}"], r"error: --data .*table.xlsx: unsupported file type; use .jsonl, .json, .csv, .parquet, .txt"),
     (["--data", "{folder}"], r"error: --data .*: not a file"),
     (["--data", "{missing}"], r"error: --data .*missing.jsonl: no such file"),
+    (["--data", "{unreadable}"], r"error: .*unreadable.jsonl: cannot be read \(Input/output error\); give a regular file$"),
 ])
 def test_bad_data_stops_train_with_one_line(tmp_path, capsys, flags, message):
     files = {"all_blank": write(tmp_path, "all_blank.jsonl", '{"prompt": "q", "answer": ""}\n' * 2),
              "latin1_txt": write(tmp_path, "latin1.txt", b"hello\ncaf\xe9\n"),
              "tiny_txt": write(tmp_path, "tiny.txt", "hello"), "xlsx": write(tmp_path, "table.xlsx", "a,b\n"),
-             "folder": tmp_path, "missing": tmp_path / "missing.jsonl"}
+             "folder": tmp_path, "missing": tmp_path / "missing.jsonl", "unreadable": tmp_path / "unreadable.jsonl"}
+    (tmp_path / "unreadable.jsonl").symlink_to("/proc/self/mem")  # opens, but read() fails: EIO, no file name
     code, line = refusal(capsys, "--out", str(tmp_path / "out"), *[f.format(**files) for f in flags])
     assert code != 0
     assert re.search(message, line), line
@@ -738,6 +740,19 @@ def test_resume_auto_refuses_a_damaged_latest_checkpoint_as_an_explicit_resume_d
     assert (out / "log.jsonl").read_text() == log
 
 
+def test_a_step_that_leaves_non_finite_weights_stops_the_run_before_saving_them(tmp_path):
+    """--weight-decay 1e300: the loss and gradients of step 1 are finite, AdamW's decay overflows
+    every weight. The run stops there in one line; no checkpoint or final/ holds such weights
+    (before: the evaluation's SVD of NaN embeddings ended in a LinAlgError traceback)."""
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "run", "--steps", "3", "--save-every", "1", "--weight-decay", "1e300")
+    assert str(e.value.code) == ("error: step 1 left non-finite weights although its loss and gradients were finite "
+                                 "(the optimizer's update overflowed): lower --lr or --weight-decay; the checkpoints "
+                                 "hold the weights from before")
+    assert not (tmp_path / "run" / "final").exists()
+    assert checkpoints.checkpoint_dirs(tmp_path / "run" / "checkpoints") == []
+
+
 def test_a_run_whose_every_step_was_skipped_exports_nothing(tmp_path, monkeypatch):
     """--jepa-lambda 1e300 and the like: every step non-finite, fewer than --max-bad-steps: the
     untouched model must not be exported as fine-tuned with exit 0."""
@@ -783,6 +798,26 @@ def test_nan_or_integer_weights_are_one_line_in_evaluate_and_generate(damaged_mo
     line = str(e.value.code)
     assert line.startswith(f"error: {damaged_models / kind}: ") and message in line and "\n" not in line, line
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_evaluate_no_progress_leaves_stderr_to_the_refusal(damaged_models, tmp_path, capsys):
+    """--no-progress silences transformers' "Loading weights" bar too, so a refusal after loading
+    is all stderr holds (before: two bar lines ahead of it in a log file)."""
+    from transformers.utils import logging as hf_logging
+
+    from scripts import evaluate
+    text = tmp_path / "probe.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as in a fresh process (train.main, run earlier here, turns it off)
+    try:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--model", str(damaged_models / "nan"), "--task", "probe", "--data", str(text),
+                           "--probe-seq-len", "16", "--probe-windows", "2", "--no-progress"])
+    finally:
+        (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
+    assert "holds NaN or infinite weights" in str(e.value.code)
+    assert capsys.readouterr().err == ""
 
 
 def test_evaluate_refuses_blank_reference_answers(tmp_path, small_run):

@@ -7,6 +7,7 @@ Run: python -m pytest tests/test_generate.py -q
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -655,6 +656,23 @@ def test_bad_input_is_one_error_line(model_dir, capsys, tmp_path, argv, code, me
     assert (got, out) == (code, "")
     assert last.startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in last, last
     assert all(line.startswith("Loading weights") for line in before), before  # progress, if any
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--threshold", "0"], "--threshold 0.0: must be a probability in (0, 1], e.g. 0.9"),
+    (["--threshold", "0.9", "--steps", "4"], "--steps 4 with --threshold 0.9: a threshold decides how many tokens"),
+    (["--threshold", "0.9", "--remasking", "random"], "--threshold 0.9 with --remasking random: the threshold"),
+])
+def test_sampler_flags_that_need_no_canvas_are_refused_before_the_weights_load(model_dir, tmp_path, capsys,
+                                                                                monkeypatch, flags, message):
+    """A train.py model's canvas is settled once the prompts are tokenised, after loading; the
+    checks that do not depend on it come first (before: after loading, under the loading bar)."""
+    trained = tmp_path / "final"
+    shutil.copytree(model_dir, trained)
+    (trained / "training_config.json").write_text(json.dumps({"args": {"seq_len": 64}}))
+    monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: pytest.fail("the weights were loaded"))
+    code, out, err = cli(["--model", trained, "--prompt", "ok", *flags], capsys)
+    assert (code, out) == (2, "") and err.strip().startswith(f"error: {message}") and "\n" not in err.strip(), err
 
 
 def test_script_error_is_one_line_and_status_1(model_dir, tmp_path):

@@ -553,8 +553,7 @@ def test_a_signal_repeated_at_once_is_one_stop_request_and_a_later_one_stops_now
 
 def test_a_model_too_wide_for_any_machine_is_refused_before_allocating(tmp_path, capfd):
     line = train_refusal(capfd, "--tiny-width", "131072", "--out", str(tmp_path / "out"))
-    assert line.startswith("error: --tiny-width 131072: the model has ") and line.endswith("lower --tiny-width "
-                                                                                           "(or --tiny-layers)")
+    assert line.startswith("error: --tiny-width 131072: the model has ") and line.endswith("lower --tiny-width 131072")
     assert " TiB for its weights, gradients, AdamW moments and EMA/anchor copies, more than the " in line
     assert not (tmp_path / "out").exists()
 
@@ -604,6 +603,16 @@ def test_a_model_past_the_cgroups_limit_is_refused_before_allocating(tmp_path, c
     line = train_refusal(capfd, "--out", str(tmp_path / "out"))
     assert line.startswith("error: --tiny-width "), line
     assert "more than the 64.0 KiB free in host memory (this process's cgroup limit)" in line, line
+
+
+@pytest.mark.parametrize("flag", ["--predictor-depth", "--predictor-mult"])
+def test_a_predictor_past_the_limit_is_blamed_on_its_flag(tmp_path, capfd, monkeypatch, flag):
+    """The model's training state alone (about 1 MiB) fits in 3 MiB; with 64 predictor layers,
+    or layers 64 times as wide, it does not: the line names that flag, not --tiny-width."""
+    monkeypatch.setattr(files, "CGROUP", fake_cgroup(tmp_path / "cgroup", "v2", 2 ** 30 + 3 * 2 ** 20, 2 ** 30))
+    line = train_refusal(capfd, flag, "64", "--out", str(tmp_path / "out"))
+    assert line.startswith(f"error: {flag} 64: the model has "), line
+    assert line.endswith(f"more than the 3.0 MiB free in host memory (this process's cgroup limit): lower {flag} 64"), line
 
 
 def test_batch_size_200000_is_refused_on_this_machine(tmp_path, capfd):

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -330,3 +331,35 @@ def test_a_peer_lost_mid_collective_is_one_line_naming_the_rank(message):
     assert done.returncode == 1
     assert done.stderr.strip() == ("error: rank 1: another process left in the middle of a collective (stopped or "
                                    "died: see its output); resume"), done.stderr
+
+
+def test_a_rank_killed_mid_run_leaves_the_survivor_one_line(tmp_path):
+    """End to end, the case above: a real 2-process run whose rank 1 is SIGKILLed after its first
+    steps. Rank 0, inside a collective whose peer is gone, prints exactly one line (its rank, where
+    --resume auto continues) and exits 1: not gloo's traceback. torchrun's --redirects keeps each
+    rank's stderr in a file of its own, apart from torchrun's report of the failure."""
+    import psutil
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--redirects", "2",
+           "--log-dir", str(logs), str(ROOT / "train.py"), *SMALL, "--steps", "10000", "--save-every", "10000",
+           "--out", str(out)]
+    runner = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    try:
+        log = out / "log.jsonl"
+        for _ in range(3000):  # a few steps done: both ranks are in the loop's collectives
+            if log.exists() and len(log.read_text().splitlines()) >= 3 or runner.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert runner.poll() is None, "the run ended before rank 1 could be killed"
+        rank1 = next(p for p in psutil.Process(runner.pid).children() if p.environ().get("RANK") == "1")
+        rank1.kill()
+        runner.wait(timeout=120)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode != 0
+    survivor = next(logs.rglob("0/stderr.log")).read_text()
+    assert survivor.splitlines() == ["error: rank 0: another process left in the middle of a collective (stopped or "
+                                     "died: see its output); the last complete checkpoint is where --resume auto "
+                                     "continues"], survivor[-4000:]
