@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import tiny_model
 import train
-from dllm_jepa import DLLMJEPA, JEPAConfig, JEPAOutput
+from dllm_jepa import DLLMJEPA, JEPAConfig
 from dlm import checkpoints, data, sharding
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -174,7 +174,7 @@ def test_out_meeting_any_input_is_refused_naming_both(saved_model, small_run, tm
     ]
     for flags, message in cases:
         line = train_refusal(capfd, *flags)
-        assert line.startswith(f"error: --out ") and message in line, (flags, line)
+        assert line.startswith("error: --out ") and message in line, (flags, line)
     assert {path: snapshot(path) for path in before} == before
 
 

@@ -173,7 +173,7 @@ def test_evaluation_canvas_defaults_to_the_trained_one_and_warns_past_it(capsys)
     canvas_for(backbone, items, {"gen_length": 30 - longest, "block_length": 30 - longest}, 30)
     assert capsys.readouterr().err == ""  # exactly the trained canvas: no warning
     canvas_for(backbone, items, {"gen_length": 31 - longest, "block_length": 31 - longest}, 30)
-    assert f"past the longest canvas the model was trained on (30)" in capsys.readouterr().err
+    assert "past the longest canvas the model was trained on (30)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="fills the model's trained canvas"):
         canvas_for(backbone, items, {"gen_length": None, "block_length": None}, longest)
 
