@@ -44,6 +44,9 @@ SPIDER_TABLES = ("https://raw.githubusercontent.com/taoyds/spider/b7b5b8c890cd30
                  "evaluation_examples/examples/tables.json")
 OFFLINE = ("run `python -m scripts.prepare --out data --datasets {name}` on a machine that has it and copy data/ here, "
            "then give its files (docs/datasets.md: The local folder)")
+# A --seq-len this many times the longest row is warned about: every row is padded with EOS to
+# --seq-len (LLaDA's SFT recipe), so most of each step would be spent on padding.
+PADDED = 4
 CHANGED = "the source's rows are not in the shape hub.py expects: check the source, or write the files by hand"
 
 # -----------------------------------------------------------------------------
@@ -366,6 +369,11 @@ class Corpus:
         if not given and self.kind == "examples" and not cut:
             warnings.append(f"--seq-len {seq_len}: the longest row (prompt, answer, EOS) of the data, so no row is "
                             "cut; give --seq-len to choose another")
+        if given and self.kind == "examples" and seq_len > PADDED * self.longest:  # rows are padded to seq_len
+            warnings.append(f"warning: --seq-len {seq_len} is {seq_len / self.longest:.0f}x the longest row of the data "
+                            f"({self.longest} tokens): every row is padded with EOS to it, so a step costs at least "
+                            f"{seq_len / self.longest:.0f}x what it would at --seq-len {self.longest}, which keeps "
+                            "every row whole")
         return train_rows, eval_rows, eval_examples, warnings, cut
 
     def epoch_steps(self, epochs: float, global_batch: int, seq_len: int, fraction: float, seed: int) -> int:

@@ -102,6 +102,18 @@ def test_seq_len_is_the_longest_row_capped_at_the_models_positions_unless_given(
     assert settle([], "builtin").seq_len == 32 and settle([], "text").seq_len == 32
 
 
+def test_a_seq_len_far_past_the_longest_row_is_warned_about():
+    """Rows are padded with EOS to --seq-len: 10x the longest row means steps 10x (or more) as
+    costly, which a user who typed --seq-len 100000 should hear before a step that takes minutes."""
+    warned = lambda seq_len, given=True: [w for w in corpus("examples", longest=40).rows(seq_len, 0.1, 0, given)[3]
+                                          if "the longest row of the data" in w]
+    line, = warned(400)
+    assert line.startswith("warning: --seq-len 400 is 10x the longest row of the data (40 tokens)") and \
+        "--seq-len 40, which keeps every row whole" in line
+    assert warned(160) == [] and warned(161) != []  # 4x the longest row is still quiet
+    assert corpus("text").rows(400, 0.1, 0, True)[3] == []  # plain text is cut into rows, never padded
+
+
 def test_epochs_set_the_steps_and_user_data_trains_one_epoch_by_default():
     # 100 rows, 5 held out (--eval-fraction 0.05): 95 training rows; a global batch of 8 x 2 = 16
     assert settle(["--batch-size", "8", "--grad-accum", "2"]).steps == math.ceil(95 / 16)
