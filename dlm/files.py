@@ -339,13 +339,17 @@ def stop_requests():
     stop_signal, first = [], []
 
     def on_signal(signum, frame):
-        if stop_signal and is_repeat(first[0]):  # the same request again (REPEAT_S)
+        # Python runs a handler between two bytecodes, even inside this one: a repeat arriving within
+        # microseconds (the kernel's) runs in the middle of it, so the request is recorded whole
+        # (time, then signal) before anything reads it, and the clock is read before either.
+        now = time.monotonic()
+        if first and is_repeat(first[0]):  # the same request again (REPEAT_S)
             return
-        if stop_signal:  # a second signal: stop now (the last complete checkpoint stays intact)
+        if first:  # a second signal: stop now (the last complete checkpoint stays intact)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+        first.append(now)
         stop_signal.append(signum)
-        first.append(time.monotonic())
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield stop_signal
