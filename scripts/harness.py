@@ -240,6 +240,7 @@ class DiffusionLM(TemplateLM):
         self.limit = max_positions(backbone.model)
         self.chat = False  # set once lm-eval renders a chat through apply_chat_template
         self.warned = set()
+        HELD_LOGS.release()  # the arguments were good: what lm-eval logged so far prints now
 
     @staticmethod
     def pick_device(device: str | None) -> str:
@@ -364,6 +365,43 @@ class DiffusionLM(TemplateLM):
 HARNESS_ERRORS = (ValueError, TypeError, KeyError, AssertionError, OSError)
 
 
+class HeldLogs:
+    """lm-eval logs what it is about to run (the tasks, the seeds, the model's arguments) before
+    it builds the model, where most bad arguments surface. While held, those records wait on
+    lm-eval's handlers: DiffusionLM releases them once it has loaded (they print, in order, a
+    few seconds late) and a bad argument that ends the run first drops them, so its error is
+    the only line. Holding nothing (another --model, or DiffusionLM built in Python), release
+    does nothing."""
+
+    def __init__(self):
+        self.records, self.handlers = [], []
+
+    def filter(self, record) -> bool:  # a handler's filter: keep the record for later, emit nothing now
+        self.records.append(record)
+        return False
+
+    def hold(self):
+        self.handlers = list(logging.getLogger("lm_eval").handlers)  # setup_logging's, records of every lm_eval.*
+        for handler in self.handlers:
+            handler.addFilter(self)
+
+    def release(self):
+        records, self.records = self.records, []
+        self.drop()
+        for record in records:
+            for handler in logging.getLogger("lm_eval").handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+
+    def drop(self):
+        for handler in self.handlers:
+            handler.removeFilter(self)
+        self.records, self.handlers = [], []
+
+
+HELD_LOGS = HeldLogs()
+
+
 def main(argv=None):
     """`lm_eval run ARGS` with "dllm" registered; `--model dllm` when no --model is given. A bad
     argument is one line, not lm-eval's traceback."""
@@ -373,9 +411,13 @@ def main(argv=None):
         if args.command == "run":
             check_arguments(sys.argv[2:])
         setup_logging()
+        if args.command == "run" and args.model == MODEL_NAME:
+            HELD_LOGS.hold()
         cli.execute(args)
     except HARNESS_ERRORS as e:
         raise SystemExit(f"error: {e if isinstance(e, ValueError) else files.cause(e)}") from None
+    finally:
+        HELD_LOGS.drop()  # released once the model loaded; a run stopped before that shows its error alone
 
 
 def check_arguments(argv: list[str]):

@@ -7,7 +7,12 @@ lm_eval.simple_evaluate, whose scores must equal evaluate.py's (tasks/) on the s
 """
 
 import json
+import logging
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -362,3 +367,44 @@ def test_bad_arguments_are_one_line(ckpt, tmp_path, monkeypatch, args, message):
         harness.main(args)
     line = str(e.value.code)
     assert line.startswith("error: ") and "\n" not in line and message in line, line
+
+
+def test_lm_evals_log_waits_for_the_model_and_is_dropped_when_an_argument_stops_the_run():
+    """lm-eval logs the run's setup before it builds the model: held, those lines print once
+    DiffusionLM loads (in order, then later ones pass straight through), and vanish when a bad
+    argument ends the run first, so that its error is the one line."""
+    seen = []
+    catch = logging.Handler()
+    catch.emit = lambda record: seen.append(record.getMessage())
+    lm_eval_log = logging.getLogger("lm_eval")
+    lm_eval_log.addHandler(catch)
+    level, lm_eval_log.level = lm_eval_log.level, logging.INFO
+    try:
+        held = harness.HeldLogs()
+        held.hold()
+        logging.getLogger("lm_eval.cli").info("selected tasks")  # a child logger's record, as lm-eval's are
+        logging.getLogger("lm_eval.evaluator").info("seeds")
+        assert seen == []
+        held.release()
+        logging.getLogger("lm_eval.evaluator").info("running")
+        assert seen == ["selected tasks", "seeds", "running"]
+        held.hold()
+        logging.getLogger("lm_eval.cli").info("selected tasks")
+        held.drop()
+        assert seen == ["selected tasks", "seeds", "running"]
+    finally:
+        lm_eval_log.removeHandler(catch)
+        lm_eval_log.level = level
+
+
+def test_a_bad_argument_is_the_only_line_on_stderr(tmp_path):
+    """The command as a user runs it: no lm-eval log line before the error."""
+    root = Path(harness.__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "scripts.harness", "--model_args", f"pretrained={tmp_path / 'missing'}",
+                           "--tasks", "arc_easy"], cwd=root, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: model_args: pretrained {tmp_path / 'missing'}: no such "
+                                                   "folder"), done.stderr
+
