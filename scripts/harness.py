@@ -377,7 +377,8 @@ class HeldLogs:
         self.records, self.handlers = [], []
 
     def filter(self, record) -> bool:  # a handler's filter: keep the record for later, emit nothing now
-        self.records.append(record)
+        if not self.records or self.records[-1] is not record:  # each handler asks in turn: keep it once
+            self.records.append(record)
         return False
 
     def hold(self):

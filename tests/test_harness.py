@@ -378,6 +378,9 @@ def test_lm_evals_log_waits_for_the_model_and_is_dropped_when_an_argument_stops_
     catch.emit = lambda record: seen.append(record.getMessage())
     lm_eval_log = logging.getLogger("lm_eval")
     lm_eval_log.addHandler(catch)
+    other = logging.Handler()  # a second handler (as lm-eval's own, once set up): each record still once
+    other.emit = lambda record: None
+    lm_eval_log.addHandler(other)
     level, lm_eval_log.level = lm_eval_log.level, logging.INFO
     try:
         held = harness.HeldLogs()
@@ -394,6 +397,7 @@ def test_lm_evals_log_waits_for_the_model_and_is_dropped_when_an_argument_stops_
         assert seen == ["selected tasks", "seeds", "running"]
     finally:
         lm_eval_log.removeHandler(catch)
+        lm_eval_log.removeHandler(other)
         lm_eval_log.level = level
 
 
