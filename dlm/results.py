@@ -5,7 +5,7 @@ For scripts/experiments.py's last stage (results.md):
 - `measurements`: one model's numbers, from its evaluate.py outputs and train.py's log;
 - `summarise`: the per-block drift as scalar columns;
 - `task_table`: one Markdown table per task, mean ± sample std over seeds (the paper's format);
-- `comparisons`: each method minus diffusion, with the standard error over seeds;
+- `comparisons`: each method minus diffusion, paired by seed, with its standard error;
 - `plot_metrics`, `mean_report`: the headline metrics as points with seed error bars, and the
   drift averaged over seeds for tasks.drift.plot_drift.
 """
@@ -105,20 +105,21 @@ def task_table(task: str, base: dict, runs: dict[str, list[dict]], shots: int) -
 
 
 def comparisons(runs: dict[str, list[dict]], task: str, shots: int) -> list[str]:
-    """Each method minus diffusion (the baseline) per metric, with the seeds' standard error
-    of that difference, so a reader sees at once which gaps exceed seed noise."""
+    """Each method minus diffusion (the baseline) per metric, paired by seed: the mean of the
+    per-seed differences and its standard error, so a reader sees at once which gaps exceed seed
+    noise. Every method's list holds the same seeds in the same order (experiments.py builds
+    them so); pairing removes what two runs of one seed share (the data order, the masks)."""
     if "diffusion" not in runs:
         return []
     lines = []
     for other in [m for m in runs if m != "diffusion"]:
         parts = []
         for key, header, scale, digits in columns(task, shots)[:-1]:
-            a = [r[key] * scale for r in runs[other] if key in r]
-            b = [r[key] * scale for r in runs["diffusion"] if key in r]
-            if not a or not b:
+            diffs = [(r[key] - d[key]) * scale for r, d in zip(runs[other], runs["diffusion"]) if key in r and key in d]
+            if not diffs:
                 continue
-            diff = sum(a) / len(a) - sum(b) / len(b)
-            se = math.sqrt(sum(statistics.variance(x) / len(x) for x in (a, b) if len(x) > 1))
+            diff = sum(diffs) / len(diffs)
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
             flag = " (beyond 2 s.e.)" if se > 0 and abs(diff) > 2 * se else ""
             parts.append(f"{header.rstrip(' ↑↓')}: {diff:+.{digits}f} ± {se:.{digits}f}{flag}")
         lines.append(f"- {other} − diffusion: " + "; ".join(parts))

@@ -46,11 +46,15 @@ def test_task_table_layout():
     assert row[header.index("Wikitext probe ↓")] == "3.200 ± 0.141"
 
 
-def test_comparisons_flag_gaps_beyond_seed_noise():
-    runs = {"dllm-jepa": [{"probe_loss": 1.0}, {"probe_loss": 1.1}],
-            "diffusion": [{"probe_loss": 2.0}, {"probe_loss": 2.1}]}
+def test_comparisons_pair_the_runs_by_seed():
+    # per-seed differences -1.0, -0.9, -1.1: mean -1.0, s.e. 0.1 / sqrt(3) = 0.058, beyond 2 s.e.;
+    # unpaired, the seeds' spread (std 0.66 and 0.72) would hide the gap (s.e. 0.56)
+    runs = {"dllm-jepa": [{"probe_loss": 1.0}, {"probe_loss": 1.5}, {"probe_loss": 2.3}],
+            "diffusion": [{"probe_loss": 2.0}, {"probe_loss": 2.4}, {"probe_loss": 3.4}]}
     line, = comparisons(runs, "django", shots=5)
-    assert line.startswith("- dllm-jepa − diffusion: Wikitext probe: -1.000 ± 0.071 (beyond 2 s.e.)")
+    assert line.startswith("- dllm-jepa − diffusion: Wikitext probe: -1.000 ± 0.058 (beyond 2 s.e.)")
+    one_seed = {"dllm-jepa": [{"probe_loss": 1.0}], "diffusion": [{"probe_loss": 2.0}]}
+    assert comparisons(one_seed, "django", shots=5) == ["- dllm-jepa − diffusion: Wikitext probe: -1.000 ± 0.000"]
 
 
 @pytest.fixture
