@@ -49,6 +49,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 import tiny_model
 from dlm import load_checks
+from dlm.held_logs import HeldLogs
 
 # A fix runs before the model is built (`before`: it may patch the config or the remote
 # class, or enter a context on the ExitStack that stays open while the model loads) or
@@ -461,16 +462,16 @@ def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32, weights
     missing or broken tokenizer or JSON file), not a SafetensorError or size-mismatch traceback
     nor a model with a block at random; the key table transformers logs before such an error is
     held back (logged as usual on success)."""
-    with load_checks.held_load_reports() as reports:
+    loading_logs = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "configuration_utils")]
+    with HeldLogs(*loading_logs) as reports:  # the key table, the config's complaints about ids
         try:
             backbone = read_backbone(name_or_path, dtype, weights)
         except (SafetensorError, RuntimeError, OSError, ValueError) as e:
-            line = load_checks.load_error(name_or_path, e, reports, FAMILIES)
+            line = load_checks.load_error(name_or_path, e, reports.records, FAMILIES)
             if line is None:
                 raise
             raise ValueError(line) from None
-    for record in reports:  # loaded: the report (missing or unexpected keys) is shown as usual
-        logging.getLogger(record.name).handle(record)
+        reports.release()  # loaded: the report (missing or unexpected keys) is shown as usual
     if problem := (load_checks.stored_dtype_problem(Path(name_or_path).expanduser())
                    or load_checks.weights_problem(backbone.model)):
         raise ValueError(f"{name_or_path}: {problem}")

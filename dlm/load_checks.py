@@ -8,13 +8,10 @@ a model with a block left at its random initialisation:
 - `load_error`: one line for an exception raised while loading (damaged weights, a
   config.json of another model, broken JSON, no tokenizer, an unknown model_type);
 - `keys_problem`: weights that do not fill the model (missing or left-over tensors);
-- `stored_dtype_problem`, `weights_problem`: integer-typed or non-finite weights;
-- `held_load_reports`: holds transformers' loading logs until we know whether to show them.
+- `stored_dtype_problem`, `weights_problem`: integer-typed or non-finite weights.
 """
 
-import contextlib
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -45,24 +42,6 @@ def weights_problem(model) -> str | None:
             return (f"{name} holds NaN or infinite weights: the model is damaged (a diverged run's export?); "
                     "use an earlier checkpoint or export it again")
     return None
-
-
-@contextlib.contextmanager
-def held_load_reports():
-    """Hold the records transformers logs while loading (from_pretrained's LOAD REPORT key table,
-    the config's complaints about ids outside its vocabulary)."""
-    loggers, held = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "configuration_utils")], []
-
-    def hold(record):
-        held.append(record)
-        return False
-    for logger in loggers:
-        logger.addFilter(hold)
-    try:
-        yield held
-    finally:
-        for logger in loggers:
-            logger.removeFilter(hold)
 
 
 def load_error(name_or_path: str, error: BaseException, reports: list, families) -> str | None:

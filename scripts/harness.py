@@ -104,6 +104,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from dlm import checkpoints, files, sharding
+from dlm.held_logs import HeldLogs
 from dlm.sampler import (SamplerConfig, aligned_logits, canvas_args, check_prefix_cache, check_room, conventions,
                          generate, generate_text, left_pad, sampler_for, trained_seq_len)
 from tasks.common import fit_prompt, max_positions
@@ -365,41 +366,10 @@ class DiffusionLM(TemplateLM):
 HARNESS_ERRORS = (ValueError, TypeError, KeyError, AssertionError, OSError)
 
 
-class HeldLogs:
-    """lm-eval logs what it is about to run (the tasks, the seeds, the model's arguments) before
-    it builds the model, where most bad arguments surface. While held, those records wait on
-    lm-eval's handlers: DiffusionLM releases them once it has loaded (they print, in order, a
-    few seconds late) and a bad argument that ends the run first drops them, so its error is
-    the only line. Holding nothing (another --model, or DiffusionLM built in Python), release
-    does nothing."""
-
-    def __init__(self):
-        self.records, self.handlers = [], []
-
-    def filter(self, record) -> bool:  # a handler's filter: keep the record for later, emit nothing now
-        if not self.records or self.records[-1] is not record:  # each handler asks in turn: keep it once
-            self.records.append(record)
-        return False
-
-    def hold(self):
-        self.handlers = list(logging.getLogger("lm_eval").handlers)  # setup_logging's, records of every lm_eval.*
-        for handler in self.handlers:
-            handler.addFilter(self)
-
-    def release(self):
-        records, self.records = self.records, []
-        self.drop()
-        for record in records:
-            for handler in logging.getLogger("lm_eval").handlers:
-                if record.levelno >= handler.level:
-                    handler.handle(record)
-
-    def drop(self):
-        for handler in self.handlers:
-            handler.removeFilter(self)
-        self.records, self.handlers = [], []
-
-
+# lm-eval logs what it is about to run (the tasks, the seeds, the model's arguments) before it
+# builds the model, where most bad arguments surface: main holds those records at lm-eval's
+# handlers, DiffusionLM releases them once it has loaded, and a run stopped before that shows
+# its error alone.
 HELD_LOGS = HeldLogs()
 
 
@@ -413,7 +383,7 @@ def main(argv=None):
             check_arguments(sys.argv[2:])
         setup_logging()
         if args.command == "run" and args.model == MODEL_NAME:
-            HELD_LOGS.hold()
+            HELD_LOGS.hold(*logging.getLogger("lm_eval").handlers)  # setup_logging's: every lm_eval.* record
         cli.execute(args)
     except HARNESS_ERRORS as e:
         raise SystemExit(f"error: {e if isinstance(e, ValueError) else files.cause(e)}") from None

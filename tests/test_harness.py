@@ -27,6 +27,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 import tiny_model  # noqa: E402
 from dlm import backbones  # noqa: E402
+from dlm.held_logs import HeldLogs  # noqa: E402
 from dlm.sampler import SamplerConfig  # noqa: E402
 from scripts import harness  # noqa: E402
 from tasks import load_items  # noqa: E402
@@ -383,15 +384,14 @@ def test_lm_evals_log_waits_for_the_model_and_is_dropped_when_an_argument_stops_
     lm_eval_log.addHandler(other)
     level, lm_eval_log.level = lm_eval_log.level, logging.INFO
     try:
-        held = harness.HeldLogs()
-        held.hold()
+        held = HeldLogs(*lm_eval_log.handlers)
         logging.getLogger("lm_eval.cli").info("selected tasks")  # a child logger's record, as lm-eval's are
         logging.getLogger("lm_eval.evaluator").info("seeds")
         assert seen == []
         held.release()
         logging.getLogger("lm_eval.evaluator").info("running")
         assert seen == ["selected tasks", "seeds", "running"]
-        held.hold()
+        held.hold(*lm_eval_log.handlers)
         logging.getLogger("lm_eval.cli").info("selected tasks")
         held.drop()
         assert seen == ["selected tasks", "seeds", "running"]
