@@ -53,6 +53,8 @@ def parse_args(argv=None):
                    "masks as ░ (in place on a terminal, one line per step otherwise)")
     g.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt "
                    '({"source", "prompt", "answer"}) instead of the bare answers')
+    g.add_argument("--no-progress", action="store_true", help="no loading bar on stderr (transformers' "
+                   '"Loading weights"), as with --show: stderr keeps what went wrong alone')
     args = p.parse_args(argv)
     args.prompt = args.prompt or []
     if not args.prompt and not args.prompts_file:
@@ -278,7 +280,7 @@ def run(args, sampler_args: dict, trained: int | None, stdout) -> list[str]:
     limit = model_positions(args.model)
     check_room(sampler_args["gen_length"], limit, error=BadFlag)
     path = Path(args.model).expanduser()
-    if args.show:  # transformers' loading bar would come before the frames
+    if args.show or args.no_progress:  # transformers' loading bar would come before the frames
         hf_logging.disable_progress_bar()
     backbone = load_backbone(str(path) if path.exists() else args.model, dtype=getattr(torch, args.dtype))
     backbone.model.to(sharding.pick_device(args.device)).eval()

@@ -467,9 +467,10 @@ def test_show_draws_each_committing_step(model_dir, loaded, capsys):
     assert out.endswith(answer + "\n")
 
 
-def test_show_hides_the_loading_bar(model_dir):
+def test_show_and_no_progress_hide_the_loading_bar(model_dir):
     """The real entry point: with --show the frames are all there is, on a terminal's two streams
-    (transformers' "Loading weights" bar, which a plain run prints on stderr, would come first)."""
+    (transformers' "Loading weights" bar, which a plain run prints on stderr, would come first);
+    --no-progress leaves the answers alone on stdout and nothing on stderr."""
     def run(*flags):
         done = subprocess.run([sys.executable, "-m", "scripts.generate", "--model", str(model_dir), "--prompt", "hi",
                                *CLI_SAMPLER, *flags], capture_output=True, text=True, timeout=300,
@@ -480,6 +481,8 @@ def test_show_hides_the_loading_bar(model_dir):
     assert "Loading weights" in plain_err  # the bar --show must hide
     out, err = run("--show")
     assert err == "" and out.startswith("[1] step 1: ") and len(frames_of(out)) == 16
+    out, err = run("--no-progress", "--jsonl")  # one JSON line (an untrained model's answer may hold newlines)
+    assert err == "" and json.loads(out)["source"] == "--prompt 1"
 
 
 def test_show_and_answers_with_threshold_and_prefix_cache(model_dir, loaded, capsys):
