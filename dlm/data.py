@@ -158,6 +158,14 @@ def read_text(path: Path) -> str:
                          "re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 
+def read_json(path: Path):
+    """A JSON file's value; invalid JSON is one line naming the file and the line."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
 def json_rows(path: Path, what: str = "examples") -> list[tuple[object, str]]:
     """The JSON values of a .json file (one list) or a .jsonl file (one per non-blank line),
     each with where it was read ("f.jsonl:12", "f.json item 3"); invalid JSON raises with the

@@ -247,6 +247,29 @@ def spider_tables() -> Path:
 # Training rows: train.py --data NAME[:split], and --data/--eval-data whatever they name
 
 
+def spider_schema(tables_path: Path) -> dict[str, str]:
+    """db_id -> "table(column, ...); ..." from Spider's tables.json (original names)."""
+    schemas = {}
+    for i, db in enumerate(data.read_json(tables_path)):
+        try:
+            columns = {t: [] for t in range(len(db["table_names_original"]))}
+            for table, column in db["column_names_original"]:
+                if table >= 0:  # -1 is the "*" pseudo-column
+                    columns[table].append(column)
+            schemas[db["db_id"]] = "; ".join(f"{name}({', '.join(columns[t])})"
+                                             for t, name in enumerate(db["table_names_original"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{tables_path} item {i}: not a Spider schema ({e!r})") from None
+    return schemas
+
+
+def spider_messages(question: str, db_id: str, schema: str | None) -> list:
+    """The prompt of a Spider example (our format): database name, its schema when known,
+    the question. Training rows and tasks/spider.py's evaluation items both come from here."""
+    lines = [f"Database: {db_id}"] + ([f"Schema: {schema}"] if schema else []) + [f"Question: {question}"]
+    return [{"role": "user", "content": "\n".join(lines)}]
+
+
 def training_examples(name: str, split: str = "train") -> list[data.Example]:
     """train.py --data NAME: a registered dataset's rows as data.Example, the prompts the
     evaluation uses (Spider: database, schema, question; Django: the description). NAME:split
@@ -267,7 +290,6 @@ def training_examples(name: str, split: str = "train") -> list[data.Example]:
     rows = load_rows(name, split)
     where = [f"{name}[{split}] row {i}" for i in range(len(rows))]
     if name == "spider":  # the prompt tasks/spider.py evaluates with: database, schema, question
-        from tasks.spider import spider_messages, spider_schema
         schemas = spider_schema(spider_tables())
         missing = next((i for i, row in enumerate(rows) if row["db_id"] not in schemas), None)
         if missing is not None:
@@ -405,29 +427,3 @@ def read_corpus(flags, tokenizer) -> Corpus:
     kind = "text" if train.ids is not None else "builtin" if flags.data == "builtin" else "examples"
     return Corpus(train, flags.eval_data and read(flags.eval_data), kind, tokenizer.eos_token_id,
                   list(filter(None, notes)))
-
-
-# -----------------------------------------------------------------------------
-# Evaluation data: evaluate.py --data NAME[:split] (and --fewshot-data)
-
-
-def evaluation_data(name: str, task: str):
-    """What evaluate.py --task TASK reads from a registered dataset: its test split unless
-    NAME:split picks one (Spider: validation). Generation tasks -> tasks.common.Item list
-    (the training prompts), mmlu -> tasks.mmlu.Question list, probe/drift -> the text."""
-    name, _, picked = name.partition(":")
-    dataset = entry(name)
-    split = picked or next(s for s in ("test", "validation") if s in dataset.splits)
-    check_split(dataset, split)
-    wanted = {"mmlu": "mmlu", "probe": "wikitext2", "drift": "wikitext2"}.get(task)
-    if (name in ("mmlu", "wikitext2") or wanted) and name != wanted:
-        raise ValueError(f"--data {name}: --task {task} reads "
-                         f"{wanted or 'a task dataset (gsm8k, nl-rx-synth, nl-rx-turk, spider, django)'}, not {name}")
-    if task == "mmlu":
-        from tasks.mmlu import Question
-        return [Question(row["subject"], row["question"], row["choices"], row["answer"])
-                for row in load_rows(name, split)]
-    if wanted == "wikitext2":
-        return "".join(row["text"] for row in load_rows(name, split))
-    from tasks.common import Item
-    return [Item(ex.prompt, ex.answer) for ex in training_examples(name, split)]

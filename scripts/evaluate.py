@@ -124,7 +124,7 @@ import torch
 
 from dlm import checkpoints, data, files, hub, lora, sharding
 from dlm.sampler import canvas_args, check_settings, trained_seq_len
-from tasks import GENERATION_TASKS, check_references, load_items
+from tasks import GENERATION_TASKS, check_references, hub_items, load_items
 from tasks.common import Shard, max_positions, with_shots
 from tasks.drift import drift_report, plot_drift
 from tasks.generation import canvas_for, evaluate_generation
@@ -212,7 +212,7 @@ def read(source: str, task: str):
     when no such file or folder exists here: what --task reads from it. None for a path."""
     if Path(source).exists() or not hub.registered(source):
         return None
-    return hub.evaluation_data(source, task)
+    return hub_items(source, task)
 
 
 def evaluate_task(args, inputs, backbone, base, shard: Shard) -> dict:

@@ -1,9 +1,10 @@
 """
 The evaluation tasks, one module each: its loader, prompt and metric together, so "how is
 Spider scored" is answered by tasks/spider.py alone. This file is the registry evaluate.py's
---task picks from: which tasks exist, and each task's loader and metrics by name.
+--task picks from: which tasks exist, and each task's loader and metrics by name (a file, or a
+dataset of the paper by name through dlm/hub.py).
 
-    common.py      the item to answer, JSON reading, few-shot turns, prompt fitting, exact match
+    common.py      the item to answer, few-shot turns, prompt fitting, exact match
                    (the metric LLM-JEPA, Huang et al., 2025, reports for NL-RX and Django), and
                    batches split across processes under torchrun, gathered back in order
     gsm8k.py       GSM8K (Cobbe et al., 2021): the final answer after ####, compared as numbers
@@ -19,10 +20,11 @@ Spider scored" is answered by tasks/spider.py alone. This file is the registry e
 
 from pathlib import Path
 
-from dlm import data
-from tasks.common import Item, exact_match, read_json
+from dlm import data, hub
+from tasks.common import Item, exact_match
 from tasks.django import load_django
 from tasks.gsm8k import gsm8k_correct, gsm8k_gold
+from tasks.mmlu import Question
 from tasks.nl_rx import regex_equivalent
 from tasks.spider import execution_match, gold_rows, load_spider, normalize_sql, spider_database
 
@@ -40,10 +42,30 @@ def load_items(task: str, path: Path, spider_tables: Path | None = None) -> list
     if task == "django" and path.suffix in (".anno", ".code"):
         return load_django(path)
     if task == "spider" and path.suffix == ".json":
-        rows = read_json(path)
+        rows = data.read_json(path)
         if isinstance(rows, list) and rows and isinstance(rows[0], dict) and "query" in rows[0]:
             return load_spider(path, spider_tables, rows)
     return [Item(ex.prompt, ex.answer) for ex in data.read_examples(path)]
+
+
+def hub_items(name: str, task: str):
+    """What evaluate.py --task TASK reads from a dataset of the paper by name (dlm/hub.py): its
+    test split unless NAME:split picks one (Spider: validation). Generation tasks -> Items (the
+    prompts training uses), mmlu -> Questions, probe/drift -> the text."""
+    name, _, picked = name.partition(":")
+    dataset = hub.entry(name)
+    split = picked or next(s for s in ("test", "validation") if s in dataset.splits)
+    hub.check_split(dataset, split)
+    wanted = {"mmlu": "mmlu", "probe": "wikitext2", "drift": "wikitext2"}.get(task)
+    if (name in ("mmlu", "wikitext2") or wanted) and name != wanted:
+        raise ValueError(f"--data {name}: --task {task} reads "
+                         f"{wanted or 'a task dataset (gsm8k, nl-rx-synth, nl-rx-turk, spider, django)'}, not {name}")
+    if task == "mmlu":
+        return [Question(row["subject"], row["question"], row["choices"], row["answer"])
+                for row in hub.load_rows(name, split)]
+    if wanted == "wikitext2":
+        return "".join(row["text"] for row in hub.load_rows(name, split))
+    return [Item(ex.prompt, ex.answer) for ex in hub.training_examples(name, split)]
 
 
 def score_answers(task: str, items: list[Item], answers: list[str], spider_db: Path | None = None) -> dict:

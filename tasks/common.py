@@ -1,12 +1,10 @@
 """
-What the tasks share: the item to answer (a chat prompt and a reference answer), reading a
-JSON file, few-shot turns, fitting a prompt into the model's positions, exact match (the
-metric LLM-JEPA, Huang et al., 2025, reports for NL-RX and Django and the `exact` task's), and
-how the batches of a task are split across processes under torchrun (Shard, map_batches).
+What the tasks share: the item to answer (a chat prompt and a reference answer), few-shot
+turns, fitting a prompt into the model's positions, exact match (the metric LLM-JEPA, Huang et
+al., 2025, reports for NL-RX and Django and the `exact` task's), and how the batches of a task are split across processes under torchrun (Shard, map_batches).
 """
 
 import contextlib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,21 +13,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from dlm import data
-
 
 @dataclass
 class Item:
     prompt: list              # chat messages before the answer, as data.Example.prompt
     reference: str            # the gold answer text
     db_id: str | None = None  # Spider: the database the query runs on
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(data.read_text(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
 def non_empty(examples: list, path: Path) -> list:

@@ -1,7 +1,7 @@
 """
 Spider (Yu et al., 2018): questions about a database, answered in SQL. The prompt holds the
-database's name, its schema (from tables.json) and the question; the metrics are exact match
-of normalised SQL, and execution accuracy with sqlite3 when the databases are given.
+database's name, its schema (from tables.json) and the question (dlm/hub.py builds it, for
+training and evaluation alike); the metrics are exact match of normalised SQL, and execution accuracy with sqlite3 when the databases are given.
 """
 
 import re
@@ -10,30 +10,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tasks.common import Item, non_empty, read_json
-
-
-def spider_schema(tables_path: Path) -> dict[str, str]:
-    """db_id -> "table(column, ...); ..." from Spider's tables.json (original names)."""
-    schemas = {}
-    for i, db in enumerate(read_json(tables_path)):
-        try:
-            columns = {t: [] for t in range(len(db["table_names_original"]))}
-            for table, column in db["column_names_original"]:
-                if table >= 0:  # -1 is the "*" pseudo-column
-                    columns[table].append(column)
-            schemas[db["db_id"]] = "; ".join(f"{name}({', '.join(columns[t])})"
-                                             for t, name in enumerate(db["table_names_original"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{tables_path} item {i}: not a Spider schema ({e!r})") from None
-    return schemas
-
-
-def spider_messages(question: str, db_id: str, schema: str | None) -> list:
-    """The prompt of a Spider example (our format): database name, its schema when known,
-    the question. The runner trains with this very function, so train and test agree."""
-    lines = [f"Database: {db_id}"] + ([f"Schema: {schema}"] if schema else []) + [f"Question: {question}"]
-    return [{"role": "user", "content": "\n".join(lines)}]
+from dlm.data import read_json
+from dlm.hub import spider_messages, spider_schema
+from tasks.common import Item, non_empty
 
 
 def load_spider(path: Path, tables: Path | None, rows=None) -> list[Item]:
