@@ -130,8 +130,12 @@ def apply_lora(model: nn.Module, family_name: str, rank: int, alpha: float, drop
         raise ValueError(f"--lora-dropout {dropout}: must lie in [0, 1)")
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=resolve_targets(model, family_name, targets))
+    names = resolve_targets(model, family_name, targets)
+    full = max(min(model.get_submodule(name).weight.shape) for name in names)
+    if rank > full:  # B A has rank <= min(out, in): a larger rank only costs memory (and may not fit)
+        raise ValueError(f"--lora-rank {rank}: above {full}, where the update of every adapted layer is already "
+                         "full rank; give at most that, or --lora-rank 0 for full fine-tuning")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names)
     inject_adapter_in_model(config, model, adapter_name=TRAINED)
     for _, layer in lora_layers(model):  # fp32 masters, whatever the base's dtype (peft gives a bf16 base
         layer.lora_A[TRAINED].float()    # bf16 adapters, whose small updates would round away); on every

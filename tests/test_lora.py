@@ -113,9 +113,10 @@ def test_chosen_targets_and_bad_settings():
     assert {name for name, _ in lora.lora_layers(backbone.model)} == {f"layers.{i}.{t}" for i in range(2)
                                                                      for t in ("down", "qkv")}
     for flags, flag in (((0, 8.0, 0.0), "--lora-rank"), ((4, 0.0, 0.0), "--lora-alpha"),
-                        ((4, 8.0, 1.0), "--lora-dropout")):
-        with pytest.raises(ValueError, match=flag):
+                        ((4, 8.0, 1.0), "--lora-dropout"), ((33, 8.0, 0.0), "--lora-rank 33: above 32,")):
+        with pytest.raises(ValueError, match=flag):  # width 32: no adapted layer's update has a rank over 32
             lora.apply_lora(backbones.new_tiny_backbone(**SMALL).model, "tiny-dlm", *flags)
+    lora.apply_lora(backbones.new_tiny_backbone(**SMALL).model, "tiny-dlm", 32, 8.0)  # full rank: allowed
 
 
 def test_built_on_meta_like_ranks_other_than_0():
