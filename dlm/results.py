@@ -108,7 +108,7 @@ def comparisons(runs: dict[str, list[dict]], task: str, shots: int) -> list[str]
     """Each method minus diffusion (the baseline) per metric, paired by seed: the mean of the
     per-seed differences and its standard error, so a reader sees at once which gaps exceed seed
     noise. Every method's list holds the same seeds in the same order (experiments.py builds
-    them so); pairing removes what two runs of one seed share (the data order, the masks)."""
+    them so); pairing removes what two runs of one seed share (the order of the training batches)."""
     if "diffusion" not in runs:
         return []
     lines = []
